@@ -1,0 +1,55 @@
+"""The exception tree of mcp-authproxy.
+
+    ProxyError
+    ├── ConfigError (ValueError)        bad flag or configuration -> exit 2
+    ├── StateError                      status store problems
+    │   └── NameInUse                   another live process owns the workload name
+    └── CredentialUnavailable           no credential at hand -> 503 + Retry-After
+        ├── CredentialInvalid           permanent: the source must heal first
+        └── CredentialRetrying          transient: a refresh is failing or in flight
+
+Foreign errors (aiohttp.ClientError, OSError) are translated at one boundary each:
+the forwarding edge (502/504) and the store's I/O boundary. Nothing here carries a
+credential in its message.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(ProxyError, ValueError):
+    """A bad option. The message names the option (flag or field) and fits on one line."""
+
+
+class StateError(ProxyError):
+    """The status store could not be read or written."""
+
+
+class NameInUse(StateError):
+    """A second live process tried to run a workload name that is taken."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        super().__init__(f"workload {name!r} is already run by live process {pid}")
+        self.name = name
+        self.pid = pid
+
+
+class CredentialUnavailable(ProxyError):
+    """No credential can be injected right now; the request gets 503 + Retry-After."""
+
+    def __init__(self, reason: str, message: str, retry_after: float = 5.0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry_after = retry_after
+
+
+class CredentialInvalid(CredentialUnavailable):
+    """The source is invalid (missing file, refused grant); only a change heals it."""
+
+
+class CredentialRetrying(CredentialUnavailable):
+    """Refreshing fails transiently or is still in flight; it may succeed on its own."""

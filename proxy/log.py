@@ -1,0 +1,93 @@
+"""structlog configuration, and redaction of anything that could carry a credential.
+
+Nothing configures logging at import time: `configure()` is called by the CLI (and by
+`AuthProxy` when asked). Every event passes `redact` last-but-one, so a credential that
+slipped into an event (a header dict, a URL with a token query) is masked before it is
+rendered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from yarl import URL
+
+REDACTED = "<redacted>"
+SENSITIVE_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+SENSITIVE_KEYS = frozenset(
+    {"authorization", "proxy_authorization", "token", "access_token", "refresh_token",
+     "client_secret", "password", "secret", "cookie", "credential", "id_token", "code"}
+)
+_TOKENISH_QUERY = re.compile(
+    r"(?i)((?:access_|refresh_|id_)?token|key|secret|password|code|sig|signature|auth\w*)="
+    r"[^&\s\"']*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+
+
+def redact_text(text: str) -> str:
+    """Mask bearer/basic values and token-like query values in free text."""
+    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    return _TOKENISH_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+
+
+def redact_url(url: str | URL) -> str:
+    """A URL with every query value masked (target URLs may carry API keys)."""
+    u = URL(url) if isinstance(url, str) else url
+    if not u.query_string:
+        return str(u.with_user(None).with_password(None)) if u.user else str(u)
+    masked = [(k, REDACTED) for k in u.query]
+    return str(u.with_user(None).with_password(None).with_query(masked))
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if key.lower() in SENSITIVE_KEYS or key.lower() in SENSITIVE_HEADERS:
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(key, v) for v in value]
+    return value
+
+
+def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    for key, value in list(event_dict.items()):
+        event_dict[key] = _redact_value(key, value)
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "console"
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(name: str = "mcp_authproxy") -> Any:
+    return structlog.get_logger(name)
