@@ -41,8 +41,8 @@ def redact_url(url: str | URL) -> str:
     u = URL(url) if isinstance(url, str) else url
     if not u.query_string:
         return str(u.with_user(None).with_password(None)) if u.user else str(u)
-    masked = [(k, REDACTED) for k in u.query]
-    return str(u.with_user(None).with_password(None).with_query(masked))
+    base = str(u.with_user(None).with_password(None).with_query(None).with_fragment(None))
+    return base + "?" + "&".join(f"{k}={REDACTED}" for k in u.query)
 
 
 def _redact_value(key: str, value: Any) -> Any:
