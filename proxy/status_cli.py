@@ -1,0 +1,90 @@
+"""`mcp-authproxy status`: show the status files of one workload or all, read-only.
+
+A record whose process is gone is shown as such (`gone`), never as its last status:
+a crashed proxy cannot say `stopped` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .status import Lifecycle, WorkloadRecord
+
+ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, WorkloadRecord | None]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data, WorkloadRecord.from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+
+
+def _since(at: datetime) -> str:
+    seconds = int((datetime.now(UTC) - at).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(seconds, 0)}s ago"
+
+
+def shown_status(record: WorkloadRecord) -> str:
+    if record.lifecycle not in ENDED and not pid_alive(record.pid):
+        return f"gone (was {record.status})"
+    return str(record.status)
+
+
+def show_status(state_dir: Path, name: str | None, *, as_json: bool) -> int:
+    folder = state_dir / "workloads"
+    paths = [folder / f"{name}.json"] if name else sorted(folder.glob("*.json"))
+    if name and not paths[0].is_file():
+        print(f"mcp-authproxy: error: no workload named {name!r} in {folder}", file=sys.stderr)
+        return 1
+    loaded = [(path, *_load(path)) for path in paths]
+    if as_json:
+        objects = [data for _, data, _ in loaded if data is not None]
+        if name:
+            if not objects:
+                print(f"mcp-authproxy: error: status file {paths[0]} is corrupt", file=sys.stderr)
+                return 1
+            print(json.dumps(objects[0], indent=2))
+        else:
+            print(json.dumps(objects, indent=2))
+        return 0
+    rows = [("NAME", "STATUS", "SINCE", "REASON", "PROXY URL")]
+    for path, _, record in loaded:
+        if record is None:
+            rows.append((path.stem, "corrupt", "-", "-", "-"))
+            continue
+        decided = [c for c in record.conditions if not c.status]
+        since = decided[0].last_transition_time if decided else record.updated_at
+        rows.append((record.name, shown_status(record), _since(since), record.reason,
+                     record.proxy_url or "-"))
+    if len(rows) == 1:
+        print(f"no workloads in {folder}")
+        return 0
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for _, _, record in loaded:
+        if name and record is not None:
+            print(f"\n{record.message}")
+    return 0
