@@ -1,0 +1,109 @@
+"""The admin port: `/healthz`, `/readyz`, `/status` and `/metrics` (`--admin-port`).
+
+A separate listener from the proxy, so the proxied path space stays transparent: no
+path of the target is ever shadowed by one of ours. `/readyz` answers whether the
+proxy accepts connections, whatever the auth state (a revoked token is not a reason to
+restart or unroute the proxy: it is what `/status` is for).
+
+It must never expose a credential (the status callable returns the status file's
+object, which never holds one), never write anything, and never log per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from .config import ProxyConfig
+from .log import get_logger
+from .metrics import CONTENT_TYPE, Metrics
+
+_NO_STORE = {hdrs.CACHE_CONTROL: "no-store"}
+
+
+def _json(data: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers=_NO_STORE)
+
+
+def build_app(
+    *, status: Callable[[], dict[str, Any]], ready: Callable[[], bool], metrics: Metrics
+) -> web.Application:
+    """The admin routes as an aiohttp application (testable without a port)."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        # Answering at all is the proof of life.
+        return _json({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if ready():
+            return _json({"ready": True})
+        return _json({"ready": False}, status=503)
+
+    async def status_view(_request: web.Request) -> web.Response:
+        return _json(status())
+
+    async def metrics_view(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(),
+                            headers={hdrs.CONTENT_TYPE: CONTENT_TYPE, **_NO_STORE})
+
+    app = web.Application()
+    # add_get also answers HEAD, which load balancers like to probe with.
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status_view)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+class AdminServer:
+    """The admin listener on `config.host:config.admin_port` (0: a free port)."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        status: Callable[[], dict[str, Any]],
+        ready: Callable[[], bool],
+        metrics: Metrics,
+        logger: Any = None,
+    ) -> None:
+        self._config = config
+        self._app = build_app(status=status, ready=ready, metrics=metrics)
+        self._log = logger or get_logger()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port; only valid after `start()`."""
+        if self._port is None:
+            raise RuntimeError("the admin server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = self._config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        # Scrapers poll every few seconds: an access log would drown the proxy's own.
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False,
+                               shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._config.host, self._config.admin_port or 0)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        self._log.info("admin_listening", host=self._config.host, port=self._port, url=self.url)
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,328 @@
+"""Health probes of the target: the `Reachable` condition (contract rules 4 and 7).
+
+A probe is a JSON-RPC `ping` POSTed to the target URL, one at a time, every
+`health_interval` seconds. `classify_probe` turns what came back into a `ProbeResult`
+(pure, table-tested); `HealthProber` runs the loop, counts consecutive failures and
+sets `Reachable` on a change only. Every answer is also handed to the forward observer
+as a probe `Exchange`, so a 401 opens an auth episode and a good answer proves the
+credential exactly as a client's request would.
+
+This module must never log or keep a credential, never warn once per failed probe
+(only on a change of state), and never follow a redirect (the credential stays on the
+target's origin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDictProxy
+
+from .config import ProxyConfig
+from .credentials import Credential, CredentialSource
+from .errors import CredentialUnavailable
+from .log import get_logger
+from .observe import Exchange, ForwardObserver
+from .status import ConditionType
+
+PROBE_ID = "mcp-authproxy-health"
+PROBE_BODY = b'{"jsonrpc":"2.0","id":"mcp-authproxy-health","method":"ping"}'
+PROBE_HEADERS: Mapping[str, str] = {
+    hdrs.ACCEPT: "application/json, text/event-stream",
+    hdrs.CONTENT_TYPE: "application/json",
+}
+# Enough to let a short JSON answer end cleanly (the connection can be kept alive);
+# a probe never waits for, or keeps, more than this.
+BODY_LIMIT = 4096
+
+_ERROR_PARAM = re.compile(r'(?i)\berror\s*=\s*"?([A-Za-z0-9_.-]{1,64})')
+
+
+class ProbeOutcome(StrEnum):
+    """What one probe found; the values are the `result` label of the probe metric."""
+
+    REACHABLE = "reachable"  # answered below 500 (401 without a credential included)
+    UNAUTHORIZED = "unauthorized"  # 401 to a probe that carried the current credential
+    SERVER_ERROR = "server_error"  # answered 5xx
+    TIMEOUT = "timeout"  # no answer within health_timeout
+    UNREACHABLE = "unreachable"  # refused, reset, DNS or TLS failure
+
+    @property
+    def failed(self) -> bool:
+        return self in _FAILED
+
+
+_FAILED = frozenset({ProbeOutcome.SERVER_ERROR, ProbeOutcome.TIMEOUT, ProbeOutcome.UNREACHABLE})
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """One classified probe. `detail` is a phrase for a person; it never holds a secret."""
+
+    outcome: ProbeOutcome
+    status: int | None
+    detail: str
+    notify: bool  # hand the answer to the forward observer (auth episodes, Authorized)
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome.failed
+
+
+class ConditionSink(Protocol):
+    """Where a condition change goes (the workload); writes only on a change."""
+
+    def set_condition(self, kind: ConditionType, status: bool, reason: str, message: str) -> None:
+        ...
+
+
+class ProbeRecorder(Protocol):
+    """Counts probes by result (`proxy.metrics.Metrics` is one)."""
+
+    def probe(self, result: ProbeResult) -> None: ...
+
+
+def _error_code(headers: Mapping[str, str] | None) -> str | None:
+    if not headers:
+        return None
+    challenge = headers.get(hdrs.WWW_AUTHENTICATE)
+    if not challenge:
+        return None
+    match = _ERROR_PARAM.search(challenge)
+    return match.group(1) if match else None
+
+
+def describe_error(error: BaseException) -> tuple[ProbeOutcome, str]:
+    """A failed request as an outcome and a short phrase, without the exception's text."""
+    # Order matters: aiohttp's TLS errors are also connection errors, and its
+    # timeouts are also client errors.
+    if isinstance(error, TimeoutError):
+        return ProbeOutcome.TIMEOUT, "no answer within the health timeout"
+    if isinstance(error, aiohttp.ClientSSLError | ssl.SSLError):
+        return ProbeOutcome.UNREACHABLE, "the TLS handshake failed"
+    if isinstance(error, aiohttp.ClientConnectorDNSError):
+        return ProbeOutcome.UNREACHABLE, "the target's host name did not resolve"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return ProbeOutcome.UNREACHABLE, "the connection was refused"
+    if isinstance(error, aiohttp.ServerDisconnectedError | ConnectionResetError):
+        return ProbeOutcome.UNREACHABLE, "the connection was closed before an answer"
+    if isinstance(error, aiohttp.ClientOSError | OSError):
+        return ProbeOutcome.UNREACHABLE, "the connection failed"
+    if isinstance(error, aiohttp.ClientResponseError):
+        return ProbeOutcome.UNREACHABLE, "the answer was not valid HTTP"
+    return ProbeOutcome.UNREACHABLE, f"the request failed ({type(error).__name__})"
+
+
+def classify_probe(
+    status: int | None,
+    headers: Mapping[str, str] | None,
+    error: BaseException | None,
+    *,
+    credentials_configured: bool,
+) -> ProbeResult:
+    """Classify one probe (pure).
+
+    `credentials_configured` is True when the probe carried a credential from the
+    configured source. A probe sent without one (no source, or the source had none at
+    hand) cannot prove or disprove a credential, so its 401 only shows the target is up.
+    """
+    if error is not None or status is None:
+        outcome, detail = describe_error(error or ConnectionError())
+        return ProbeResult(outcome, None, detail, notify=False)
+    if status >= 500:
+        return ProbeResult(ProbeOutcome.SERVER_ERROR, status, f"the target answered {status}",
+                           notify=True)
+    code = _error_code(headers)
+    suffix = f" ({code})" if code else ""
+    if status == 401:
+        if credentials_configured:
+            return ProbeResult(ProbeOutcome.UNAUTHORIZED, status,
+                               f"the target answered 401{suffix}", notify=True)
+        # The client authenticates itself: a 401 to us proves the server is up, no more.
+        return ProbeResult(ProbeOutcome.REACHABLE, status, f"the target answered 401{suffix}",
+                           notify=False)
+    return ProbeResult(ProbeOutcome.REACHABLE, status, f"the target answered {status}{suffix}",
+                       notify=True)
+
+
+def unreachable_message(failures: int, result: ProbeResult) -> str:
+    probes = "health probe" if failures == 1 else f"{failures} consecutive health probes"
+    return f"The last {probes} of the target failed: {result.detail}."
+
+
+class HealthProber:
+    """Probes the target every `health_interval` seconds; never two probes at once."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        session: aiohttp.ClientSession,
+        credentials: CredentialSource | None,
+        conditions: ConditionSink,
+        observer: ForwardObserver,
+        metrics: ProbeRecorder | None = None,
+        logger: Any = None,
+    ) -> None:
+        self._config = config
+        self._session = session
+        self._credentials = credentials
+        self._conditions = conditions
+        self._observer = observer
+        self._metrics = metrics
+        self._log = (logger or get_logger()).bind(workload=config.workload)
+        self._timeout = aiohttp.ClientTimeout(total=config.health_timeout)
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        self._reachable: bool | None = None
+        self.last_result: ProbeResult | None = None
+
+    @property
+    def reachable(self) -> bool | None:
+        """The `Reachable` condition as this prober last set it (None before any verdict)."""
+        return self._reachable
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    async def start(self) -> None:
+        """Begin probing: the first probe at once (in a task), then every interval."""
+        if self._config.health_interval == 0 or self._task is not None:
+            return
+        self._task = asyncio.create_task(self._run(), name="mcp-authproxy-health")
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait for it; a probe in flight is abandoned."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+
+    async def _run(self) -> None:
+        interval = self._config.health_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                await self.probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug in a collaborator must not end probing for the process's life.
+                self._log.exception("health_probe_crashed")
+            # Probes start on a fixed schedule; a slow probe delays the next, never
+            # overlaps it.
+            next_at = max(next_at + interval, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+
+    async def probe_once(self) -> ProbeResult:
+        """Send one probe, record it and update `Reachable`; returns the classification."""
+        async with self._lock:
+            credential = await self._credential()
+            result = await self._send(credential)
+            self.last_result = result
+            if self._metrics is not None:
+                self._metrics.probe(result)
+            self._count(result)
+            return result
+
+    async def _credential(self) -> Credential | None:
+        if self._credentials is None:
+            return None
+        try:
+            # A credential still missing when the probe would have timed out is
+            # missing for this probe; the probe itself still checks reachability.
+            return await asyncio.wait_for(self._credentials.get(), self._config.health_timeout)
+        except (CredentialUnavailable, TimeoutError):
+            return None
+
+    async def _send(self, credential: Credential | None) -> ProbeResult:
+        headers = dict(PROBE_HEADERS)
+        if credential is not None:
+            headers[hdrs.AUTHORIZATION] = credential.authorization
+        started = time.monotonic()
+        try:
+            async with self._session.post(
+                self._config.target, data=PROBE_BODY, headers=headers,
+                timeout=self._timeout, allow_redirects=False,
+            ) as response:
+                elapsed = time.monotonic() - started
+                result = classify_probe(response.status, response.headers, None,
+                                        credentials_configured=credential is not None)
+                self._notify(result, response.headers, credential, elapsed)
+                await self._drain(response)
+                return result
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            return classify_probe(None, None, error, credentials_configured=False)
+
+    @staticmethod
+    async def _drain(response: aiohttp.ClientResponse) -> None:
+        # Headers decided the probe; a short body read lets a keep-alive connection be
+        # reused, while a held-open stream is simply closed on release.
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            if response.content_length is not None and response.content_length <= BODY_LIMIT:
+                await response.content.read(BODY_LIMIT)
+
+    def _notify(self, result: ProbeResult, headers: CIMultiDictProxy[str],
+                credential: Credential | None, elapsed: float) -> None:
+        if not result.notify:
+            return
+        if self._credentials is not None and credential is None:
+            # The source had nothing to send: this answer proves nothing about it.
+            return
+        content_type = headers.get(hdrs.CONTENT_TYPE, "")
+        exchange = Exchange(
+            method=hdrs.METH_POST,
+            path=self._config.mcp_path,
+            on_mcp_path=True,
+            status=result.status or 0,
+            upstream_headers=headers,
+            credential=credential,
+            upstream_seconds=elapsed,
+            sse=content_type.lower().startswith("text/event-stream"),
+            probe=True,
+        )
+        try:
+            self._observer.on_response(exchange)
+        except Exception:
+            self._log.exception("health_probe_observer_failed")
+
+    def _count(self, result: ProbeResult) -> None:
+        if result.failed:
+            self._failures += 1
+            self._log.debug("health_probe_failed", outcome=str(result.outcome),
+                            detail=result.detail, consecutive=self._failures)
+            if self._failures >= self._config.health_failures and self._reachable is not False:
+                self._reachable = False
+                message = unreachable_message(self._failures, result)
+                self._conditions.set_condition(ConditionType.REACHABLE, False, "ProbeFailed",
+                                               message)
+                self._log.warning("target_unreachable", consecutive=self._failures,
+                                  detail=result.detail)
+            return
+        self._failures = 0
+        if self._reachable is not True:
+            recovered = self._reachable is False
+            self._reachable = True
+            self._conditions.set_condition(ConditionType.REACHABLE, True, "ProbeSucceeded",
+                                           f"The target answered a health probe: {result.detail}.")
+            if recovered:
+                self._log.info("target_reachable", detail=result.detail)

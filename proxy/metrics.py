@@ -1,0 +1,202 @@
+"""Prometheus metrics of one proxy, in its own `CollectorRegistry`.
+
+`Metrics` is a forward observer (requests, time to the target's headers) and has one
+small method for each thing the other parts count: probes, auth episodes, 401/403
+answers, token refreshes, token expiry, workload status and SSE streams. Every label
+value comes from a small closed set, and label children are bound once and cached, so
+a request costs a dict lookup and an increment.
+
+It must never use prometheus-client's global registry (several proxies can run in one
+process), never take a label value from unbounded input (a path, a header, a token),
+and never do I/O on the request path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from aiohttp import hdrs
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+
+from .observe import Exchange
+from .status import WorkloadStatus
+
+if TYPE_CHECKING:
+    from .health import ProbeResult
+
+PREFIX = "mcp_authproxy_"
+# The content type of `render()`'s output (the classic text format, version 0.0.4).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+METHODS = frozenset({
+    hdrs.METH_GET, hdrs.METH_POST, hdrs.METH_DELETE, hdrs.METH_PUT, hdrs.METH_PATCH,
+    hdrs.METH_HEAD, hdrs.METH_OPTIONS,
+})
+OTHER = "other"
+# Index by status // 100; anything outside 100..599 (0: no answer at all) is "other".
+_STATUS_CLASSES = (OTHER, "1xx", "2xx", "3xx", "4xx", "5xx")
+# RFC 6750 §3.1 error codes; "none" when the answer named none.
+AUTH_ERROR_CODES = frozenset({"invalid_request", "invalid_token", "insufficient_scope"})
+PROBE_RESULTS = ("reachable", "unauthorized", "server_error", "timeout", "unreachable")
+
+# Time to the target's headers: MCP calls run from milliseconds to minutes.
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0, 300.0)
+# SSE streams live from a single answer to hours.
+STREAM_BUCKETS = (0.1, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0,
+                  12 * 3600.0, 24 * 3600.0)
+
+
+class RefreshOutcome(StrEnum):
+    """The `outcome` label of token refreshes; other values are counted as "other"."""
+
+    SUCCESS = "success"
+    TRANSIENT_ERROR = "transient_error"  # 5xx, 429, network: retried with backoff
+    REFUSED = "refused"  # an RFC 6749 error code: the source is invalid until it changes
+    OTHER = "other"
+
+
+def status_class(status: int) -> str:
+    """`2xx` … `5xx` (and `1xx`); "other" for anything else, 0 included."""
+    index = status // 100
+    return _STATUS_CLASSES[index] if 1 <= index <= 5 else OTHER
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER
+
+
+class Metrics:
+    """Every metric of one proxy. Implements `proxy.observe.ForwardObserver`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter(
+            PREFIX + "requests", "Client requests answered, by method and status class.",
+            ("method", "code"), registry=r,
+        )
+        self._upstream = Histogram(
+            PREFIX + "upstream_response_seconds",
+            "Seconds from sending a request to the target until its response headers.",
+            registry=r, buckets=UPSTREAM_BUCKETS,
+        )
+        self._open_streams = Gauge(
+            PREFIX + "open_streams", "SSE streams open between clients and the target now.",
+            registry=r,
+        )
+        self._stream_lifetime = Histogram(
+            PREFIX + "stream_lifetime_seconds", "How long SSE streams stayed open.",
+            registry=r, buckets=STREAM_BUCKETS,
+        )
+        self._episodes = Counter(
+            PREFIX + "auth_episodes", "Unauthorized episodes opened.", registry=r,
+        )
+        self._auth_answers = Counter(
+            PREFIX + "auth_answers",
+            "401 and 403 answers from the target, by RFC 6750 error code.",
+            ("status", "error"), registry=r,
+        )
+        self._probes = Counter(
+            PREFIX + "health_probes", "Health probes of the target, by result.",
+            ("result",), registry=r,
+        )
+        self._refreshes = Counter(
+            PREFIX + "token_refreshes", "Outgoing token refreshes, by outcome.",
+            ("outcome",), registry=r,
+        )
+        self._expiry = Gauge(
+            PREFIX + "token_expiry_seconds",
+            "Seconds until the current outgoing token expires (NaN when unknown).",
+            registry=r,
+        )
+        self._status = Gauge(
+            PREFIX + "workload_status", "1 for the workload's current status, 0 for the others.",
+            ("status",), registry=r,
+        )
+        # Bind the children of every closed label set once: the request path then
+        # only looks a child up.
+        self._request_children = {
+            (m, c): self._requests.labels(m, c)
+            for m in (*METHODS, OTHER) for c in _STATUS_CLASSES
+        }
+        self._auth_children = {
+            (s, e): self._auth_answers.labels(str(s), e)
+            for s in (401, 403) for e in (*AUTH_ERROR_CODES, "none", OTHER)
+        }
+        self._probe_children = {p: self._probes.labels(p) for p in PROBE_RESULTS}
+        self._refresh_children = {o.value: self._refreshes.labels(o.value) for o in RefreshOutcome}
+        self._status_children = {s: self._status.labels(s.value) for s in WorkloadStatus}
+        self._expires_at: float | None = None
+        self._expiry.set_function(self._seconds_to_expiry)
+
+    # --- ForwardObserver -----------------------------------------------------------
+
+    def on_response(self, exchange: Exchange) -> None:
+        # Probes are counted by `probe`; their timings would blur the clients'.
+        if exchange.probe or exchange.upstream_seconds is None:
+            return
+        self._upstream.observe(exchange.upstream_seconds)
+
+    def on_complete(self, exchange: Exchange, duration: float, bytes_out: int) -> None:
+        if exchange.probe:
+            return
+        self._request_children[method_label(exchange.method), status_class(exchange.status)].inc()
+
+    # --- called by the other parts -------------------------------------------------
+
+    def probe(self, result: ProbeResult) -> None:
+        self._probe_children[result.outcome.value].inc()
+
+    def episode_opened(self) -> None:
+        self._episodes.inc()
+
+    def auth_answer(self, status: int, error_code: str | None) -> None:
+        """A 401 or 403 from the target; `error_code` is its RFC 6750 `error`, if any."""
+        if status not in (401, 403):
+            return
+        if error_code is None:
+            code = "none"
+        else:
+            code = error_code if error_code in AUTH_ERROR_CODES else OTHER
+        self._auth_children[status, code].inc()
+
+    def token_refresh(self, outcome: str) -> None:
+        child = self._refresh_children.get(outcome)
+        (child or self._refresh_children[RefreshOutcome.OTHER.value]).inc()
+
+    def set_token_expiry(self, seconds: float | None) -> None:
+        """The current token expires in `seconds` (None: unknown or never)."""
+        self._expires_at = None if seconds is None else time.monotonic() + seconds
+
+    def set_status(self, status: WorkloadStatus) -> None:
+        for value, child in self._status_children.items():
+            child.set(1 if value == status else 0)
+
+    def stream_opened(self) -> None:
+        self._open_streams.inc()
+
+    def stream_closed(self, lifetime_s: float) -> None:
+        self._open_streams.dec()
+        self._stream_lifetime.observe(lifetime_s)
+
+    # --- exposition ----------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text format (`CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
+
+    def names(self) -> Iterable[str]:
+        """The metric family names this registry exposes."""
+        return sorted({m.name for m in self.registry.collect()})
+
+    def _seconds_to_expiry(self) -> float:
+        # Counted down at scrape time, so the gauge never shows a stale value.
+        if self._expires_at is None:
+            return math.nan
+        return self._expires_at - time.monotonic()
