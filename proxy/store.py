@@ -1,0 +1,280 @@
+"""Status stores: where a workload's record lives — in memory, or in its status file.
+
+`FileStore` keeps `<state-dir>/workloads/<name>.json` (mode 0600, directory 0700).
+Every change is read-derive-write under a cross-process lock (`<name>.json.lock`,
+filelock), from what the file holds (contract rule 9), and lands by atomic replace, so
+no reader ever sees half a file and no writer undoes another's condition. Blocking I/O
+runs in a worker thread so the event loop never waits on the disk.
+
+A store must never crash on what it finds: a corrupt or foreign file is reported once
+and replaced. I/O failures surface as `StateError` (translated at one boundary), never
+as a bare OSError. A store never holds or writes a credential: records carry none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import filelock
+
+from . import status as st
+from .errors import NameInUse, StateError
+from .log import get_logger
+
+MAX_FILE_BYTES = 1024 * 1024  # a status file is a few hundred bytes; more is foreign
+LOCK_TIMEOUT = 10.0  # seconds; a holder only ever does one small read and write
+_ENDED = (st.Lifecycle.STOPPED, st.Lifecycle.FAILED)
+
+
+class StatusStore(Protocol):
+    name: str
+
+    async def read(self) -> st.WorkloadRecord | None:
+        """The record as stored now; None when there is none (or it was unreadable)."""
+
+    async def update(self, event: st.Event) -> st.WorkloadRecord:
+        """Apply `event` to what the store holds, under the lock; return the new record."""
+
+    async def claim(self, started: st.Started) -> st.WorkloadRecord:
+        """Take the name for a new run; `NameInUse` when a live process holds it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CorruptRecord:
+    """A status file that could not be read as a record (for `mcp-authproxy status`)."""
+
+    name: str
+    path: Path
+    problem: str
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Is `pid` a running process (a zombie counts as gone)?"""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): kill(0) is all we know
+    # The state letter follows the parenthesised command name, which may hold spaces.
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _claim_conflict(existing: st.WorkloadRecord | None, started: st.Started) -> int | None:
+    """The other live pid that owns the name, or None when it may be taken."""
+    if existing is None or existing.pid is None or existing.pid == started.pid:
+        return None
+    if existing.lifecycle in _ENDED or not pid_alive(existing.pid):
+        return None
+    return existing.pid
+
+
+def _check_name(record: st.WorkloadRecord, name: str) -> st.WorkloadRecord:
+    if record.name != name:
+        raise ValueError(f"record names workload {record.name!r}")
+    return record
+
+
+def decode(data: bytes, name: str) -> st.WorkloadRecord:
+    """Parse a status file's bytes; ValueError (with a short reason) when it is not one."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError("file too large")
+    try:
+        obj: Any = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({type(exc).__name__})") from None
+    try:
+        return _check_name(st.WorkloadRecord.from_dict(obj), name)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a status record ({type(exc).__name__}: {exc})") from None
+
+
+def encode(record: st.WorkloadRecord) -> bytes:
+    return (json.dumps(record.to_dict(), indent=2) + "\n").encode("utf-8")
+
+
+class MemoryStore:
+    """A store with no file: for tests and for embedding without a state directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.record: st.WorkloadRecord | None = None
+        self.writes = 0  # how many updates landed; tests count I/O with it
+
+    async def read(self) -> st.WorkloadRecord | None:
+        return self.record
+
+    async def update(self, event: st.Event) -> st.WorkloadRecord:
+        self.record = st.apply(self.record, event, name=self.name)
+        self.writes += 1
+        return self.record
+
+    async def claim(self, started: st.Started) -> st.WorkloadRecord:
+        other = _claim_conflict(self.record, started)
+        if other is not None:
+            raise NameInUse(self.name, other)
+        return await self.update(started)
+
+
+class FileStore:
+    """One workload's status file, shared safely by any number of processes."""
+
+    def __init__(self, state_dir: Path | str, name: str) -> None:
+        self.name = name
+        self.directory = Path(state_dir) / "workloads"
+        self.path = self.directory / f"{name}.json"
+        self.lock_path = self.directory / f"{name}.json.lock"
+        self._logger = get_logger().bind(workload=name)
+        self._reported: set[tuple[int, int, int]] = set()  # corrupt files already reported
+
+    # --- async interface: every blocking call goes to a thread ------------------------
+
+    async def read(self) -> st.WorkloadRecord | None:
+        return await asyncio.to_thread(self.read_sync)
+
+    async def update(self, event: st.Event) -> st.WorkloadRecord:
+        return await asyncio.to_thread(self.update_sync, event)
+
+    async def claim(self, started: st.Started) -> st.WorkloadRecord:
+        return await asyncio.to_thread(self.claim_sync, started)
+
+    # --- sync implementation (also handy for a second process in tests) ---------------
+
+    def read_sync(self) -> st.WorkloadRecord | None:
+        try:
+            return self._load()
+        except OSError as exc:
+            raise StateError(f"cannot read status file {self.path}: {exc.strerror}") from exc
+
+    def update_sync(self, event: st.Event) -> st.WorkloadRecord:
+        with self._locked():
+            record = st.apply(self._load(), event, name=self.name)
+            self._store(record)
+            return record
+
+    def claim_sync(self, started: st.Started) -> st.WorkloadRecord:
+        with self._locked():
+            existing = self._load()
+            other = _claim_conflict(existing, started)
+            if other is not None:
+                raise NameInUse(self.name, other)  # and the live workload's file is untouched
+            record = st.apply(existing, started, name=self.name)
+            self._store(record)
+            return record
+
+    # --- the I/O boundary -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The cross-process lock; OSError and lock timeouts become StateError."""
+        try:
+            self._ensure_directory()
+            lock = filelock.FileLock(self.lock_path, timeout=LOCK_TIMEOUT, mode=0o600)
+            lock.acquire()
+        except filelock.Timeout as exc:
+            raise StateError(f"status file {self.path} stayed locked for "
+                             f"{LOCK_TIMEOUT:g} s") from exc
+        except OSError as exc:
+            raise StateError(f"cannot lock status file {self.path}: {exc.strerror}") from exc
+        try:
+            yield
+        except OSError as exc:
+            raise StateError(f"cannot write status file {self.path}: {exc.strerror}") from exc
+        finally:
+            lock.release()
+
+    def _ensure_directory(self) -> None:
+        if not self.directory.is_dir():
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An existing directory made by someone else's umask is tightened, if it is ours.
+        with contextlib.suppress(OSError):
+            if self.directory.stat().st_mode & 0o077:
+                self.directory.chmod(0o700)
+
+    def _read_bytes(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as f:
+                return f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+
+    def _write_bytes(self, data: bytes) -> None:
+        """Atomically replace the file: temp file in the same dir, fsync, rename, fsync dir."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _load(self) -> st.WorkloadRecord | None:
+        data = self._read_bytes()
+        if data is None:
+            return None
+        try:
+            return decode(data, self.name)
+        except ValueError as exc:
+            self._report_corrupt(str(exc))
+            return None  # the next write replaces it
+
+    def _store(self, record: st.WorkloadRecord) -> None:
+        self._write_bytes(encode(record))
+
+    def _report_corrupt(self, problem: str) -> None:
+        try:
+            s = self.path.stat()
+            key = (s.st_ino, s.st_mtime_ns, s.st_size)
+        except OSError:
+            key = (0, 0, 0)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self._logger.warning("status_file_corrupt", path=str(self.path), problem=problem,
+                             action="replaced on the next write")
+
+
+def list_records(state_dir: Path | str) -> list[st.WorkloadRecord | CorruptRecord]:
+    """Every status file under `state_dir`, sorted by name; unreadable ones as CorruptRecord."""
+    folder = Path(state_dir) / "workloads"
+    try:
+        paths = sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+    except OSError:
+        return []
+    out: list[st.WorkloadRecord | CorruptRecord] = []
+    for path in paths:
+        name = path.name.removesuffix(".json")
+        try:
+            out.append(decode(path.read_bytes()[: MAX_FILE_BYTES + 1], name))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        except (OSError, ValueError) as exc:
+            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
+            out.append(CorruptRecord(name=name, path=path, problem=str(problem)))
+    return out
