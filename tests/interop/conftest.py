@@ -1,0 +1,279 @@
+"""Harness for the interop tests: a real MCP SDK server behind a bearer-token gate.
+
+The upstream is the official SDK's `MCPServer` (Streamable HTTP or the legacy HTTP+SSE
+app), served by uvicorn in this test's event loop on a loopback port, wrapped in a small
+ASGI middleware that checks `Authorization: Bearer <token>` against a token the test can
+change (to "revoke" it) and records every request it sees. The SDK's own client talks to
+it, directly or through the proxy. Nothing here may reach beyond 127.0.0.1, and every
+server started here is stopped by its fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+import uvicorn
+from mcp.server.mcpserver import Context, MCPServer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+Transport = Literal["streamable", "sse"]
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+# The token the SDK client's own `Authorization` header would carry, were it to send one.
+REVOKED_DESCRIPTION = "The access token was revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRequest:
+    """One HTTP request as the upstream received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+
+    @property
+    def authorization(self) -> str | None:
+        return self.headers.get("authorization")
+
+
+@dataclass(slots=True)
+class GateState:
+    """What the bearer gate accepts and what it has seen; the test changes it freely."""
+
+    accepted: set[str] = field(default_factory=set)
+    error_description: str = REVOKED_DESCRIPTION
+    seen: list[SeenRequest] = field(default_factory=list)
+    rejected: list[SeenRequest] = field(default_factory=list)
+    # When set, the legacy SSE `endpoint` event carries this origin before the path, as
+    # many non-SDK servers send it; the proxy has to rewrite it to its own origin.
+    absolute_endpoint_origin: str | None = None
+
+    def accept_only(self, *tokens: str) -> None:
+        self.accepted = set(tokens)
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+class BearerGate:
+    """ASGI middleware: 401 with an RFC 6750 challenge unless the bearer token is accepted."""
+
+    def __init__(self, app: ASGIApp, state: GateState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = SeenRequest(
+            method=scope["method"],
+            path=scope["path"],
+            query=scope.get("query_string", b"").decode("latin-1"),
+            headers=_headers(scope),
+        )
+        self.state.seen.append(seen)
+        token = _bearer(seen.authorization)
+        if token is None or token not in self.state.accepted:
+            self.state.rejected.append(seen)
+            await _send_401(send, self.state.error_description)
+            return
+        origin = self.state.absolute_endpoint_origin
+        if origin is not None and seen.method == "GET":
+            send = _absolute_endpoint_sender(send, origin)
+        await self.app(scope, receive, send)
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+async def _send_401(send: Send, description: str) -> None:
+    challenge = f'Bearer error="invalid_token", error_description="{description}"'
+    body = json.dumps({"error": "invalid_token", "error_description": description}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", challenge.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _absolute_endpoint_sender(send: Send, origin: str) -> Send:
+    """Wraps `send` so the SSE `endpoint` event's relative URL becomes absolute."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            body: bytes = message.get("body", b"")
+            if b"event: endpoint" in body:
+                message = {**message, "body": body.replace(b"data: /", f"data: {origin}/".encode())}
+        await send(message)
+
+    return wrapped
+
+
+@dataclass(slots=True)
+class ProgressGate:
+    """Lets the progress tool wait until the client has *seen* its first notification.
+
+    If anything between server and client buffered the response, the client would never
+    see the first notification before the tool finished, and the tool reports that.
+    """
+
+    client_saw_first: asyncio.Event = field(default_factory=asyncio.Event)
+    timeout: float = 5.0
+
+
+def build_mcp_server(progress_gate: ProgressGate) -> MCPServer:
+    """The SDK server the tests talk to: `echo` and a progress-reporting `count`."""
+    server = MCPServer("interop-upstream", log_level="WARNING")
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Echoes its text back."""
+        return f"echo: {text}"
+
+    @server.tool()
+    async def count(steps: int, ctx: Context) -> str:
+        """Counts to `steps`, reporting progress after each step."""
+        buffered = False
+        for step in range(1, steps + 1):
+            await ctx.report_progress(step, steps, f"step {step}")
+            if step == 1:
+                try:
+                    await asyncio.wait_for(
+                        progress_gate.client_saw_first.wait(), progress_gate.timeout
+                    )
+                except TimeoutError:
+                    buffered = True
+        return "progress was buffered" if buffered else f"counted to {steps}"
+
+    return server
+
+
+class McpUpstream:
+    """An SDK MCP server run by uvicorn on 127.0.0.1 behind a `BearerGate`."""
+
+    def __init__(self, transport: Transport, token: str) -> None:
+        self.transport = transport
+        self.gate = GateState(accepted={token})
+        self.progress = ProgressGate()
+        self.mcp = build_mcp_server(self.progress)
+        if transport == "streamable":
+            inner: ASGIApp = self.mcp.streamable_http_app(host="127.0.0.1")
+            self.path = "/mcp"
+        else:
+            inner = self.mcp.sse_app(host="127.0.0.1")
+            self.path = "/sse"
+        self._app = BearerGate(inner, self.gate)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self._app,
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="on",
+                ws="none",
+                timeout_graceful_shutdown=2,
+            )
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.origin + self.path
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+
+        async def started() -> None:
+            # uvicorn has no startup event to await; its `started` flag is the signal.
+            while not self._server.started:
+                if self._task is not None and self._task.done():
+                    self._task.result()
+                    raise RuntimeError("uvicorn exited during startup")
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(started(), START_TIMEOUT)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        finally:
+            self._sock.close()
+
+
+UpstreamFactory = Callable[..., Awaitable[McpUpstream]]
+
+
+@pytest.fixture
+async def mcp_upstream() -> AsyncIterator[UpstreamFactory]:
+    """Starts SDK upstreams on demand (`await mcp_upstream("streamable", token)`); stops them."""
+    started: list[McpUpstream] = []
+
+    async def make(transport: Transport = "streamable", token: str = "good-token") -> McpUpstream:
+        upstream = McpUpstream(transport, token)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in reversed(started):
+        await upstream.stop()
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """Writes a secret file the way a user would (mode 0600, trailing newline)."""
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def unwrap(exc: BaseException) -> list[BaseException]:
+    """Every leaf exception inside (nested) anyio/asyncio exception groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        for inner in exc.exceptions:
+            leaves.extend(unwrap(inner))
+        return leaves
+    return [exc]
+
+
+def status_file(state_dir: Path, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((state_dir / "workloads" / f"{name}.json").read_text())
+    return data
