@@ -1,0 +1,710 @@
+"""OAuth 2.0 outgoing credential: tokens from a token endpoint, refreshed ahead of expiry.
+
+`OAuthSource` runs the `refresh_token` grant when a refresh token file is given, else
+`client_credentials` (RFC 6749 §4.4, §6), asks for the target as its `resource`
+(RFC 8707) and keeps at most one token request in flight however many requests wait
+for it. `classify_token_response` turns every answer of the token endpoint, or the
+error that stood for one, into "transient" (retry with backoff) or "permanent" (only a
+change of the source's files heals it), following RFC 6749 §5.2:
+
+| answer | verdict |
+|---|---|
+| 2xx JSON with `access_token` | success |
+| 2xx without a usable `access_token` (a captive portal, a misrouted page) | transient |
+| 3xx (the configured URL is wrong; redirects are not followed) | permanent |
+| 4xx JSON with an RFC 6749 `error` code | permanent (but see `TRANSIENT_ERROR_CODES`) |
+| 4xx whose body is no RFC 6749 error object (a WAF or CDN page) | transient |
+| 429, 5xx | transient, honouring `Retry-After` |
+| network errors, timeouts | transient |
+| TLS certificate errors | permanent |
+
+A 2xx without `access_token` is transient on purpose: no authorization server answers
+that way to a grant it refuses, so it is something in between that may go away; if it
+does not, `auth_give_up_after` turns it permanent.
+
+This module must never log, report or raise the access token, refresh token or client
+secret: messages carry error codes and descriptions, scrubbed of the known secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import random
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus
+
+import aiohttp
+from aiohttp import hdrs
+from yarl import URL
+
+from .config import ProxyConfig
+from .credentials import (
+    INVALID_RETRY_AFTER,
+    WATCH_INTERVAL,
+    Credential,
+    CredentialReporter,
+    FileWatch,
+    _cancel,
+    _ReportOnChange,
+    read_secret_file,
+    warn_if_shared,
+)
+from .errors import CredentialInvalid, CredentialRetrying
+from .log import get_logger, redact_text, redact_url
+
+# Defaults, overridable per source (tests shorten them).
+BACKOFF_BASE = 1.0  # first retry waits up to this long (full jitter)
+BACKOFF_CAP = 30.0  # longest wait between retries before the source reports retrying
+SLOW_BACKOFF_CAP = 300.0  # longest wait once it reports retrying: keep trying, gently
+RETRY_AFTER_MAX = 3600.0  # a server's Retry-After is honoured up to this
+REQUEST_TIMEOUT = 30.0  # whole token request, connect to last byte
+REFRESH_SKEW_MAX = 30.0  # refresh this long before expiry at most ...
+REFRESH_SKEW_RATIO = 0.1  # ... or this share of the lifetime, whichever is shorter
+MAX_TOKEN_RESPONSE = 256 * 1024
+
+TRANSIENT_ERROR_CODES = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+
+
+@dataclass(frozen=True, slots=True)
+class TokenFailure:
+    """Why a token request failed, and whether retrying can help."""
+
+    permanent: bool
+    code: str  # RFC 6749 error code, or http_<status>, network, timeout, tls, ...
+    description: str | None = None  # for people; never a secret
+    status: int | None = None
+    retry_after: float | None = None  # the server's Retry-After, seconds
+
+    def message(self) -> str:
+        detail = f" ({self.description})" if self.description else ""
+        if self.permanent and self.status is not None and 400 <= self.status < 500:
+            return f"token endpoint refused the grant: {self.code}{detail}"
+        if self.code == "tls":
+            return f"token endpoint's TLS certificate was not accepted{detail}"
+        if self.status is not None:
+            return f"token endpoint answered {self.status}: {self.code}{detail}"
+        return f"token request failed: {self.code}{detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """A successful token answer (RFC 6749 §5.1)."""
+
+    access_token: str = field(repr=False)
+    expires_in: float | None
+    refresh_token: str | None = field(repr=False)
+
+
+# --- Pure helpers ----------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a `Retry-After` value (delta-seconds or HTTP-date), None if unusable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    delta = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(delta, 0.0), RETRY_AFTER_MAX)
+
+
+def _clean(text: Any, limit: int = 200) -> str | None:
+    """A server-supplied string made safe for a one-line message."""
+    if not isinstance(text, str):
+        return None
+    printable = "".join(c if c.isprintable() else " " for c in text).strip()
+    return redact_text(printable[:limit]) or None
+
+
+def _json_object(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_header_safe(token: str) -> bool:
+    return bool(token) and all(0x21 <= ord(c) <= 0x7E for c in token)
+
+
+def parse_token_response(body: bytes | None) -> TokenResponse | None:
+    """The token answer in `body`, None when it holds no usable bearer access token."""
+    obj = _json_object(body)
+    if obj is None:
+        return None
+    token = obj.get("access_token")
+    if not isinstance(token, str) or not _is_header_safe(token):
+        return None
+    token_type = obj.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        return None
+    expires_in = obj.get("expires_in")
+    if isinstance(expires_in, str) and expires_in.strip().isdigit():
+        expires_in = int(expires_in)  # some servers send it as a string
+    lifetime = float(expires_in) if isinstance(expires_in, int | float) and not isinstance(
+        expires_in, bool) and expires_in >= 0 else None
+    refresh = obj.get("refresh_token")
+    refresh = refresh.strip() if isinstance(refresh, str) and _is_header_safe(
+        refresh.strip()) else None
+    return TokenResponse(token, lifetime, refresh)
+
+
+def _is_cert_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, aiohttp.ClientConnectorCertificateError | (
+                ssl.SSLCertVerificationError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def classify_token_response(
+    status: int | None,
+    headers: Mapping[str, str] | None,
+    body: bytes | None,
+    exc: BaseException | None,
+) -> TokenFailure | None:
+    """Pure: None for a usable token answer, else the failure and its kind (table above)."""
+    if exc is not None:
+        if _is_cert_error(exc):
+            return TokenFailure(True, "tls", _clean(str(exc)))
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+            return TokenFailure(False, "timeout", "no answer in time")
+        if isinstance(exc, aiohttp.ClientError | OSError):
+            return TokenFailure(False, "network", _clean(str(exc)) or type(exc).__name__)
+        return TokenFailure(False, "error", type(exc).__name__)
+    if status is None:
+        return TokenFailure(False, "network", "no answer")
+    retry_after = parse_retry_after((headers or {}).get(hdrs.RETRY_AFTER))
+    if 200 <= status < 300:
+        if parse_token_response(body) is not None:
+            return None
+        return TokenFailure(False, "no_access_token",
+                            "the answer held no usable bearer access_token", status)
+    if 300 <= status < 400:
+        location = _clean(redact_url((headers or {}).get(hdrs.LOCATION, "")))
+        where = f"to {location}; configure the final URL" if location else None
+        return TokenFailure(True, "redirect", where, status)
+    if status == 429 or status >= 500:
+        code = "rate_limited" if status == 429 else f"http_{status}"
+        return TokenFailure(False, code, None, status, retry_after)
+    obj = _json_object(body)
+    error = obj.get("error") if obj is not None else None
+    if isinstance(error, str) and error and _is_header_safe(error):
+        description = _clean(obj.get("error_description")) if obj is not None else None
+        permanent = error not in TRANSIENT_ERROR_CODES
+        return TokenFailure(permanent, error, description, status, retry_after)
+    # A 4xx page that is no RFC 6749 error object comes from something in between (a
+    # WAF, a CDN, a captive portal) rather than the authorization server: retry.
+    return TokenFailure(False, f"http_{status}", "not an OAuth error response", status,
+                        retry_after)
+
+
+def backoff_delay(failures: int, base: float, cap: float,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Capped exponential backoff with full jitter (AWS architecture blog), in seconds."""
+    exponent = min(max(failures - 1, 0), 62)
+    return rand() * min(cap, base * (2.0 ** exponent))
+
+
+def refresh_skew(lifetime: float) -> float:
+    """How long before expiry to refresh: 10 % of the lifetime, at most 30 s."""
+    return min(REFRESH_SKEW_MAX, lifetime * REFRESH_SKEW_RATIO)
+
+
+def basic_client_auth(client_id: str, secret: str) -> str:
+    """`client_secret_basic` (RFC 6749 §2.3.1): form-encode id and secret, then base64."""
+    pair = f"{quote_plus(client_id, safe='')}:{quote_plus(secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
+def token_request(
+    *,
+    client_id: str,
+    secret: str | None,
+    refresh_token: str | None,
+    resource: str,
+    scopes: tuple[str, ...],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Pure: the headers and form fields of one token request."""
+    headers: dict[str, str] = {hdrs.ACCEPT: "application/json"}
+    form: dict[str, str] = {}
+    if refresh_token is not None:
+        form["grant_type"] = "refresh_token"
+        form["refresh_token"] = refresh_token
+    else:
+        form["grant_type"] = "client_credentials"
+    form["resource"] = resource
+    if scopes:
+        form["scope"] = " ".join(scopes)
+    if secret is not None:
+        headers[hdrs.AUTHORIZATION] = basic_client_auth(client_id, secret)
+    else:
+        form["client_id"] = client_id
+    return headers, form
+
+
+def write_secret_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` + newline: temp file, fsync, rename; mode 0600."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("ascii") + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where possible
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _default_session(config: ProxyConfig, timeout: float) -> aiohttp.ClientSession:
+    context = ssl.create_default_context()
+    if config.ca_file is not None:
+        context.load_verify_locations(cafile=str(config.ca_file))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context, limit=4),
+        timeout=aiohttp.ClientTimeout(total=timeout),
+        middlewares=(),
+        trust_env=False,
+    )
+
+
+# --- The source -------------------------------------------------------------------------
+
+
+class OAuthSource:
+    """`--oauth-*`: access tokens from a token endpoint, refreshed before they expire."""
+
+    can_refresh = True
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        session_factory: Callable[[], aiohttp.ClientSession] | None = None,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        slow_backoff_cap: float = SLOW_BACKOFF_CAP,
+        request_timeout: float = REQUEST_TIMEOUT,
+        watch_interval: float = WATCH_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        assert config.oauth_token_url is not None and config.oauth_client_id is not None
+        self._config = config
+        self._token_url = config.oauth_token_url
+        self._client_id = config.oauth_client_id
+        self._secret_path = _as_path(config.oauth_client_secret_file)
+        self._refresh_path = _as_path(config.oauth_refresh_token_file)
+        self._resource = str(URL(config.target_url).with_query(None).with_fragment(None))
+        self.description = f"OAuth token endpoint {redact_url(self._token_url)}"
+        self._session_factory = session_factory or (
+            lambda: _default_session(config, request_timeout))
+        self._backoff = (backoff_base, backoff_cap, slow_backoff_cap)
+        self._request_timeout = request_timeout
+        self._watch_interval = watch_interval
+        self._clock = clock
+        self._rand = rand
+
+        self._state = _ReportOnChange()
+        self._session: aiohttp.ClientSession | None = None
+        self._secret: str | None = None
+        self._refresh_token: str | None = None
+        self._watches = [FileWatch(p) for p in (self._secret_path, self._refresh_path) if p]
+        self._warned: set[Path] = set()
+        self._credential: Credential | None = None
+        self._version = 0
+        self._expires_at: float | None = None
+        self._refresh_at: float | None = None
+        self._rejected: int | None = None  # version the target answered 401 to
+        # Failure state of the current run of failures.
+        self._permanent: tuple[str, str] | None = None  # (reason, message)
+        self._failures = 0
+        self._first_failure_at: float | None = None
+        self._next_attempt_at: float | None = None
+        self._last_failure: TokenFailure | None = None
+        self._retrying = False
+        self._attempts = 0
+        self._last_ok = False
+        self._inflight: asyncio.Task[None] | None = None
+        self._done = asyncio.Condition()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- CredentialSource ------------------------------------------------------------
+
+    @property
+    def current_version(self) -> int | None:
+        if self._permanent is not None or self._retrying or self._credential is None:
+            return None
+        return self._credential.version
+
+    async def start(self, report: CredentialReporter) -> None:
+        self._state.attach(report)
+        self._session = self._session_factory()
+        self._load_files(initial=True)
+        self._tasks = [
+            asyncio.create_task(self._drive(), name="oauth-refresh"),
+            asyncio.create_task(self._watch_files(), name="oauth-file-watch"),
+        ]
+
+    async def close(self) -> None:
+        for task in (*self._tasks, self._inflight):
+            await _cancel(task)
+        self._tasks = []
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def get(self) -> Credential:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.credential_wait
+        seen: int | None = None
+        while True:
+            now = self._clock()
+            self._assess(now)
+            usable = self._usable(now)
+            if usable is not None:
+                return usable
+            if self._permanent is not None:
+                raise CredentialInvalid(*self._permanent, retry_after=INVALID_RETRY_AFTER)
+            if self._retrying:
+                raise self._retrying_error(now)
+            if seen is not None and self._attempts > seen and self._last_ok and self._credential:
+                return self._credential  # brand new, even if its lifetime is already short
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise self._retrying_error(now, "TokenRefreshPending")
+            if self._in_backoff(now):
+                assert self._next_attempt_at is not None
+                if self._next_attempt_at - now > remaining:
+                    raise self._retrying_error(now, "TokenRefreshPending")
+            else:
+                self._start_attempt()
+            seen = self._attempts
+            await self._wait_attempt(seen, remaining)
+
+    async def after_unauthorized(self, used: Credential) -> Credential | None:
+        current = self._credential
+        if current is not None and current.version > used.version:
+            return current if self.current_version is not None else None
+        if self._permanent is not None:
+            return None
+        self._rejected = used.version
+        now = self._clock()
+        if self._in_backoff(now):
+            return None
+        seen = self._attempts
+        self._start_attempt()
+        with contextlib.suppress(CredentialRetrying):
+            await self._wait_attempt(seen, self._config.credential_wait)
+        current = self._credential
+        if current is not None and current.version > used.version and self._last_ok:
+            return current
+        return None
+
+    # -- waiting and scheduling ---------------------------------------------------------
+
+    def _usable(self, now: float) -> Credential | None:
+        cred = self._credential
+        if cred is None or self._permanent is not None or cred.version == self._rejected:
+            return None
+        if self._expires_at is not None and now >= self._expires_at:
+            return None
+        return cred
+
+    def _in_backoff(self, now: float) -> bool:
+        return self._next_attempt_at is not None and now < self._next_attempt_at
+
+    def _retrying_error(self, now: float, reason: str = "TokenRefreshRetrying"
+                        ) -> CredentialRetrying:
+        wait = (self._next_attempt_at or now) - now
+        message = (self._last_failure.message() if self._last_failure
+                   else "waiting for the token endpoint")
+        return CredentialRetrying(reason, self._scrub(message), retry_after=max(1.0, wait))
+
+    def _start_attempt(self) -> None:
+        """Single flight: join the token request in flight, or start one."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._attempt(), name="oauth-token-request")
+
+    async def _wait_attempt(self, seen: int, within: float) -> None:
+        async def finished() -> None:
+            async with self._done:
+                await self._done.wait_for(lambda: self._attempts > seen)
+
+        try:
+            await asyncio.wait_for(finished(), max(within, 0.0))
+        except TimeoutError:
+            raise self._retrying_error(self._clock(), "TokenRefreshPending") from None
+
+    def _next_due(self, now: float) -> float | None:
+        """When the driver should next act: an attempt, or a report that falls due."""
+        if self._permanent is not None:
+            return None  # only a change of the files heals it
+        if self._first_failure_at is not None:
+            moments = [self._next_attempt_at or now,
+                       self._first_failure_at + self._config.auth_give_up_after]
+            if not self._retrying:
+                moments.append(self._first_failure_at + self._config.auth_retrying_after)
+            if self._expires_at is not None:
+                moments.append(self._expires_at)
+            return min(moments)
+        if self._credential is None or self._credential.version == self._rejected:
+            return now
+        return self._refresh_at
+
+    async def _drive(self) -> None:
+        """Refresh ahead of expiry, retry after failures, report when deadlines pass."""
+        while True:
+            self._wake.clear()
+            now = self._clock()
+            self._assess(now)
+            due = self._next_due(now)
+            idle = self._inflight is None or self._inflight.done()
+            if idle and due is not None and due <= now and not self._in_backoff(now) and (
+                    self._permanent is None):
+                self._start_attempt()
+                idle = False
+            if not idle:
+                assert self._inflight is not None
+                await asyncio.wait({self._inflight})
+                continue
+            timeout = None if due is None else max(due - now, 0.001)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    # -- one token request -----------------------------------------------------------------
+
+    async def _attempt(self) -> None:
+        try:
+            outcome = await self._request_token()
+        except Exception as exc:  # a bug must not wedge waiters; never log secrets
+            get_logger().exception("token_request_bug", endpoint=self.description)
+            outcome = TokenFailure(False, "error", type(exc).__name__)
+        now = self._clock()
+        if isinstance(outcome, TokenResponse):
+            await self._succeeded(outcome, now)
+        else:
+            self._failed(outcome, now)
+        self._attempts += 1
+        async with self._done:
+            self._done.notify_all()
+        self._wake.set()
+
+    async def _request_token(self) -> TokenResponse | TokenFailure:
+        assert self._session is not None
+        headers, form = token_request(
+            client_id=self._client_id, secret=self._secret,
+            refresh_token=self._refresh_token if self._refresh_path else None,
+            resource=self._resource, scopes=self._config.oauth_scopes,
+        )
+        status: int | None = None
+        answer_headers: Mapping[str, str] | None = None
+        body: bytes | None = None
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                async with self._session.post(self._token_url, data=form, headers=headers,
+                                              allow_redirects=False) as response:
+                    status, answer_headers = response.status, response.headers
+                    body = await _read_limited(response, MAX_TOKEN_RESPONSE)
+        except (TimeoutError, aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            failure = classify_token_response(None, None, None, exc)
+            assert failure is not None
+            return failure
+        failure = classify_token_response(status, answer_headers, body, None)
+        if failure is not None:
+            return failure
+        parsed = parse_token_response(body)
+        assert parsed is not None
+        return parsed
+
+    async def _succeeded(self, answer: TokenResponse, now: float) -> None:
+        if (answer.refresh_token and self._refresh_path is not None
+                and answer.refresh_token != self._refresh_token):
+            await self._store_refresh_token(answer.refresh_token)
+        authorization = f"Bearer {answer.access_token}"
+        if self._credential is None or self._credential.authorization != authorization:
+            self._version += 1
+            self._credential = Credential(authorization, self._version)
+        self._rejected = None
+        if answer.expires_in is not None:
+            self._expires_at = now + answer.expires_in
+            self._refresh_at = self._expires_at - refresh_skew(answer.expires_in)
+        else:
+            self._expires_at = self._refresh_at = None  # refreshed on a 401 only
+        self._reset_failures()
+        self._last_ok = True
+        self._state(True, "TokenObtained", f"access token obtained from {self.description}",
+                    False)
+
+    async def _store_refresh_token(self, token: str) -> None:
+        self._refresh_token = token  # in memory first: the old one may be dead already
+        assert self._refresh_path is not None
+        try:
+            await asyncio.to_thread(write_secret_atomically, self._refresh_path, token)
+        except OSError as exc:
+            get_logger().warning("refresh_token_not_saved", path=str(self._refresh_path),
+                                 error=exc.strerror or type(exc).__name__)
+            return
+        for watch in self._watches:
+            if watch.path == self._refresh_path:
+                watch.mark(read_secret_file(self._refresh_path).signature)
+
+    def _failed(self, failure: TokenFailure, now: float) -> None:
+        self._last_ok = False
+        self._last_failure = failure
+        if failure.permanent:
+            self._give_up("TokenRefreshFailed", failure.message())
+            get_logger().warning("token_refresh_failed", endpoint=self.description,
+                                 error=failure.code, permanent=True)
+            return
+        if self._first_failure_at is None:
+            self._first_failure_at = now
+        self._failures += 1
+        base, cap, slow_cap = self._backoff
+        delay = backoff_delay(self._failures, base, slow_cap if self._retrying else cap,
+                              self._rand)
+        if failure.retry_after is not None:
+            delay = max(delay, failure.retry_after)
+        self._next_attempt_at = now + delay
+        get_logger().info("token_refresh_retry", endpoint=self.description,
+                          error=failure.code, failures=self._failures, delay=round(delay, 3))
+        self._assess(now)
+
+    def _assess(self, now: float) -> None:
+        """Turn elapsed time into state: retrying after a while, given up after longer."""
+        if self._permanent is not None or self._first_failure_at is None:
+            return
+        if self._usable(now) is not None:
+            return  # the current token still works; keep retrying quietly
+        elapsed = now - self._first_failure_at
+        failure = self._last_failure.message() if self._last_failure else "no token"
+        if elapsed >= self._config.auth_give_up_after:
+            self._give_up("TokenRefreshFailed",
+                          f"{failure}; gave up after {elapsed:.0f} s of failures")
+        elif elapsed >= self._config.auth_retrying_after and not self._retrying:
+            self._retrying = True
+            self._state(False, "TokenRefreshRetrying",
+                        self._scrub(f"{failure}; retrying since {elapsed:.0f} s"), False)
+
+    def _give_up(self, reason: str, message: str) -> None:
+        message = self._scrub(message)
+        self._permanent = (reason, message)
+        self._next_attempt_at = None
+        self._state(False, reason, message, True)
+
+    def _reset_failures(self) -> None:
+        self._permanent = None
+        self._failures = 0
+        self._first_failure_at = None
+        self._next_attempt_at = None
+        self._retrying = False
+
+    def _scrub(self, text: str) -> str:
+        """Belt and braces: a server may echo what it was sent into its description."""
+        for secret in (self._secret, self._refresh_token):
+            if secret:
+                text = text.replace(secret, "<redacted>")
+        if self._credential is not None:
+            text = text.replace(self._credential.authorization.removeprefix("Bearer "),
+                                "<redacted>")
+        return text
+
+    # -- the secret and refresh token files ------------------------------------------------
+
+    def _load_files(self, *, initial: bool) -> bool:
+        """(Re-)read changed files; True when something the grant uses changed."""
+        changed = False
+        for watch in self._watches:
+            if not initial and not watch.changed():
+                continue
+            what = "client secret file" if watch.path == self._secret_path else (
+                "refresh token file")
+            result = read_secret_file(watch.path, what)
+            watch.mark(result.signature)
+            if watch.path not in self._warned and warn_if_shared(
+                    watch.path, result.signature, what):
+                self._warned.add(watch.path)
+            current = self._secret if watch.path == self._secret_path else self._refresh_token
+            if result.text is None:
+                if initial or current is None:
+                    self._give_up(result.reason, result.message)
+                continue  # keep what we had: a file being rewritten may be empty briefly
+            if result.text != current:
+                changed = True
+                if watch.path == self._secret_path:
+                    self._secret = result.text
+                else:
+                    self._refresh_token = result.text
+        missing = (self._secret_path is not None and self._secret is None) or (
+            self._refresh_path is not None and self._refresh_token is None)
+        if initial or missing:
+            return changed
+        if changed and (self._permanent is not None or self._first_failure_at is not None
+                        or self._rejected is not None):
+            # The user fixed something: forget the failures and try again at once.
+            self._reset_failures()
+            self._last_failure = None
+            self._wake.set()
+        return changed
+
+    async def _watch_files(self) -> None:
+        if not self._watches:
+            return
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                self._load_files(initial=False)
+            except Exception:  # keep watching; never log contents
+                get_logger().exception("oauth_file_check_failed")
+
+
+def _as_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+async def _read_limited(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            break  # a token answer is small; the rest is not one
+        chunks.append(chunk)
+    return b"".join(chunks)
