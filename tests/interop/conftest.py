@@ -21,7 +21,12 @@ from typing import Any, Literal
 
 import pytest
 import uvicorn
+from mcp.client import Client
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Transport = Literal["streamable", "sse"]
@@ -277,3 +282,28 @@ def unwrap(exc: BaseException) -> list[BaseException]:
 def status_file(state_dir: Path, name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((state_dir / "workloads" / f"{name}.json").read_text())
     return data
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str, *, transport: Transport = "streamable", token: str | None = None,
+    mode: str = "legacy",
+) -> AsyncIterator[Client]:
+    """The SDK client connected to `url`, sending `token` itself when given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    if transport == "sse":
+        async with Client(sse_client(url, headers=headers), mode=mode) as client:
+            yield client
+        return
+    async with (
+        create_mcp_http_client(headers=headers) as http,
+        Client(streamable_http_client(url, http_client=http), mode=mode) as client,
+    ):
+        yield client
+
+
+def text_of(result: CallToolResult) -> str:
+    """The text of a tool result's first content block."""
+    block = result.content[0]
+    assert isinstance(block, TextContent), block
+    return block.text

@@ -9,19 +9,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mcp.client import Client
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
-from .conftest import UpstreamFactory, unwrap
+from .conftest import UpstreamFactory, connect, text_of, unwrap
 
 WAIT = 10.0
-
-
-def _auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -36,16 +28,15 @@ async def test_sdk_client_talks_to_gated_sdk_server_directly(
         seen.append((progress, total, message))
         upstream.progress.client_saw_first.set()
 
-    async with create_mcp_http_client(headers=_auth("direct-token")) as http:
-        async with Client(streamable_http_client(upstream.url, http_client=http), mode=mode) as c:
-            tools = await asyncio.wait_for(c.list_tools(), WAIT)
-            assert {t.name for t in tools.tools} >= {"echo", "count"}
-            result = await asyncio.wait_for(c.call_tool("echo", {"text": "hi"}), WAIT)
-            assert result.content[0].text == "echo: hi"  # type: ignore[union-attr]
-            counted = await asyncio.wait_for(
-                c.call_tool("count", {"steps": 3}, progress_callback=on_progress), WAIT
-            )
-            assert counted.content[0].text == "counted to 3"  # type: ignore[union-attr]
+    async with connect(upstream.url, token="direct-token", mode=mode) as client:
+        tools = await asyncio.wait_for(client.list_tools(), WAIT)
+        assert {t.name for t in tools.tools} >= {"echo", "count"}
+        result = await asyncio.wait_for(client.call_tool("echo", {"text": "hi"}), WAIT)
+        assert text_of(result) == "echo: hi"
+        counted = await asyncio.wait_for(
+            client.call_tool("count", {"steps": 3}, progress_callback=on_progress), WAIT
+        )
+        assert text_of(counted) == "counted to 3"
     assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
 
 
@@ -54,17 +45,14 @@ async def test_gate_rejects_a_revoked_token_with_a_challenge(
 ) -> None:
     """Once the token is revoked the SDK client's next call fails, and the upstream said 401."""
     upstream = await mcp_upstream("streamable", "direct-token")
-    async with create_mcp_http_client(headers=_auth("direct-token")) as http:
-        async with Client(
-            streamable_http_client(upstream.url, http_client=http), mode="legacy"
-        ) as client:
-            await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), WAIT)
-            upstream.gate.accept_only("another-token")
-            with pytest.raises(MCPError):
-                try:
-                    await asyncio.wait_for(client.call_tool("echo", {"text": "no"}), WAIT)
-                except BaseExceptionGroup as group:
-                    raise unwrap(group)[0] from None
+    async with connect(upstream.url, token="direct-token") as client:
+        await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), WAIT)
+        upstream.gate.accept_only("another-token")
+        with pytest.raises(MCPError):
+            try:
+                await asyncio.wait_for(client.call_tool("echo", {"text": "no"}), WAIT)
+            except BaseExceptionGroup as group:
+                raise unwrap(group)[0] from None
     assert any(r.method == "POST" for r in upstream.gate.rejected)
 
 
@@ -76,8 +64,8 @@ async def test_sdk_sse_client_talks_to_gated_sdk_sse_server_directly(
     upstream = await mcp_upstream("sse", "direct-token")
     if absolute:
         upstream.gate.absolute_endpoint_origin = upstream.origin
-    async with Client(sse_client(upstream.url, headers=_auth("direct-token")), mode="legacy") as c:
-        result = await asyncio.wait_for(c.call_tool("echo", {"text": "sse"}), WAIT)
-        assert result.content[0].text == "echo: sse"  # type: ignore[union-attr]
+    async with connect(upstream.url, transport="sse", token="direct-token") as client:
+        result = await asyncio.wait_for(client.call_tool("echo", {"text": "sse"}), WAIT)
+        assert text_of(result) == "echo: sse"
     posts = [r for r in upstream.gate.seen if r.method == "POST"]
     assert posts and all(r.path.startswith("/messages/") for r in posts)
