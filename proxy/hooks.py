@@ -1,0 +1,355 @@
+"""The auth monitor: turns the target's answers into auth episodes, status and callbacks.
+
+`AuthMonitor` watches every final response (it is a `ForwardObserver`) and every
+credential-source report (it is a `CredentialReporter`). An unauthorized episode opens
+on the first 401 (or an invalid source) while none is open and closes on proof that
+the current credential works (contract rules 2-5, "Auth episodes"). Episodes are
+decided synchronously in memory, so any number of concurrent 401s open exactly one.
+
+It must never do I/O or block on the request path: status writes go through
+`Workload`'s ordered writer, and callbacks run as their own tasks, each only after
+the status file says what it announces. A callback's failure is logged, never raised
+into forwarding. Nothing here logs or passes on a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import shlex
+import subprocess
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiohttp import hdrs
+
+from . import status as st
+from .challenge import BearerError, bearer_error
+from .log import get_logger, redact_text
+from .observe import Exchange
+from .workload import Workload
+
+UNAUTHORIZED_REASON = "UpstreamUnauthorized"
+INSUFFICIENT_SCOPE_REASON = "InsufficientScope"
+RETRYING_REASON = "TokenRefreshRetrying"
+EVENT_ENV = "MCP_AUTHPROXY_EVENT"
+CALLBACK_GRACE = 10.0  # seconds `flush` waits for callbacks before leaving them running
+_MAX_ERROR_TEXT = 200  # the target's error text is untrusted: bound what we store
+
+
+@dataclass(frozen=True, slots=True)
+class UnauthorizedEvent:
+    """An unauthorized episode began. status_code/method/path are None for a source failure."""
+
+    workload: str
+    status_code: int | None
+    method: str | None
+    path: str | None
+    reason: str
+    message: str
+    www_authenticate: str | None
+    error: str | None
+    error_description: str | None
+    resource_metadata: str | None
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = st.format_time(self.at)
+        return {"type": "unauthorized", **data}
+
+
+@dataclass(frozen=True, slots=True)
+class ReauthorizedEvent:
+    """An unauthorized episode ended on proof that the credential works again."""
+
+    workload: str
+    at: datetime
+    unauthorized_since: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "reauthorized", "workload": self.workload,
+                "at": st.format_time(self.at),
+                "unauthorized_since": st.format_time(self.unauthorized_since)}
+
+
+class UnauthorizedCallback(Protocol):
+    def __call__(self, event: UnauthorizedEvent) -> Awaitable[None] | None: ...
+
+
+class ReauthorizedCallback(Protocol):
+    def __call__(self, event: ReauthorizedEvent) -> Awaitable[None] | None: ...
+
+
+# --- pure helpers ---------------------------------------------------------------------
+
+
+def _clean(text: str | None, limit: int = _MAX_ERROR_TEXT) -> str | None:
+    """Untrusted header text made safe for a one-line message: printable, short, redacted."""
+    if not text:
+        return None
+    printable = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    if len(printable) > limit:
+        printable = printable[: limit - 1] + "…"
+    return redact_text(printable) or None
+
+
+def unauthorized_message(status_code: int, error: BearerError) -> str:
+    """`target answered 401 (invalid_token: The access token expired)`, as the contract shows."""
+    code, description = _clean(error.error, 64), _clean(error.error_description)
+    if code and description:
+        return f"target answered {status_code} ({code}: {description})"
+    if code or description:
+        return f"target answered {status_code} ({code or description})"
+    return f"target answered {status_code}"
+
+
+def scope_message(error: BearerError) -> str:
+    scope = _clean(error.scope)
+    needed = f"; it asks for scope {scope!r}" if scope else ""
+    return f"target answered 403 insufficient_scope{needed}"
+
+
+def _is_async(callback: Callable[..., Any]) -> bool:
+    call = getattr(callback, "__call__", None)  # noqa: B004 - instances with async __call__
+    return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(call)
+
+
+# --- the monitor ----------------------------------------------------------------------
+
+
+class AuthMonitor:
+    """Auth episodes of one workload: a `ForwardObserver` and a `CredentialReporter`."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        *,
+        mcp_path: str,
+        credentials_configured: bool,
+        current_version: Callable[[], int | None],
+        on_unauthorized: UnauthorizedCallback | None = None,
+        on_reauthorized: ReauthorizedCallback | None = None,
+        logger: Any = None,
+    ) -> None:
+        self._workload = workload
+        self._mcp_path = mcp_path
+        self._credentials_configured = credentials_configured
+        self._current_version = current_version
+        self._on_unauthorized = on_unauthorized
+        self._on_reauthorized = on_reauthorized
+        self._logger = logger if logger is not None else get_logger().bind(
+            workload=workload.name)
+        self.episode_open = False
+        self.unauthorized_since: datetime | None = None
+        # Set once this episode's on_unauthorized was invoked: on_reauthorized never
+        # overtakes the announcement of the episode it ends.
+        self._announced: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- ForwardObserver ----------------------------------------------------------
+
+    def on_response(self, ex: Exchange) -> None:
+        if ex.upstream_headers is None or ex.status < 100:
+            return  # the proxy's own answer says nothing about the credential
+        if ex.status == 401:
+            self._unauthorized(ex)
+        elif ex.status == 403:
+            self._forbidden(ex)
+        elif ex.status < 400 and ex.on_mcp_path:
+            self._workload.set_condition(st.ConditionType.AUTHORIZED, True, "Authorized",
+                                         "The target accepts requests on the MCP path.")
+            if self._proves(ex):
+                self._close_episode()
+
+    def on_complete(self, ex: Exchange, duration: float, bytes_out: int) -> None:
+        return None
+
+    # --- CredentialReporter -------------------------------------------------------
+
+    def credential_state(self, available: bool, reason: str, message: str,
+                         permanent: bool) -> None:
+        kind = st.ConditionType.CREDENTIAL_AVAILABLE
+        if available:
+            # The episode stays open: only a proof (rule 4) ends it.
+            self._workload.set_condition(kind, True, reason, message)
+            return
+        if not permanent:
+            # The status table knows transient failures by reason alone (auth_retrying).
+            if reason not in st.TRANSIENT_CREDENTIAL_REASONS:
+                reason = RETRYING_REASON
+            self._workload.set_condition(kind, False, reason, message)
+            return
+        self._workload.set_condition(kind, False, reason, message)
+        self._open_episode(UnauthorizedEvent(
+            workload=self._workload.name, status_code=None, method=None, path=None,
+            reason=reason, message=message, www_authenticate=None, error=None,
+            error_description=None, resource_metadata=None, at=datetime.now(UTC),
+        ))
+
+    async def flush(self, callback_grace: float = CALLBACK_GRACE) -> None:
+        """Wait for queued status writes, and for running callbacks (up to the grace)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + callback_grace
+        while True:
+            await self._workload.flush()
+            pending = [t for t in self._tasks if not t.done()]
+            if not pending:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._logger.warning("callbacks_still_running", count=len(pending))
+                return
+            await asyncio.wait(pending, timeout=remaining)
+
+    # --- decisions (synchronous, in memory) ---------------------------------------
+
+    def _proves(self, ex: Exchange) -> bool:
+        """Rule 4: a good answer on the MCP path to the *current* credential."""
+        if not self._credentials_configured:
+            return True
+        return ex.credential is not None and ex.credential.version == self._current_version()
+
+    def _stale(self, ex: Exchange) -> bool:
+        """A 401 to a credential already replaced says nothing about the current one."""
+        if not self._credentials_configured or ex.credential is None:
+            return False
+        current = self._current_version()
+        return current is not None and ex.credential.version < current
+
+    def _unauthorized(self, ex: Exchange) -> None:
+        if ex.probe and not self._credentials_configured:
+            return  # the client authenticates itself; the probe only shows reachability
+        if self.episode_open or self._stale(ex):
+            return
+        assert ex.upstream_headers is not None
+        values = ex.upstream_headers.getall(hdrs.WWW_AUTHENTICATE, [])
+        error = bearer_error(values)
+        self._open_episode(UnauthorizedEvent(
+            workload=self._workload.name, status_code=ex.status, method=ex.method,
+            path=ex.path, reason=UNAUTHORIZED_REASON,
+            message=unauthorized_message(ex.status, error),
+            www_authenticate=", ".join(values) or None,
+            error=_clean(error.error, 64), error_description=_clean(error.error_description),
+            resource_metadata=error.resource_metadata, at=datetime.now(UTC),
+        ))
+
+    def _forbidden(self, ex: Exchange) -> None:
+        assert ex.upstream_headers is not None
+        error = bearer_error(ex.upstream_headers.getall(hdrs.WWW_AUTHENTICATE, []))
+        if error.error != "insufficient_scope":
+            return
+        write = self._workload.set_condition(st.ConditionType.AUTHORIZED, False,
+                                             INSUFFICIENT_SCOPE_REASON, scope_message(error))
+        if write is not None:
+            self._logger.warning("insufficient_scope", scope=_clean(error.scope),
+                                 method=ex.method, path=ex.path)
+
+    def _open_episode(self, event: UnauthorizedEvent) -> None:
+        if self.episode_open:
+            return
+        self.episode_open = True
+        self.unauthorized_since = event.at
+        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, False,
+                                             event.reason, event.message)
+        self._logger.warning("unauthorized", workload=event.workload, error=event.error,
+                             reason=event.reason, status_code=event.status_code,
+                             method=event.method, path=event.path)
+        announced = asyncio.Event()
+        self._announced = announced
+        self._spawn(self._announce_unauthorized(write, event, announced))
+
+    def _close_episode(self) -> None:
+        accepted = ("CredentialAccepted",
+                    "The target accepted the credential on the MCP path.")
+        if not self.episode_open:
+            # Before any episode: record Authenticated=True once (set_condition dedups).
+            self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *accepted)
+            return
+        self.episode_open = False
+        since = self.unauthorized_since or datetime.now(UTC)
+        self.unauthorized_since = None
+        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *accepted)
+        event = ReauthorizedEvent(workload=self._workload.name, at=datetime.now(UTC),
+                                  unauthorized_since=since)
+        self._logger.info("reauthorized", workload=event.workload)
+        self._spawn(self._announce_reauthorized(write, event, self._announced))
+
+    # --- off the request path -----------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _written(self, write: asyncio.Future[st.WorkloadRecord] | None) -> None:
+        # None: nothing new was queued (the view already said so); wait for what is.
+        if write is None:
+            await self._workload.flush()
+        else:
+            await asyncio.shield(write)
+
+    async def _announce_unauthorized(self, write: asyncio.Future[st.WorkloadRecord] | None,
+                                     event: UnauthorizedEvent, announced: asyncio.Event) -> None:
+        try:
+            await self._written(write)
+            await self._call("on_unauthorized", self._on_unauthorized, event, announced)
+        finally:
+            announced.set()
+
+    async def _announce_reauthorized(self, write: asyncio.Future[st.WorkloadRecord] | None,
+                                     event: ReauthorizedEvent,
+                                     announced: asyncio.Event | None) -> None:
+        await self._written(write)
+        if announced is not None:
+            await announced.wait()
+        await self._call("on_reauthorized", self._on_reauthorized, event, None)
+
+    async def _call(self, name: str, callback: Callable[[Any], Any] | None, event: Any,
+                    announced: asyncio.Event | None) -> None:
+        """Run one callback; plain ones on the loop (keep them quick), async ones awaited."""
+        if callback is None:
+            return
+        try:
+            result = callback(event)
+            if announced is not None:
+                announced.set()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._logger.exception("callback_failed", callback=name)
+
+
+def exec_callback(command: str) -> UnauthorizedCallback:
+    """`--on-unauthorized-exec`: run `command` (no shell) with the event as JSON in env.
+
+    The command's output goes to stderr: stdout carries only the proxy's URL line.
+    A command that cannot start or exits non-zero is logged; it never stops the proxy.
+    """
+    argv = shlex.split(command)
+    if not argv:
+        raise ValueError("on_unauthorized_exec: must name a command")
+    logger = get_logger()
+
+    async def run(event: UnauthorizedEvent) -> None:
+        env = dict(os.environ)
+        env[EVENT_ENV] = json.dumps(event.to_dict())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=subprocess.DEVNULL, stdout=2, stderr=2)
+        except OSError as exc:
+            logger.warning("on_unauthorized_exec_failed", workload=event.workload,
+                           command=argv[0], error=exc.strerror or str(exc))
+            return
+        code = await proc.wait()
+        if code != 0:
+            logger.warning("on_unauthorized_exec_failed", workload=event.workload,
+                           command=argv[0], exit_code=code)
+        else:
+            logger.info("on_unauthorized_exec_done", workload=event.workload, command=argv[0])
+
+    return run
