@@ -1,0 +1,597 @@
+"""The streaming forwarding handler, and the pure header/URL helpers it is built from.
+
+One request in, one request out (plus at most ten same-origin redirects and one
+refresh-and-replay), bodies streamed both ways. This module is the one boundary where
+foreign client errors (`aiohttp.ClientError`, `OSError`, timeouts) become the proxy's
+own 502/504 answers. It must never log or keep a credential, never send a credential to
+another origin than the target's, never buffer a body whole (the replay copy is
+bounded by `replay_limit`), and never hold a stream to a time limit once it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import aiohttp
+from aiohttp import hdrs, web
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import ProxyConfig, is_loopback_host
+from .credentials import Credential, CredentialSource
+from .errors import CredentialUnavailable
+from .log import get_logger
+from .observe import Exchange, ForwardObserver
+from .sse import EndpointRewriter
+
+# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+# Never forwarded to the target: hop-by-hop, ours to set, or handled by the proxy itself.
+_DROP_REQUEST = HOP_BY_HOP | {"host", "forwarded", "expect"}
+_X_FORWARDED = "x-forwarded-"
+_BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
+                 hdrs.CONTENT_ENCODING)
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 10
+_CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
+
+
+# --- pure helpers -------------------------------------------------------------------
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """Header names the sender marked hop-by-hop in its `Connection` header(s)."""
+    values = headers.getall(hdrs.CONNECTION, ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def request_headers(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str],
+    *,
+    client_ip: str,
+    target_scheme: str,
+    authorization: str | None,
+) -> CIMultiDict[str]:
+    """The headers to send to the target for a client's request.
+
+    `authorization` is the injected credential: when given, the client's own
+    `Authorization` is dropped (no token passthrough); when None it passes as is.
+    """
+    named = connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        low = name.lower()
+        if low in _DROP_REQUEST or low in named or low.startswith(_X_FORWARDED):
+            continue
+        if authorization is not None and low == "authorization":
+            continue
+        out.add(name, value)
+    if authorization is not None:
+        out[hdrs.AUTHORIZATION] = authorization
+    out[hdrs.X_FORWARDED_FOR] = client_ip
+    out[hdrs.X_FORWARDED_PROTO] = target_scheme
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The target's response headers minus hop-by-hop ones, in order, repeats kept."""
+    named = connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+def split_raw_path(raw: str) -> tuple[str, str]:
+    """(path, query) of a request target, as sent; absolute-form targets are reduced."""
+    if not raw.startswith("/"):
+        try:
+            raw = URL(raw, encoded=True).raw_path_qs
+        except ValueError:
+            raw = "/"
+    path, _, query = raw.partition("?")
+    return path, query
+
+
+def merge_query(query: str, target: URL) -> str:
+    """The request's query plus the target URL's parameters it does not set itself."""
+    extra = target.raw_query_string
+    if not extra:
+        return query
+    if not query:
+        return extra
+    have = {part.partition("=")[0] for part in query.split("&")}
+    added = [part for part in extra.split("&") if part.partition("=")[0] not in have]
+    return "&".join([query, *added]) if added else query
+
+
+def upstream_url(origin: str, path: str, query: str) -> URL:
+    """The target URL for a request: byte-for-byte path and query on the target origin."""
+    return URL(f"{origin}{path}?{query}" if query else f"{origin}{path}", encoded=True)
+
+
+def is_loopback_origin(origin: str) -> bool:
+    try:
+        url = URL(origin)
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.raw_host) and is_loopback_host(
+        url.raw_host or ""
+    )
+
+
+def origin_allowed(origin: str, allowed: Sequence[str]) -> bool:
+    """A browser `Origin` we accept: any loopback origin, or one the user allowed."""
+    return is_loopback_origin(origin) or origin.lower().rstrip("/") in allowed
+
+
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """DNS-rebinding guard: a `Host` naming loopback or one of `allowed` (with or w/o port)."""
+    host = host.strip().lower()
+    if host in allowed:
+        return True
+    if host.startswith("["):
+        name = host[: host.find("]") + 1] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return is_loopback_host(name) or name in allowed
+
+
+def redirect_target(status: int, location: str | None, current: URL, origin: URL) -> URL | None:
+    """Where to follow a redirect, or None when it must go to the client unchanged.
+
+    Only redirects that stay on the target's origin (same scheme, host and port) are
+    followed: the credential must never leave it, and https -> http changes the origin.
+    """
+    if status not in REDIRECT_STATUSES or not location:
+        return None
+    try:
+        nxt = current.join(URL(location))
+    except ValueError:
+        return None
+    if not nxt.absolute or nxt.origin() != origin:
+        return None
+    return nxt.with_fragment(None)
+
+
+def redirect_method(status: int, method: str) -> tuple[str, bool]:
+    """(method, keep body) for following a redirect, as browsers and RFC 9110 do."""
+    if status == 303 and method != hdrs.METH_HEAD:
+        return hdrs.METH_GET, False
+    if status in (301, 302) and method == hdrs.METH_POST:
+        return hdrs.METH_GET, False
+    return method, True
+
+
+def error_body(code: str, message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": code, "message": message, **extra}).encode()
+
+
+# --- the request body ---------------------------------------------------------------
+
+class BodyTooLarge(Exception):
+    """The client's chunked body crossed `max_request_bytes` while streaming."""
+
+
+class RequestBody:
+    """Streams the client's body to the target once, keeping a bounded copy for replay."""
+
+    __slots__ = ("_content", "_eof", "_expect", "_idle", "_keep", "_kept", "_limit",
+                 "_request", "_size", "too_large")
+
+    def __init__(self, request: BaseRequest, *, limit: int, keep: int) -> None:
+        self._request = request
+        self._content = request.content
+        self._limit = limit
+        self._keep = keep
+        self._kept: list[bytes] | None = []
+        self._size = 0
+        self._eof = False
+        self.too_large = False
+        # The first stream may still be reading when a replay starts; wait for it to stop.
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._expect = request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+
+    async def _read(self) -> bytes:
+        if self._expect:
+            # We took the client's Expect off the upstream request, so answer it ourselves.
+            self._expect = False
+            await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        chunk = await self._content.readany()
+        if not chunk:
+            self._eof = True
+            return chunk
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.too_large = True
+            self._kept = None
+            raise BodyTooLarge
+        if self._kept is not None:
+            if self._size <= self._keep:
+                self._kept.append(chunk)
+            else:
+                self._kept = None  # too big to replay: stop keeping, keep streaming
+        return chunk
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body as the client sends it; each chunk goes on as soon as it arrives."""
+        self._idle.clear()
+        try:
+            while True:
+                chunk = await self._read()
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            self._idle.set()
+
+    async def replay(self) -> bytes | None:
+        """The whole body for a second request, or None when it was too large to keep."""
+        if self._kept is None:
+            return None
+        await self._idle.wait()
+        while not self._eof and self._kept is not None:
+            await self._read()
+        return b"".join(self._kept) if self._kept is not None else None
+
+    def drop(self) -> None:
+        """The response headers arrived: no replay from now on, free the copy."""
+        self._kept = None
+
+
+class _TransparentResponse(web.StreamResponse):
+    """A StreamResponse that adds no `Content-Type`/`Server` the target did not send."""
+
+    __slots__ = ("_had_server", "_had_type")
+
+    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
+        super().__init__(status=status, reason=reason, headers=headers)
+        self._had_type = hdrs.CONTENT_TYPE in headers
+        self._had_server = hdrs.SERVER in headers
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        if not self._had_type:
+            self._headers.popall(hdrs.CONTENT_TYPE, None)
+        if not self._had_server:
+            self._headers.popall(hdrs.SERVER, None)
+
+
+class _Progress:
+    """What the access log and `on_complete` need, filled in as the request goes."""
+
+    __slots__ = ("bytes_out", "upstream_status")
+
+    def __init__(self) -> None:
+        self.bytes_out = 0
+        self.upstream_status: int | None = None
+
+
+class _ProxyAnswer(Exception):
+    """The proxy answers this request itself (403, 413, 421, 502, 503, 504)."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, close: bool = False,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(code, message, **extra)
+        self.headers = headers or {}
+        self.close = close
+
+
+# --- the handler --------------------------------------------------------------------
+
+class Forwarder:
+    """The aiohttp low-level handler: `await forwarder(request)` forwards one request."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        session: aiohttp.ClientSession,
+        *,
+        credentials: CredentialSource | None = None,
+        observers: Iterable[ForwardObserver] = (),
+        logger: Any = None,
+    ) -> None:
+        self._config = config
+        self._session = session
+        self._credentials = credentials
+        self._observers = tuple(observers)
+        self._log = logger if logger is not None else get_logger()
+        target = config.target
+        self._target = target
+        self._origin_url = target.origin()
+        self._origin = str(self._origin_url)
+        self._scheme = target.scheme
+        self._mcp_path = config.mcp_path
+        self._allowed_origins = config.allowed_origins
+        self._allowed_hosts = config.allowed_hosts
+        self._check_host = config.binds_loopback
+        self._origin_ok: dict[str, bool] = {}
+        self._host_ok: dict[str, bool] = {}
+        self._timeout = config.response_timeout or None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served now."""
+        return len(self._tasks)
+
+    async def wait_idle(self, limit: float) -> bool:
+        """Wait until no request is in flight; False when `limit` seconds ran out first."""
+        try:
+            async with asyncio.timeout(limit):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def cancel_all(self) -> list[asyncio.Task[Any]]:
+        """Cancel every request still in flight (after a drain ran out); returns them."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    # The request's life: checks, credential, upstream exchange, streaming, accounting.
+    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        path, query = split_raw_path(request.raw_path)
+        exchange = Exchange(method=request.method, path=path, on_mcp_path=path == self._mcp_path)
+        progress = _Progress()
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._idle.clear()
+        try:
+            try:
+                return await self._forward(request, exchange, progress, query)
+            except _ProxyAnswer as answer:
+                return self._answer(request, exchange, progress, answer)
+        finally:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+            duration = loop.time() - started
+            self._complete(exchange, duration, progress)
+            self._log.info(
+                "request", method=request.method, path=path, status=exchange.status,
+                upstream_status=progress.upstream_status,
+                duration_ms=round(duration * 1000, 1), bytes_out=progress.bytes_out,
+                client=request.remote,
+            )
+
+    def _answer(self, request: BaseRequest, exchange: Exchange, progress: _Progress,
+                answer: _ProxyAnswer) -> web.StreamResponse:
+        exchange.status = answer.status
+        exchange.upstream_headers = None
+        progress.bytes_out = len(answer.body)
+        response = web.Response(status=answer.status, body=answer.body,
+                                content_type="application/json", headers=answer.headers)
+        if answer.close:
+            response.force_close()
+        return response
+
+    def _check(self, request: BaseRequest) -> None:
+        headers = request.headers
+        if self._check_host:
+            host = headers.get(hdrs.HOST)
+            if host is not None:
+                ok = self._host_ok.get(host)
+                if ok is None:
+                    ok = host_allowed(host, self._allowed_hosts)
+                    if len(self._host_ok) < _CACHE_LIMIT:
+                        self._host_ok[host] = ok
+                if not ok:
+                    raise _ProxyAnswer(421, "misdirected_request",
+                                       "this proxy does not serve that Host")
+        origins = headers.getall(hdrs.ORIGIN, ())
+        if origins:
+            if len(origins) > 1:
+                raise _ProxyAnswer(403, "forbidden_origin", "more than one Origin header")
+            origin = origins[0]
+            ok = self._origin_ok.get(origin)
+            if ok is None:
+                ok = origin_allowed(origin, self._allowed_origins)
+                if len(self._origin_ok) < _CACHE_LIMIT:
+                    self._origin_ok[origin] = ok
+            if not ok:
+                raise _ProxyAnswer(403, "forbidden_origin", "Origin not allowed")
+        length = request.content_length
+        if length is not None and length > self._config.max_request_bytes:
+            raise _ProxyAnswer(413, "payload_too_large",
+                               f"request body above {self._config.max_request_bytes} bytes",
+                               close=True)
+
+    async def _credential(self) -> Credential | None:
+        if self._credentials is None:
+            return None
+        try:
+            return await self._credentials.get()
+        except CredentialUnavailable as exc:
+            retry = max(1, math.ceil(exc.retry_after))
+            raise _ProxyAnswer(503, "credential_unavailable", exc.message,
+                               headers={hdrs.RETRY_AFTER: str(retry)},
+                               reason=exc.reason) from None
+
+    async def _forward(self, request: BaseRequest, exchange: Exchange, progress: _Progress,
+                       query: str) -> web.StreamResponse:
+        self._check(request)
+        credential = await self._credential()
+        if exchange.on_mcp_path:
+            query = merge_query(query, self._target)
+        url = upstream_url(self._origin, exchange.path, query)
+        headers = request_headers(
+            request.headers, client_ip=request.remote or "", target_scheme=self._scheme,
+            authorization=credential.authorization if credential is not None else None,
+        )
+        body = (RequestBody(request, limit=self._config.max_request_bytes,
+                            keep=self._config.replay_limit)
+                if request.body_exists else None)
+        upstream = await self._exchange(request.method, url, headers, body, credential, exchange)
+        try:
+            return await self._relay(request, upstream, exchange, progress)
+        finally:
+            # Normal end: the connection goes back to the pool; anything else closes it,
+            # so a cancelled stream frees the target's side at once.
+            if upstream.content.is_eof() and upstream.content.exception() is None:
+                upstream.release()
+            else:
+                upstream.close()
+
+    async def _send(self, method: str, url: URL, headers: CIMultiDict[str],
+                    data: Any, body: RequestBody | None) -> aiohttp.ClientResponse:
+        """One upstream request up to its response headers; foreign errors end here."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False,
+                )
+        except TimeoutError:
+            raise _ProxyAnswer(504, "gateway_timeout",
+                               "the target sent no response headers in time") from None
+        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+            if body is not None and body.too_large:
+                raise _ProxyAnswer(
+                    413, "payload_too_large",
+                    f"request body above {self._config.max_request_bytes} bytes", close=True,
+                ) from None
+            raise _ProxyAnswer(502, "bad_gateway",
+                               f"the target could not be reached ({type(exc).__name__})"
+                               ) from None
+
+    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
+                        body: RequestBody | None, credential: Credential | None,
+                        exchange: Exchange) -> aiohttp.ClientResponse:
+        """Send, following same-origin redirects and one refresh-and-replay."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        data: Any = body.stream() if body is not None else None
+        redirects = 0
+        replayed = False
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            while True:
+                upstream = await self._send(method, url, headers, data, body)
+                status = upstream.status
+                nxt = (redirect_target(status, upstream.headers.get(hdrs.LOCATION), url,
+                                       self._origin_url)
+                       if status in REDIRECT_STATUSES and redirects < MAX_REDIRECTS else None)
+                if nxt is not None:
+                    new_method, keep_body = redirect_method(status, method)
+                    replay: bytes | None = None
+                    if keep_body and body is not None:
+                        replay = await body.replay()
+                        if replay is None:
+                            break  # too large to send again: the client gets the redirect
+                    upstream.release()
+                    if not keep_body and body is not None:
+                        headers = headers.copy()
+                        for name in _BODY_HEADERS:
+                            headers.popall(name, None)
+                        body.drop()
+                        body = None
+                    method, url, data = new_method, nxt, replay
+                    redirects += 1
+                    continue
+                source = self._credentials
+                if status == 401 and source is not None and credential is not None and not replayed:
+                    fresh = await source.after_unauthorized(credential)
+                    if source.can_refresh and fresh is not None:
+                        replay = await body.replay() if body is not None else None
+                        if body is None or replay is not None:
+                            upstream.release()
+                            credential = fresh
+                            headers = headers.copy()
+                            headers[hdrs.AUTHORIZATION] = fresh.authorization
+                            data = replay
+                            replayed = True
+                            continue
+                break
+        except BaseException:
+            if upstream is not None:
+                upstream.close()  # a redirect/replay step failed: free the connection
+            raise
+        if body is not None:
+            body.drop()
+        exchange.credential = credential
+        exchange.upstream_seconds = loop.time() - started
+        return upstream
+
+    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse,
+                     exchange: Exchange, progress: _Progress) -> web.StreamResponse:
+        """Stream the target's answer to the client, chunk by chunk as it arrives."""
+        status = upstream.status
+        progress.upstream_status = status
+        exchange.status = status
+        exchange.upstream_headers = upstream.headers
+        content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
+        exchange.sse = content_type.startswith("text/event-stream")
+        self._respond(exchange)
+        headers = response_headers(upstream.headers)
+        rewriter = None
+        if exchange.sse and request.method == hdrs.METH_GET:
+            rewriter = EndpointRewriter(self._origin_url, f"http://{request.host}")
+            headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
+        response = _TransparentResponse(status, upstream.reason, headers)
+        await response.prepare(request)
+        content = upstream.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                # The target died mid-stream: drop the client's connection without the
+                # last chunk, so it sees an error rather than a clean (truncated) end.
+                request.protocol.force_close()
+                return response
+            if not chunk:
+                break
+            if rewriter is not None:
+                chunk = rewriter.feed(chunk)
+                if rewriter.passthrough:
+                    rewriter = None  # nothing left to look at: the plain path from here on
+                if not chunk:
+                    continue
+            await response.write(chunk)
+            progress.bytes_out += len(chunk)
+        if rewriter is not None:
+            tail = rewriter.flush()
+            if tail:
+                await response.write(tail)
+                progress.bytes_out += len(tail)
+        await response.write_eof()
+        return response
+
+    # Observers are sync and cheap, but never trusted to not raise.
+    def _respond(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            try:
+                observer.on_response(exchange)
+            except Exception:
+                self._log.exception("observer_failed", observer=type(observer).__name__)
+
+    def _complete(self, exchange: Exchange, duration: float, progress: _Progress) -> None:
+        for observer in self._observers:
+            try:
+                observer.on_complete(exchange, duration, progress.bytes_out)
+            except Exception:
+                self._log.exception("observer_failed", observer=type(observer).__name__)

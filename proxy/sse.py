@@ -1,0 +1,173 @@
+"""Rewriting the legacy HTTP+SSE transport's `endpoint` event so clients post back via us.
+
+The legacy MCP transport opens with `event: endpoint` whose data is the URL the client
+must POST its messages to. A relative URL already resolves against the proxy; an
+absolute one on the target's origin would send the client (and its traffic) straight
+to the target, so it is moved to the proxy's origin. Everything else in the stream
+passes byte for byte. The rewriter only looks at the first few events, then becomes a
+pass-through, so a long Streamable-HTTP stream costs nothing. It must never buffer more
+than the event it is looking at, nor limit the length of a line.
+"""
+
+from __future__ import annotations
+
+from yarl import URL
+
+ENDPOINT_EVENT = b"endpoint"
+# After this many events without an `endpoint` event none is coming (it is the first
+# thing a legacy server sends); stop parsing.
+MAX_EVENTS_INSPECTED = 4
+
+
+def rewrite_endpoint_url(value: str, target_origin: URL, proxy_origin: str) -> str:
+    """The endpoint URL a client should use: absolute URLs on the target move to us.
+
+    Relative URLs (`/messages?session_id=1`, `messages`) are returned unchanged: the
+    client resolves them against the proxy URL it connected to. URLs on any other origin
+    are left alone too: they are not the target's to rewrite.
+    """
+    stripped = value.strip()
+    if not stripped.startswith("//") and "://" not in stripped[:16]:
+        return value
+    try:
+        url = URL(stripped, encoded=True)
+        if not url.absolute:
+            url = URL(f"{target_origin.scheme}:{stripped}", encoded=True)
+        same = url.origin() == target_origin
+    except ValueError:
+        return value
+    if not same:
+        return value
+    rest = url.raw_path_qs
+    if url.raw_fragment:
+        rest += "#" + url.raw_fragment
+    return proxy_origin + rest
+
+
+def _line_end(buf: bytearray, start: int) -> tuple[int, int] | None:
+    """(end of line, start of next line) for the first line from `start`, if complete."""
+    lf = buf.find(b"\n", start)
+    cr = buf.find(b"\r", start, lf if lf >= 0 else len(buf))
+    if cr >= 0:
+        if cr + 1 == len(buf):
+            return None  # a lone CR at the end may be half of a CRLF
+        return cr, cr + 2 if buf[cr + 1] == 0x0A else cr + 1
+    if lf >= 0:
+        return lf, lf + 1
+    return None
+
+
+class EndpointRewriter:
+    """A streaming transformer: `feed` each chunk, send what it returns, `flush` at the end."""
+
+    __slots__ = ("_buf", "_event_start", "_events", "_passthrough", "_proxy_origin",
+                 "_target_origin")
+
+    def __init__(self, target_origin: URL, proxy_origin: str) -> None:
+        self._target_origin = target_origin
+        self._proxy_origin = proxy_origin
+        self._buf = bytearray()
+        self._event_start = 0  # where the current (not yet ended) event begins in _buf
+        self._events = 0
+        self._passthrough = False
+
+    @property
+    def passthrough(self) -> bool:
+        """True once the rewriter has stopped looking: chunks now pass untouched."""
+        return self._passthrough
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._passthrough:
+            return chunk
+        buf = self._buf
+        buf += chunk
+        out = bytearray()
+        pos = self._event_start
+        while not self._passthrough:
+            found = _line_end(buf, pos)
+            if found is None:
+                break
+            end, nxt = found
+            if end == pos:  # a blank line: the event is complete
+                out += self._finish_event(bytes(buf[self._event_start:nxt]),
+                                          end - self._event_start)
+                self._event_start = nxt
+            pos = nxt
+        if self._passthrough:
+            out += buf[self._event_start:]
+            self._buf = bytearray()
+            self._event_start = 0
+        elif self._event_start:
+            del buf[: self._event_start]
+            self._event_start = 0
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """Whatever is still held (an unterminated last event), unchanged."""
+        rest = bytes(self._buf)
+        self._buf = bytearray()
+        self._passthrough = True
+        return rest
+
+    def _finish_event(self, raw: bytes, body_len: int) -> bytes:
+        """`raw` is one event including its blank line; its field lines are raw[:body_len]."""
+        self._events += 1
+        body = raw[:body_len]
+        if self._is_endpoint(body):
+            self._passthrough = True
+            return self._rewrite(body) + raw[body_len:]
+        if self._events >= MAX_EVENTS_INSPECTED:
+            self._passthrough = True
+        return raw
+
+    @staticmethod
+    def _lines(body: bytes) -> list[bytes]:
+        """Field lines with their terminators, in order."""
+        lines: list[bytes] = []
+        buf = bytearray(body)
+        pos = 0
+        while pos < len(buf):
+            found = _line_end(buf, pos)
+            nxt = len(buf) if found is None else found[1]
+            if found is None and buf.endswith(b"\r"):
+                nxt = len(buf)
+            lines.append(bytes(buf[pos:nxt]))
+            pos = nxt
+        return lines
+
+    @staticmethod
+    def _field(line: bytes) -> tuple[bytes, bytes, bytes]:
+        """(name, value, terminator) of one field line per the SSE grammar."""
+        content = line.rstrip(b"\r\n")
+        term = line[len(content):]
+        name, sep, value = content.partition(b":")
+        if sep and value.startswith(b" "):
+            value = value[1:]
+        return name, value, term
+
+    def _is_endpoint(self, body: bytes) -> bool:
+        if ENDPOINT_EVENT not in body:
+            return False
+        kind = b"message"
+        for line in self._lines(body):
+            name, value, _ = self._field(line)
+            if name == b"event":
+                kind = value
+        return kind == ENDPOINT_EVENT
+
+    def _rewrite(self, body: bytes) -> bytes:
+        lines = self._lines(body)
+        data_at = [i for i, line in enumerate(lines) if self._field(line)[0] == b"data"]
+        if len(data_at) != 1:
+            return body  # not the one-line URL the legacy transport sends: leave it be
+        i = data_at[0]
+        _, value, term = self._field(lines[i])
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return body
+        new = rewrite_endpoint_url(text, self._target_origin, self._proxy_origin)
+        if new == text:
+            return body
+        lines[i] = b"data: " + new.encode("utf-8") + term
+        return b"".join(lines)
