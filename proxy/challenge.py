@@ -156,8 +156,7 @@ def _parse_one(text: str, out: list[Challenge]) -> None:
             return
         scheme = scan.take(_TCHAR)
         if not scheme:
-            scan.pos += 1  # not a scheme: drop this element
-            scan.skip_element()
+            scan.skip_element()  # not a scheme: drop this element (always moves on)
             continue
         if scan.peek() not in _WS and not scan.done and scan.peek() != ",":
             scan.skip_element()  # e.g. `Bearer=x`: no scheme can be read here
