@@ -1,0 +1,147 @@
+"""Prometheus metrics: what a scrape shows after the other parts report to `Metrics`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.health import ProbeOutcome, ProbeResult
+from proxy.metrics import Metrics, RefreshOutcome, method_label, status_class
+from proxy.observe import Exchange
+from proxy.status import WorkloadStatus
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    """Parse the text exposition the way a Prometheus server would."""
+    text = metrics.render().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def _exchange(method: str = "POST", status: int = 200, *, probe: bool = False,
+              upstream: float | None = 0.02) -> Exchange:
+    return Exchange(method=method, path="/mcp", on_mcp_path=True, status=status,
+                    upstream_seconds=upstream, probe=probe)
+
+
+@pytest.mark.parametrize(
+    ("status", "label"),
+    [(100, "1xx"), (200, "2xx"), (204, "2xx"), (302, "3xx"), (401, "4xx"), (499, "4xx"),
+     (502, "5xx"), (599, "5xx"), (0, "other"), (99, "other"), (600, "other")],
+)
+def test_status_class(status: int, label: str) -> None:
+    """Requests are grouped by status class, and odd codes cannot grow the label set."""
+    assert status_class(status) == label
+
+
+def test_method_label_is_bounded() -> None:
+    """A client inventing HTTP methods cannot grow the metrics without bound."""
+    assert method_label("POST") == "POST"
+    assert method_label("BREW") == "other"
+    assert method_label("post") == "other"
+
+
+def test_scrape_shows_every_family() -> None:
+    """A scrape after each kind of report shows it under an mcp_authproxy_ name."""
+    m = Metrics()
+    for exchange in (_exchange("POST", 200), _exchange("POST", 202), _exchange("GET", 401),
+                     _exchange("BREW", 503), _exchange("DELETE", 0, upstream=None)):
+        m.on_response(exchange)
+        m.on_complete(exchange, duration=0.1, bytes_out=10)
+    m.probe(ProbeResult(ProbeOutcome.REACHABLE, 200, "the target answered 200", notify=True))
+    m.probe(ProbeResult(ProbeOutcome.TIMEOUT, None, "no answer", notify=False))
+    m.probe(ProbeResult(ProbeOutcome.TIMEOUT, None, "no answer", notify=False))
+    m.episode_opened()
+    m.auth_answer(401, "invalid_token")
+    m.auth_answer(401, None)
+    m.auth_answer(403, "insufficient_scope")
+    m.auth_answer(401, "made_up_by_target")
+    m.auth_answer(200, None)  # not an auth answer: ignored
+    m.token_refresh(RefreshOutcome.SUCCESS)
+    m.token_refresh("transient_error")
+    m.token_refresh("something new")
+    m.set_token_expiry(120.0)
+    m.set_status(WorkloadStatus.UNAUTHENTICATED)
+    m.stream_opened()
+    m.stream_opened()
+    m.stream_closed(3.5)
+
+    s = scrape(m)
+    assert value(s, "mcp_authproxy_requests_total", method="POST", code="2xx") == 2
+    assert value(s, "mcp_authproxy_requests_total", method="GET", code="4xx") == 1
+    assert value(s, "mcp_authproxy_requests_total", method="other", code="5xx") == 1
+    assert value(s, "mcp_authproxy_requests_total", method="DELETE", code="other") == 1
+    assert value(s, "mcp_authproxy_upstream_response_seconds_count") == 4
+    assert value(s, "mcp_authproxy_upstream_response_seconds_bucket", le="0.025") == 4
+    assert value(s, "mcp_authproxy_health_probes_total", result="reachable") == 1
+    assert value(s, "mcp_authproxy_health_probes_total", result="timeout") == 2
+    assert value(s, "mcp_authproxy_health_probes_total", result="unreachable") == 0
+    assert value(s, "mcp_authproxy_auth_episodes_total") == 1
+    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="invalid_token") == 1
+    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="none") == 1
+    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="other") == 1
+    assert value(s, "mcp_authproxy_auth_answers_total", status="403",
+                 error="insufficient_scope") == 1
+    assert value(s, "mcp_authproxy_token_refreshes_total", outcome="success") == 1
+    assert value(s, "mcp_authproxy_token_refreshes_total", outcome="transient_error") == 1
+    assert value(s, "mcp_authproxy_token_refreshes_total", outcome="other") == 1
+    assert 100 < value(s, "mcp_authproxy_token_expiry_seconds") <= 120
+    assert value(s, "mcp_authproxy_open_streams") == 1
+    assert value(s, "mcp_authproxy_stream_lifetime_seconds_count") == 1
+    assert value(s, "mcp_authproxy_stream_lifetime_seconds_sum") == 3.5
+    statuses = {dict(k[1])["status"]: v for k, v in s.items()
+                if k[0] == "mcp_authproxy_workload_status"}
+    assert statuses == {w.value: (1.0 if w is WorkloadStatus.UNAUTHENTICATED else 0.0)
+                        for w in WorkloadStatus}
+
+
+def test_status_gauge_moves() -> None:
+    """The workload status gauge shows exactly one status at a time as it changes."""
+    m = Metrics()
+    m.set_status(WorkloadStatus.RUNNING)
+    m.set_status(WorkloadStatus.UNHEALTHY)
+    s = scrape(m)
+    assert value(s, "mcp_authproxy_workload_status", status="unhealthy") == 1
+    assert value(s, "mcp_authproxy_workload_status", status="running") == 0
+
+
+def test_probes_are_not_client_requests() -> None:
+    """Health probes show in the probe counter only, not as client traffic."""
+    m = Metrics()
+    probe = _exchange(probe=True)
+    m.on_response(probe)
+    m.on_complete(probe, duration=0.1, bytes_out=0)
+    s = scrape(m)
+    assert value(s, "mcp_authproxy_requests_total", method="POST", code="2xx") == 0
+    assert value(s, "mcp_authproxy_upstream_response_seconds_count") == 0
+
+
+def test_token_expiry_unknown_is_nan() -> None:
+    """With no known expiry the gauge says NaN rather than a misleading number."""
+    m = Metrics()
+    assert math.isnan(value(scrape(m), "mcp_authproxy_token_expiry_seconds"))
+    m.set_token_expiry(30)
+    m.set_token_expiry(None)
+    assert math.isnan(value(scrape(m), "mcp_authproxy_token_expiry_seconds"))
+
+
+def test_registries_are_per_proxy() -> None:
+    """Two proxies in one process keep separate counts and never touch the global registry."""
+    a, b = Metrics(), Metrics()
+    a.episode_opened()
+    assert value(scrape(a), "mcp_authproxy_auth_episodes_total") == 1
+    assert value(scrape(b), "mcp_authproxy_auth_episodes_total") == 0
+    assert not any(m.name.startswith("mcp_authproxy") for m in REGISTRY.collect())
+    assert "mcp_authproxy_requests" in a.names()
