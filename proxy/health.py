@@ -82,8 +82,10 @@ class ProbeResult:
 class ConditionSink(Protocol):
     """Where a condition change goes (the workload); writes only on a change."""
 
-    def set_condition(self, kind: ConditionType, status: bool, reason: str, message: str) -> None:
-        ...
+    # Returns whatever the sink likes (the workload: its queued write); probes ignore it.
+    def set_condition(
+        self, kind: ConditionType, status: bool, reason: str, message: str
+    ) -> object: ...
 
 
 class ProbeRecorder(Protocol):
