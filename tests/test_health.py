@@ -26,7 +26,7 @@ from proxy.health import (
     classify_probe,
 )
 from proxy.observe import Exchange
-from proxy.status import ConditionType
+from proxy.status import ConditionType, Serving, Started, WorkloadStatus
 
 TOKEN = "s3cr3t-probe-token"
 WAIT = 5.0  # bound on every wait; the happy path takes milliseconds
@@ -455,3 +455,69 @@ async def test_observer_failure_does_not_stop_probing(
         await rig.recorder.wait_for(3)
     assert rig.sink.reachable_calls() == [True]
     assert any(e["event"] == "health_probe_observer_failed" for e in logs)
+
+
+async def test_probe_opens_and_ends_an_episode_with_the_real_monitor(
+    upstream: Upstream, session: aiohttp.ClientSession
+) -> None:
+    """A revoked token is noticed by probes alone, and a probe's 200 ends the episode again."""
+    from proxy.hooks import AuthMonitor, UnauthorizedEvent
+    from proxy.store import MemoryStore
+    from proxy.workload import Workload
+
+    config = _config(upstream.port)
+    workload = Workload(MemoryStore(config.workload))
+    await workload.claim(Started(pid=1, target_url="http://127.0.0.1/mcp"))
+    await workload.apply(Serving())
+    events: list[UnauthorizedEvent] = []
+
+    def on_unauthorized(event: UnauthorizedEvent) -> None:
+        events.append(event)
+
+    def status() -> WorkloadStatus:
+        return workload.record.status
+
+    monitor = AuthMonitor(workload, mcp_path=config.mcp_path, credentials_configured=True,
+                          current_version=lambda: 1, on_unauthorized=on_unauthorized)
+    prober = HealthProber(config, session=session, credentials=Credentials(),
+                          conditions=workload, observer=monitor)
+    upstream.status = 401
+    upstream.headers = {hdrs.WWW_AUTHENTICATE: 'Bearer error="invalid_token"'}
+    await prober.probe_once()
+    await prober.probe_once()
+    await monitor.flush()
+    assert status() is WorkloadStatus.UNAUTHENTICATED
+    assert [e.error for e in events] == ["invalid_token"]
+    upstream.status, upstream.headers = 200, {}
+    await prober.probe_once()
+    await monitor.flush()
+    assert status() is WorkloadStatus.RUNNING
+    reachable = workload.record.condition(ConditionType.REACHABLE)
+    assert reachable is not None and reachable.status
+
+
+async def test_tls_failure_is_a_failed_probe(make_rig: Callable[..., Rig]) -> None:
+    """An https target whose certificate the proxy does not trust counts as unreachable."""
+    import trustme
+
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/mcp", answer)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    port = int(runner.addresses[0][1])
+    try:
+        config = ProxyConfig(target_url=f"https://127.0.0.1:{port}/mcp", name="tls",
+                             health_timeout=2, health_failures=1)
+        rig = make_rig(config, Credentials())
+        result = await rig.prober.probe_once()
+    finally:
+        await runner.cleanup()
+    assert (result.outcome, result.detail) == (ProbeOutcome.UNREACHABLE, "the TLS handshake failed")
+    assert rig.sink.reachable_calls() == [False]
