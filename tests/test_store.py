@@ -181,7 +181,7 @@ async def test_claim_refuses_a_live_owner_and_leaves_its_file(tmp_path: Path) ->
         assert info.value.pid == owner.pid and str(owner.pid) in str(info.value)
         assert store.path.read_bytes() == before
     finally:
-        await asyncio.wait_for(owner.communicate(), 10)
+        await asyncio.wait_for(owner.communicate(b""), 10)
 
 
 async def test_claim_takes_over_from_a_dead_or_stopped_owner(tmp_path: Path) -> None:
