@@ -198,6 +198,10 @@ class ForwardingServer:
                 keepalive_timeout=config.keepalive_timeout,
                 lingering_time=LINGERING_TIME,
                 access_log=None,  # we log our own access event, with redaction
+                auto_decompress=False,  # a gzip upload is forwarded gzipped, as sent
+                # Large cookies and tokens are the target's to judge, not 8 KiB-capped here.
+                max_line_size=65536,
+                max_field_size=65536,
             )
             await self._listen(config.host, config.port)
         except BaseException:
