@@ -119,11 +119,12 @@ class SecretRead:
     signature: FileSignature | None
 
 
-def check_secret_text(raw: bytes) -> tuple[str | None, str]:
+def check_secret_text(raw: bytes, *, spaces: bool = False) -> tuple[str | None, str]:
     """Pure: the stripped secret in `raw`, or (None, failure reason).
 
-    The value ends up in a header (or a form field), so it must be one run of visible
-    ASCII characters: anything else would let a stray newline inject headers.
+    A bearer token ends up in a header, so it must be one run of visible ASCII
+    characters: anything else would let a stray newline inject headers. OAuth client
+    secrets and refresh tokens are VSCHAR (RFC 6749 Appendix A), spaces allowed.
     """
     try:
         text = raw.decode("ascii").strip()
@@ -131,18 +132,20 @@ def check_secret_text(raw: bytes) -> tuple[str | None, str]:
         return None, "TokenFileInvalid"
     if not text:
         return None, "TokenFileEmpty"
-    if not all(0x21 <= ord(c) <= 0x7E for c in text):
+    lowest = 0x20 if spaces else 0x21
+    if not all(lowest <= ord(c) <= 0x7E for c in text):
         return None, "TokenFileInvalid"
     return text, "TokenLoaded"
 
 
 _PROBLEMS = {
     "TokenFileEmpty": "is empty",
-    "TokenFileInvalid": "must hold one value of visible ASCII characters without spaces",
+    "TokenFileInvalid": "must hold one value of visible ASCII characters on one line",
 }
 
 
-def read_secret_file(path: Path, what: str = "token file") -> SecretRead:
+def read_secret_file(path: Path, what: str = "token file", *, spaces: bool = False
+                     ) -> SecretRead:
     """Read and check a secret file; every failure becomes a reason and a message."""
     signature = file_signature(path)
     try:
@@ -157,7 +160,7 @@ def read_secret_file(path: Path, what: str = "token file") -> SecretRead:
         )
     if len(raw) > _MAX_SECRET_BYTES:
         return SecretRead(None, "TokenFileInvalid", f"{what} {path} is too large", signature)
-    text, reason = check_secret_text(raw)
+    text, reason = check_secret_text(raw, spaces=spaces)
     if text is None:
         return SecretRead(None, reason, f"{what} {path} {_PROBLEMS[reason]}", signature)
     return SecretRead(text, reason, f"{what} {path} loaded", signature)

@@ -58,6 +58,7 @@ from .credentials import (
     FileWatch,
     _cancel,
     _ReportOnChange,
+    file_signature,
     read_secret_file,
     warn_if_shared,
 )
@@ -166,8 +167,12 @@ def parse_token_response(body: bytes | None) -> TokenResponse | None:
     lifetime = float(expires_in) if isinstance(expires_in, int | float) and not isinstance(
         expires_in, bool) and expires_in >= 0 else None
     refresh = obj.get("refresh_token")
-    refresh = refresh.strip() if isinstance(refresh, str) and _is_header_safe(
-        refresh.strip()) else None
+    if isinstance(refresh, str):  # VSCHAR (RFC 6749 Appendix A): spaces allowed
+        refresh = refresh.strip()
+        if not refresh or not all(0x20 <= ord(c) <= 0x7E for c in refresh):
+            refresh = None
+    else:
+        refresh = None
     return TokenResponse(token, lifetime, refresh)
 
 
@@ -584,7 +589,7 @@ class OAuthSource:
             return
         for watch in self._watches:
             if watch.path == self._refresh_path:
-                watch.mark(read_secret_file(self._refresh_path).signature)
+                watch.mark(file_signature(self._refresh_path))
 
     def _failed(self, failure: TokenFailure, now: float) -> None:
         self._last_ok = False
@@ -656,7 +661,7 @@ class OAuthSource:
                 continue
             what = "client secret file" if watch.path == self._secret_path else (
                 "refresh token file")
-            result = read_secret_file(watch.path, what)
+            result = read_secret_file(watch.path, what, spaces=True)
             watch.mark(result.signature)
             if watch.path not in self._warned and warn_if_shared(
                     watch.path, result.signature, what):
