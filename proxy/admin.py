@@ -19,12 +19,23 @@ from aiohttp import hdrs, web
 from .config import ProxyConfig
 from .log import get_logger
 from .metrics import CONTENT_TYPE, Metrics
+from .status import WorkloadStatus
 
 _NO_STORE = {hdrs.CACHE_CONTROL: "no-store"}
 
 
 def _json(data: dict[str, Any], status: int = 200) -> web.Response:
     return web.json_response(data, status=status, headers=_NO_STORE)
+
+
+def _refresh_status(metrics: Metrics, status: Callable[[], dict[str, Any]]) -> None:
+    # The status changes in the status file, not through Metrics: read it at scrape time
+    # so the gauge is never stale, whoever changed it (this process or another).
+    try:
+        current = WorkloadStatus(str(status().get("status")))
+    except (ValueError, TypeError, AttributeError):
+        return
+    metrics.set_status(current)
 
 
 def build_app(
@@ -45,6 +56,7 @@ def build_app(
         return _json(status())
 
     async def metrics_view(_request: web.Request) -> web.Response:
+        _refresh_status(metrics, status)
         return web.Response(body=metrics.render(),
                             headers={hdrs.CONTENT_TYPE: CONTENT_TYPE, **_NO_STORE})
 

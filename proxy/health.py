@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 
+from .challenge import bearer_error
 from .config import ProxyConfig
 from .credentials import Credential, CredentialSource
 from .errors import CredentialUnavailable
@@ -45,7 +46,7 @@ PROBE_HEADERS: Mapping[str, str] = {
 # a probe never waits for, or keeps, more than this.
 BODY_LIMIT = 4096
 
-_ERROR_PARAM = re.compile(r'(?i)\berror\s*=\s*"?([A-Za-z0-9_.-]{1,64})')
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class ProbeOutcome(StrEnum):
@@ -95,13 +96,12 @@ class ProbeRecorder(Protocol):
 
 
 def _error_code(headers: Mapping[str, str] | None) -> str | None:
-    if not headers:
-        return None
-    challenge = headers.get(hdrs.WWW_AUTHENTICATE)
+    challenge = headers.get(hdrs.WWW_AUTHENTICATE) if headers else None
     if not challenge:
         return None
-    match = _ERROR_PARAM.search(challenge)
-    return match.group(1) if match else None
+    code = bearer_error(challenge).error
+    # Only a plain token goes into a message: the target's text is not ours to echo.
+    return code if code and _TOKEN.fullmatch(code) else None
 
 
 def describe_error(error: BaseException) -> tuple[ProbeOutcome, str]:

@@ -23,6 +23,7 @@ from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from .challenge import bearer_error
 from .observe import Exchange
 from .status import WorkloadStatus
 
@@ -137,16 +138,31 @@ class Metrics:
 
     # --- ForwardObserver -----------------------------------------------------------
 
+    # Registered as a forward observer, Metrics counts auth answers and SSE streams from
+    # the exchanges themselves: the forwarding path then needs no metrics calls of its
+    # own (and must not also call `auth_answer` / `stream_*` for the same answers).
+
     def on_response(self, exchange: Exchange) -> None:
+        headers = exchange.upstream_headers
+        if headers is None:
+            return  # the proxy's own answer: counted as a request in on_complete
+        if exchange.status in (401, 403):
+            values = headers.getall(hdrs.WWW_AUTHENTICATE, [])
+            self.auth_answer(exchange.status, bearer_error(values).error if values else None)
         # Probes are counted by `probe`; their timings would blur the clients'.
-        if exchange.probe or exchange.upstream_seconds is None:
+        if exchange.probe:
             return
-        self._upstream.observe(exchange.upstream_seconds)
+        if exchange.upstream_seconds is not None:
+            self._upstream.observe(exchange.upstream_seconds)
+        if exchange.sse:
+            self.stream_opened()
 
     def on_complete(self, exchange: Exchange, duration: float, bytes_out: int) -> None:
         if exchange.probe:
             return
         self._request_children[method_label(exchange.method), status_class(exchange.status)].inc()
+        if exchange.sse and exchange.upstream_headers is not None:
+            self.stream_closed(duration)
 
     # --- called by the other parts -------------------------------------------------
 

@@ -115,6 +115,17 @@ async def test_metrics_scrape(admin: tuple[AdminServer, State, Metrics, list[Any
     assert samples[("mcp_authproxy_workload_status", (("status", "running"),))] == 1
 
 
+async def test_metrics_status_follows_the_status_record(
+    admin: tuple[AdminServer, State, Metrics, list[Any]],
+) -> None:
+    """The workload-status gauge shows the status the record holds at scrape time."""
+    server, state, _, _ = admin
+    state.record = {"name": "demo", "status": "unauthenticated"}
+    body = (await _get(server.url + "/metrics"))[2]
+    assert 'mcp_authproxy_workload_status{status="unauthenticated"} 1.0' in body
+    assert 'mcp_authproxy_workload_status{status="running"} 0.0' in body
+
+
 async def test_unknown_paths_are_404(admin: tuple[AdminServer, State, Metrics, list[Any]]) -> None:
     """The admin port serves only its own four paths."""
     server, _, _, _ = admin

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,9 +33,12 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 def _exchange(method: str = "POST", status: int = 200, *, probe: bool = False,
-              upstream: float | None = 0.02) -> Exchange:
+              upstream: float | None = 0.02, sse: bool = False,
+              headers: dict[str, str] | None = None) -> Exchange:
+    """An exchange the target answered (`upstream=None`: the proxy answered itself)."""
+    answered = CIMultiDictProxy(CIMultiDict(headers or {})) if upstream is not None else None
     return Exchange(method=method, path="/mcp", on_mcp_path=True, status=status,
-                    upstream_seconds=upstream, probe=probe)
+                    upstream_headers=answered, upstream_seconds=upstream, probe=probe, sse=sse)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +95,8 @@ def test_scrape_shows_every_family() -> None:
     assert value(s, "mcp_authproxy_health_probes_total", result="unreachable") == 0
     assert value(s, "mcp_authproxy_auth_episodes_total") == 1
     assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="invalid_token") == 1
-    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="none") == 1
+    # One from auth_answer(401, None), one from the observed GET answered 401.
+    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="none") == 2
     assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="other") == 1
     assert value(s, "mcp_authproxy_auth_answers_total", status="403",
                  error="insufficient_scope") == 1
@@ -145,3 +151,26 @@ def test_registries_are_per_proxy() -> None:
     assert value(scrape(b), "mcp_authproxy_auth_episodes_total") == 0
     assert not any(m.name.startswith("mcp_authproxy") for m in REGISTRY.collect())
     assert "mcp_authproxy_requests" in a.names()
+
+
+def test_observed_exchanges_count_auth_answers_and_streams() -> None:
+    """Registered as an observer, Metrics counts 401/403s and SSE streams on its own."""
+    m = Metrics()
+    challenge: dict[str, str] = {hdrs.WWW_AUTHENTICATE: 'Bearer realm="x", error="invalid_token"'}
+    unauthorized = _exchange("POST", 401, headers=challenge)
+    probe_401 = _exchange("POST", 401, headers=challenge, probe=True)
+    stream = _exchange("GET", 200, sse=True)
+    own_503 = _exchange("POST", 503, upstream=None)
+    for ex in (unauthorized, probe_401, stream, own_503):
+        m.on_response(ex)
+    s = scrape(m)
+    assert value(s, "mcp_authproxy_auth_answers_total", status="401", error="invalid_token") == 2
+    assert value(s, "mcp_authproxy_open_streams") == 1
+    for ex in (unauthorized, probe_401, stream, own_503):
+        m.on_complete(ex, duration=42.0, bytes_out=100)
+    s = scrape(m)
+    assert value(s, "mcp_authproxy_open_streams") == 0
+    assert value(s, "mcp_authproxy_stream_lifetime_seconds_sum") == 42.0
+    assert value(s, "mcp_authproxy_requests_total", method="POST", code="4xx") == 1
+    assert value(s, "mcp_authproxy_requests_total", method="POST", code="5xx") == 1
+    assert value(s, "mcp_authproxy_requests_total", method="GET", code="2xx") == 1
