@@ -134,6 +134,7 @@ class Metrics:
         self._refresh_children = {o.value: self._refreshes.labels(o.value) for o in RefreshOutcome}
         self._status_children = {s: self._status.labels(s.value) for s in WorkloadStatus}
         self._expires_at: float | None = None
+        self._streams: set[int] = set()  # id() of exchanges whose SSE stream is open
         self._expiry.set_function(self._seconds_to_expiry)
 
     # --- ForwardObserver -----------------------------------------------------------
@@ -155,13 +156,16 @@ class Metrics:
         if exchange.upstream_seconds is not None:
             self._upstream.observe(exchange.upstream_seconds)
         if exchange.sse:
+            self._streams.add(id(exchange))
             self.stream_opened()
 
     def on_complete(self, exchange: Exchange, duration: float, bytes_out: int) -> None:
         if exchange.probe:
             return
         self._request_children[method_label(exchange.method), status_class(exchange.status)].inc()
-        if exchange.sse and exchange.upstream_headers is not None:
+        # Only a stream this observer saw open is closed: the gauge can never drift.
+        if exchange.sse and id(exchange) in self._streams:
+            self._streams.discard(id(exchange))
             self.stream_closed(duration)
 
     # --- called by the other parts -------------------------------------------------
