@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 Transport = Literal["streamable", "sse"]
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0
 # The token the SDK client's own `Authorization` header would carry, were it to send one.
 REVOKED_DESCRIPTION = "The access token was revoked"
 
@@ -289,16 +290,22 @@ async def connect(
     url: str, *, transport: Transport = "streamable", token: str | None = None,
     mode: str = "legacy",
 ) -> AsyncIterator[Client]:
-    """The SDK client connected to `url`, sending `token` itself when given."""
+    """The SDK client connected to `url`, sending `token` itself when given.
+
+    Connecting is bounded: the SDK's SSE client hangs instead of raising when it
+    refuses the `endpoint` event (it blocks handing the error to a reader that does not
+    exist yet), and a test must fail rather than wait out the suite's timeout.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    if transport == "sse":
-        async with Client(sse_client(url, headers=headers), mode=mode) as client:
-            yield client
-        return
-    async with (
-        create_mcp_http_client(headers=headers) as http,
-        Client(streamable_http_client(url, http_client=http), mode=mode) as client,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        client: Client
+        if transport == "sse":
+            client = Client(sse_client(url, headers=headers), mode=mode)
+        else:
+            http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+            client = Client(streamable_http_client(url, http_client=http), mode=mode)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            await stack.enter_async_context(client)
         yield client
 
 
