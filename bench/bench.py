@@ -82,6 +82,7 @@ class Procs:
 
     logs: Path
     started: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # every PID ever started, for the record
 
     def start(self, name: str, argv: Sequence[str], cpus: set[int] | None,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -90,6 +91,7 @@ class Procs:
                 list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
                 env=env, start_new_session=True, preexec_fn=pin_to(cpus))
         self.started.append((name, proc))
+        self.pids.append(proc.pid)
         return proc
 
     def stop_all(self) -> None:
@@ -398,8 +400,10 @@ def start_proxy(procs: Procs, cpus: set[int] | None, upstream: str,
     argv = [*proxy_command(), "run", "--target-url", f"{upstream}/mcp", "--port", str(port),
             "--health-interval", "0", "--bearer-token-env", "BENCH_TOKEN",
             "--log-level", "warning", "--state-dir", str(state_dir)]
-    # A fresh random token per run: nothing secret, and it never appears in any output.
-    env = dict(os.environ, BENCH_TOKEN=secrets.token_urlsafe(24))
+    # A fresh random token per run unless a test supplies one to look for in the output;
+    # either way it never appears there.
+    token = os.environ.get("MCP_AUTHPROXY_BENCH_TOKEN") or secrets.token_urlsafe(24)
+    env = dict(os.environ, BENCH_TOKEN=token)
     proc = procs.start("proxy", argv, cpus, env=env)
     assert proc.stdout is not None
     url = read_line(proc.stdout, proc, 30)
@@ -608,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(targets) < 2:
         targets.append(Target("proxy", "-", errors=["did not start (see stderr)"]))
     meta = run_meta(mode, settings, started, pin, wrk, proxy_argv)
+    meta["pids"] = procs.pids
     report = render(targets, meta)
     write_results(args.out, report, meta, targets, proxy_log)
     print()
