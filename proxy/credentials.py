@@ -202,19 +202,19 @@ def warn_if_shared(path: Path, signature: FileSignature | None, what: str) -> bo
 
 
 class _ReportOnChange:
-    """Calls the reporter only when availability or reason changes, never per request."""
+    """Calls the reporter only when what it would say changes, never per request."""
 
     def __init__(self) -> None:
         self._report: CredentialReporter | None = None
-        self._last: tuple[bool, str] | None = None
+        self._last: tuple[bool, str, str] | None = None
 
     def attach(self, report: CredentialReporter) -> None:
         self._report = report
 
     def __call__(self, available: bool, reason: str, message: str, permanent: bool) -> None:
-        if self._last == (available, reason) or self._report is None:
+        if self._last == (available, reason, message) or self._report is None:
             return
-        self._last = (available, reason)
+        self._last = (available, reason, message)
         self._report(available, reason, message, permanent)
 
 

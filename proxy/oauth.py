@@ -73,6 +73,7 @@ RETRY_AFTER_MAX = 3600.0  # a server's Retry-After is honoured up to this
 REQUEST_TIMEOUT = 30.0  # whole token request, connect to last byte
 REFRESH_SKEW_MAX = 30.0  # refresh this long before expiry at most ...
 REFRESH_SKEW_RATIO = 0.1  # ... or this share of the lifetime, whichever is shorter
+MIN_REFRESH_DELAY = 1.0  # never refresh ahead more often than this (expires_in: 0 exists)
 MAX_TOKEN_RESPONSE = 256 * 1024
 
 TRANSIENT_ERROR_CODES = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
@@ -326,6 +327,7 @@ class OAuthSource:
         backoff_cap: float = BACKOFF_CAP,
         slow_backoff_cap: float = SLOW_BACKOFF_CAP,
         request_timeout: float = REQUEST_TIMEOUT,
+        min_refresh_delay: float = MIN_REFRESH_DELAY,
         watch_interval: float = WATCH_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -342,6 +344,7 @@ class OAuthSource:
             lambda: _default_session(config, request_timeout))
         self._backoff = (backoff_base, backoff_cap, slow_backoff_cap)
         self._request_timeout = request_timeout
+        self._min_refresh_delay = min_refresh_delay
         self._watch_interval = watch_interval
         self._clock = clock
         self._rand = rand
@@ -570,7 +573,8 @@ class OAuthSource:
         self._rejected = None
         if answer.expires_in is not None:
             self._expires_at = now + answer.expires_in
-            self._refresh_at = self._expires_at - refresh_skew(answer.expires_in)
+            ahead = answer.expires_in - refresh_skew(answer.expires_in)
+            self._refresh_at = now + max(ahead, self._min_refresh_delay)
         else:
             self._expires_at = self._refresh_at = None  # refreshed on a 401 only
         self._reset_failures()

@@ -158,6 +158,7 @@ async def make_source(tmp_path: Path) -> AsyncIterator[Callable[..., OAuthSource
                           oauth_scopes=scopes, state_dir=tmp_path / "state", **files, **config)
         knobs: dict[str, Any] = {"backoff_base": 0.01, "backoff_cap": 0.05,
                                  "slow_backoff_cap": 0.1, "request_timeout": 0.5,
+                                 "min_refresh_delay": 0.05,
                                  "watch_interval": 0.02}
         knobs.update(tunables or {})
         source = OAuthSource(cfg, **knobs)
@@ -540,6 +541,7 @@ async def test_untrusted_certificate_is_permanent_and_ca_file_fixes_it(
         await untrusted.start(reports)
         refused = await reports.wait_for(lambda r: not r[0])
         assert refused[1] == "TokenRefreshFailed" and refused[3] is True
+        assert "TLS certificate" in refused[2]
         trusted = make_source(url, ca_file=ca_file)
         await trusted.start(Reports())
         assert (await trusted.get()).authorization == "Bearer tls-access"
