@@ -242,5 +242,4 @@ class ForwardingServer:
         self._listeners.clear()
         self._server = None
         if self._session is not None:
-            await self._session.close()
-            self._session = None
+            await self._session.close()  # kept (closed) so late readers see `.closed`
