@@ -29,10 +29,10 @@ def rewrite_endpoint_url(value: str, target_origin: URL, proxy_origin: str) -> s
     stripped = value.strip()
     if not stripped.startswith("//") and "://" not in stripped[:16]:
         return value
+    if stripped.startswith("//"):  # scheme-relative: the stream's scheme is the target's
+        stripped = f"{target_origin.scheme}:{stripped}"
     try:
         url = URL(stripped, encoded=True)
-        if not url.absolute:
-            url = URL(f"{target_origin.scheme}:{stripped}", encoded=True)
         same = url.origin() == target_origin
     except ValueError:
         return value
