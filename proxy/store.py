@@ -31,6 +31,7 @@ from .log import get_logger
 
 MAX_FILE_BYTES = 1024 * 1024  # a status file is a few hundred bytes; more is foreign
 LOCK_TIMEOUT = 10.0  # seconds; a holder only ever does one small read and write
+LOCK_POLL = 0.002  # filelock polls a held lock; writes take ~1 ms, so poll at that pace
 _ENDED = (st.Lifecycle.STOPPED, st.Lifecycle.FAILED)
 
 
@@ -185,7 +186,8 @@ class FileStore:
         """The cross-process lock; OSError and lock timeouts become StateError."""
         try:
             self._ensure_directory()
-            lock = filelock.FileLock(self.lock_path, timeout=LOCK_TIMEOUT, mode=0o600)
+            lock = filelock.FileLock(self.lock_path, timeout=LOCK_TIMEOUT, mode=0o600,
+                                     poll_interval=LOCK_POLL)
             lock.acquire()
         except filelock.Timeout as exc:
             raise StateError(f"status file {self.path} stayed locked for "
