@@ -18,7 +18,13 @@ import structlog
 from aiohttp import web
 from mcp.shared.exceptions import MCPError
 
-from proxy import AuthProxy, ProxyConfig, UnauthorizedEvent, WorkloadStatus
+from proxy import (
+    AuthProxy,
+    ProxyConfig,
+    ReauthorizedEvent,
+    UnauthorizedEvent,
+    WorkloadStatus,
+)
 
 from .conftest import (
     REVOKED_DESCRIPTION,
@@ -171,7 +177,11 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
     events: list[UnauthorizedEvent] = []
     called = asyncio.Event()
 
+    status_at_callback: list[str] = []
+
     async def on_unauthorized(event: UnauthorizedEvent) -> None:
+        # The contract: the callback runs only once the status file already says so.
+        status_at_callback.append(status_file(tmp_path, "revoked")["status"])
         events.append(event)
         called.set()
 
@@ -204,6 +214,10 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
             assert FILE_TOKEN not in status_text
 
     assert len(events) == 1, events
+    assert status_at_callback == ["unauthenticated"]
+    rejected_posts = [r for r in upstream.gate.rejected if r.method == "POST"]
+    assert len(rejected_posts) >= 4
+    assert all(r.authorization == f"Bearer {FILE_TOKEN}" for r in rejected_posts)
     event = events[0]
     assert event.status_code == 401
     assert event.error == "invalid_token"
@@ -216,6 +230,67 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
     assert warnings[0]["log_level"] == "warning"
     assert FILE_TOKEN not in repr(logs)
     assert FILE_TOKEN not in (tmp_path / "workloads" / "revoked.json").read_text()
+
+
+async def test_restored_token_file_ends_the_episode(
+    mcp_upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    """After a revocation, writing a new token to the token file lets the same SDK session
+    carry on, the workload returns to `running` and the reauthorized callback fires once."""
+    upstream = await mcp_upstream("streamable", FILE_TOKEN)
+    token_file = write_secret(tmp_path / "token", FILE_TOKEN)
+    config = _config(upstream.url, tmp_path, "restored", bearer_token_file=token_file)
+    unauthorized: list[UnauthorizedEvent] = []
+    reauthorized: list[ReauthorizedEvent] = []
+    opened, closed = asyncio.Event(), asyncio.Event()
+
+    def on_unauthorized(event: UnauthorizedEvent) -> None:
+        unauthorized.append(event)
+        opened.set()
+
+    def on_reauthorized(event: ReauthorizedEvent) -> None:
+        reauthorized.append(event)
+        closed.set()
+
+    new_token = "the-rotated-token-with-another-length"
+    async with (
+        AuthProxy(
+            config, on_unauthorized=on_unauthorized, on_reauthorized=on_reauthorized
+        ) as running,
+        connect(running.url) as client,
+    ):
+        await asyncio.wait_for(client.call_tool("echo", {"text": "before"}), WAIT)
+        upstream.gate.accept_only(new_token)
+        await _expect_mcp_error(client.call_tool("echo", {"text": "revoked"}))
+        await asyncio.wait_for(opened.wait(), WAIT)
+        await asyncio.wait_for(running.monitor.flush(), WAIT)
+        assert running.status.status == WorkloadStatus.UNAUTHENTICATED
+        # A runner saying "running" changes nothing while the episode is open.
+        assert (await running.set_running()).status == WorkloadStatus.UNAUTHENTICATED
+
+        write_secret(token_file, new_token)
+        # The file is re-read within a second or on the next 401 (the contract), and a
+        # bearer file cannot be replayed: so the first call may still fail, the second not.
+        result = None
+        for _attempt in range(2):
+            try:
+                result = await asyncio.wait_for(
+                    client.call_tool("echo", {"text": "after"}), WAIT
+                )
+                break
+            except MCPError:
+                continue
+        assert result is not None and text_of(result) == "echo: after"
+        await asyncio.wait_for(closed.wait(), WAIT)
+        await asyncio.wait_for(running.monitor.flush(), WAIT)
+        after = running.status
+        assert after.status == WorkloadStatus.RUNNING
+        assert status_file(tmp_path, "restored")["status"] == "running"
+
+    assert len(unauthorized) == 1
+    assert len(reauthorized) == 1
+    assert reauthorized[0].unauthorized_since == unauthorized[0].at
+    assert status_file(tmp_path, "restored")["status"] == "stopped"
 
 
 # --- 4. OAuth refresh and replay ------------------------------------------------------
