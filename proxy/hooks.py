@@ -78,11 +78,11 @@ class ReauthorizedEvent:
 
 
 class UnauthorizedCallback(Protocol):
-    def __call__(self, event: UnauthorizedEvent) -> Awaitable[None] | None: ...
+    def __call__(self, event: UnauthorizedEvent, /) -> Awaitable[None] | None: ...
 
 
 class ReauthorizedCallback(Protocol):
-    def __call__(self, event: ReauthorizedEvent) -> Awaitable[None] | None: ...
+    def __call__(self, event: ReauthorizedEvent, /) -> Awaitable[None] | None: ...
 
 
 # --- pure helpers ---------------------------------------------------------------------
@@ -112,11 +112,6 @@ def scope_message(error: BearerError) -> str:
     scope = _clean(error.scope)
     needed = f"; it asks for scope {scope!r}" if scope else ""
     return f"target answered 403 insufficient_scope{needed}"
-
-
-def _is_async(callback: Callable[..., Any]) -> bool:
-    call = getattr(callback, "__call__", None)  # noqa: B004 - instances with async __call__
-    return inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(call)
 
 
 # --- the monitor ----------------------------------------------------------------------
