@@ -190,8 +190,8 @@ class BodyTooLarge(Exception):
 class RequestBody:
     """Streams the client's body to the target once, keeping a bounded copy for replay."""
 
-    __slots__ = ("_content", "_eof", "_expect", "_idle", "_keep", "_kept", "_limit",
-                 "_request", "_size", "too_large")
+    __slots__ = ("_content", "_eof", "_expect", "_keep", "_kept", "_limit", "_not_reading",
+                 "_request", "_size", "_task", "too_large")
 
     def __init__(self, request: BaseRequest, *, limit: int, keep: int) -> None:
         self._request = request
@@ -202,9 +202,11 @@ class RequestBody:
         self._size = 0
         self._eof = False
         self.too_large = False
-        # The first stream may still be reading when a replay starts; wait for it to stop.
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # The task streaming the body upstream (aiohttp's writer) and whether it is inside
+        # a read: a replay must stop it first, as a stream allows only one reader.
+        self._task: asyncio.Task[Any] | None = None
+        self._not_reading = asyncio.Event()
+        self._not_reading.set()
         self._expect = request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
 
     async def _read(self) -> bytes:
@@ -212,7 +214,11 @@ class RequestBody:
             # We took the client's Expect off the upstream request, so answer it ourselves.
             self._expect = False
             await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        chunk = await self._content.readany()
+        self._not_reading.clear()
+        try:
+            chunk = await self._content.readany()
+        finally:
+            self._not_reading.set()
         if not chunk:
             self._eof = True
             return chunk
@@ -230,21 +236,24 @@ class RequestBody:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The body as the client sends it; each chunk goes on as soon as it arrives."""
-        self._idle.clear()
-        try:
-            while True:
-                chunk = await self._read()
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            self._idle.set()
+        self._task = asyncio.current_task()
+        while True:
+            chunk = await self._read()
+            if not chunk:
+                return
+            yield chunk
 
     async def replay(self) -> bytes | None:
-        """The whole body for a second request, or None when it was too large to keep."""
+        """The whole body for a second request, or None when it was too large to keep.
+
+        The first upload is abandoned (its answer is already here): if it is waiting for
+        the client, it is cancelled, and the rest of the body is read here instead.
+        """
         if self._kept is None:
             return None
-        await self._idle.wait()
+        if not self._not_reading.is_set() and self._task is not None:
+            self._task.cancel()
+            await self._not_reading.wait()
         while not self._eof and self._kept is not None:
             await self._read()
         return b"".join(self._kept) if self._kept is not None else None

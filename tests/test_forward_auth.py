@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -12,6 +13,8 @@ from structlog.testing import capture_logs
 from proxy.credentials import Credential, CredentialReporter
 from proxy.errors import CredentialRetrying
 from proxy.observe import Exchange
+
+WAIT = 5.0
 
 
 class StaticBearer:
@@ -241,3 +244,36 @@ async def test_a_redirect_of_a_body_too_large_to_keep_goes_to_the_client(
     async with client.post(proxy.url, data=b"q" * 50, allow_redirects=False) as resp:
         assert resp.status == 307
     assert hits == ["/mcp"]
+
+
+async def test_a_401_before_the_body_is_sent_still_replays_the_whole_body(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """A target that refuses at once, mid-upload, still gets the full body on the replay."""
+    refreshed = asyncio.Event()
+    seen: list[tuple[str | None, bytes]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer tok-2":
+            seen.append((request.headers.get("Authorization"), b""))
+            return web.Response(status=401)  # without reading the body
+        body = await request.read()
+        seen.append((request.headers.get("Authorization"), body))
+        return web.Response(text="ok")
+
+    class Signalling(RefreshingBearer):
+        async def after_unauthorized(self, used: Credential) -> Credential | None:
+            fresh = await super().after_unauthorized(used)
+            refreshed.set()
+            return fresh
+
+    async def body() -> Any:
+        yield b"first;"
+        await asyncio.wait_for(refreshed.wait(), WAIT)
+        yield b"second"
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=Signalling())
+    async with client.post(proxy.url, data=body()) as resp:
+        assert resp.status == 200
+    assert seen == [("Bearer tok-1", b""), ("Bearer tok-2", b"first;second")]
