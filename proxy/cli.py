@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -181,9 +182,8 @@ def run_foreground(config: ProxyConfig) -> int:
     log.configure(config.log_level, config.log_format)
     logger = log.get_logger()
     try:
-        import uvloop  # optional extra: a faster event loop when installed
-
-        runner = uvloop.run
+        # The optional extra `uvloop`: a faster event loop, used when installed.
+        runner: Callable[[Coroutine[Any, Any, int]], int] = importlib.import_module("uvloop").run
     except ImportError:
         runner = asyncio.run
     try:

@@ -7,27 +7,15 @@ a crashed proxy cannot say `stopped` itself.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .status import Lifecycle, WorkloadRecord
+from .store import pid_alive
 
 ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _load(path: Path) -> tuple[dict[str, Any] | None, WorkloadRecord | None]:
@@ -83,7 +71,8 @@ def show_status(state_dir: Path, name: str | None, *, as_json: bool) -> int:
         return 0
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())
     for _, _, record in loaded:
         if name and record is not None:
             print(f"\n{record.message}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -14,9 +15,12 @@ from aiohttp.test_utils import TestServer
 
 from .conftest import ProxyProcess, run_cli, start_proxy
 
+RELEASE = web.AppKey("release", asyncio.Event)
+ARRIVED = web.AppKey("arrived", asyncio.Event)
+
 
 @pytest.fixture
-async def upstream() -> TestServer:
+async def upstream() -> AsyncIterator[TestServer]:
     release = asyncio.Event()
     arrived = asyncio.Event()
 
@@ -29,10 +33,10 @@ async def upstream() -> TestServer:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
+    app[RELEASE] = release
+    app[ARRIVED] = arrived
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    server.app["release"] = release  # type: ignore[index]
-    server.app["arrived"] = arrived  # type: ignore[index]
     yield server
     release.set()
     await server.close()
@@ -68,7 +72,7 @@ async def test_sigterm_drains_an_in_flight_request_then_exits_zero(
     processes.append(proc)
     async with aiohttp.ClientSession() as client:
         slow = asyncio.create_task(client.get(proc.url.replace("/mcp", "/slow")))
-        await asyncio.wait_for(upstream.app["arrived"].wait(), 10)  # type: ignore[index]
+        await asyncio.wait_for(upstream.app[ARRIVED].wait(), 10)  # type: ignore[index]
         proc.proc.send_signal(signal.SIGTERM)
         path = state_dir / "workloads" / "drain.json"
         for _ in range(200):  # bounded: the proxy says "stopping" while it drains
@@ -76,7 +80,7 @@ async def test_sigterm_drains_an_in_flight_request_then_exits_zero(
                 break
             await asyncio.sleep(0.05)
         assert json.loads(path.read_text())["status"] == "stopping"
-        upstream.app["release"].set()  # type: ignore[index]
+        upstream.app[RELEASE].set()  # type: ignore[index]
         resp = await asyncio.wait_for(slow, 15)
         assert resp.status == 200
         resp.release()
@@ -96,10 +100,9 @@ async def test_access_log_event_has_method_path_status_duration_and_bytes(
                               str(state_dir), "--health-interval", "0",
                               "--bearer-token-file", str(token)])
     processes.append(proc)
-    async with aiohttp.ClientSession() as client:
-        async with client.post(proc.url + "?x=1", data=b"{}",
-                               headers={"Authorization": "Bearer client-own"}) as resp:
-            body = await resp.json()
+    async with aiohttp.ClientSession() as client, client.post(proc.url + "?x=1", data=b"{}",
+                           headers={"Authorization": "Bearer client-own"}) as resp:
+        body = await resp.json()
     assert body["auth"] == "Bearer s3cr3t-token-value"
     assert await proc.stop() == 0
     events = [json.loads(line) for line in proc.stderr_lines if line.startswith("{")]
@@ -167,7 +170,7 @@ async def test_second_process_with_the_same_name_exits_2_naming_the_pid(
     processes.append(first)
     path = state_dir / "workloads" / "twin.json"
     before = path.read_text()
-    code, out, err = await run_cli(["run", "--target-url", _target(upstream), "--name", "twin",
+    code, _, err = await run_cli(["run", "--target-url", _target(upstream), "--name", "twin",
                                     "--state-dir", str(state_dir), "--health-interval", "0"])
     assert code == 2
     assert str(first.proc.pid) in err and len(err.strip().splitlines()) == 1
