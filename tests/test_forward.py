@@ -529,3 +529,40 @@ async def _until(predicate: Any) -> None:
         if predicate():
             return
         await asyncio.sleep(0.01)
+
+
+async def test_head_gets_the_targets_headers_and_no_body(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """HEAD answers carry the target's Content-Length and Content-Type, and no body."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 42, content_type="application/json")
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    async with client.head(proxy.url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == "42"
+        assert resp.headers["Content-Type"] == "application/json"
+        assert await resp.read() == b""
+
+
+async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """What the client receives is the target's answer, not one the proxy dressed up."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Server": "target/1"})
+        await resp.prepare(request)
+        await resp.write(b"raw")
+        return resp
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    async with client.get(proxy.url) as resp:
+        assert await resp.read() == b"raw"
+        assert resp.headers["Server"] == "target/1"
+        # aiohttp's upstream itself adds application/octet-stream; it must pass unchanged.
+        assert resp.headers.getall("Content-Type") == ["application/octet-stream"]

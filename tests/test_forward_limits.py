@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import ProxyConfig
-from proxy.server import ForwardingServer
+from proxy.server import ForwardingServer, display_host
 
 WAIT = 5.0
 
@@ -155,3 +155,11 @@ async def test_shutdown_lets_a_request_finish_and_cuts_an_endless_stream(
         await asyncio.wait_for(stream.content.read(), WAIT)
     stream.close()
     assert server.session.closed
+
+
+def test_the_client_url_names_a_reachable_address_for_wildcard_binds() -> None:
+    """A proxy bound to every interface prints a loopback URL a local client can use."""
+    assert display_host("0.0.0.0") == "127.0.0.1"
+    assert display_host("::") == "[::1]"
+    assert display_host("::1") == "[::1]"
+    assert display_host("localhost") == "localhost"
