@@ -102,6 +102,13 @@ async def test_streamable_http_session_works_through_the_proxy(
     assert not upstream.gate.rejected
     assert all(r.authorization == f"Bearer {FILE_TOKEN}" for r in upstream.gate.seen)
     assert all("x-forwarded-for" in r.headers for r in upstream.gate.seen)
+    if mode == "legacy":
+        # The session the upstream handed out came back on every later request.
+        posts = [r for r in upstream.gate.seen if r.method == "POST"]
+        assert "mcp-session-id" not in posts[0].headers
+        session_ids = {r.headers.get("mcp-session-id") for r in posts[1:]}
+        assert len(session_ids) == 1 and None not in session_ids
+        assert all("mcp-protocol-version" in r.headers for r in posts[1:])
 
 
 async def test_clients_own_token_is_not_passed_to_the_upstream(
