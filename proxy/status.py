@@ -224,6 +224,9 @@ class WorkloadRecord:
         pid = data.get("pid")
         if pid is not None and not isinstance(pid, int):
             raise TypeError("pid must be an integer")
+        for url_field in ("proxy_url", "target_url"):
+            if not isinstance(data.get(url_field), str | None):
+                raise TypeError(f"{url_field} must be a string")
         conditions = tuple(Condition.from_dict(c) for c in data.get("conditions", ()))
         return cls(
             name=str(data["name"]),

@@ -254,6 +254,27 @@ async def test_raising_and_slow_callbacks_do_not_hold_up_forwarding(
     assert len(failures) == 1 and failures[0]["callback"] == "on_unauthorized"
 
 
+async def test_reauthorized_never_overtakes_unauthorized(
+    tmp_path: Path, upstream: Any, session: aiohttp.ClientSession
+) -> None:
+    """Even when the proof follows at once, the runner hears "unauthorized" before "back"."""
+    order: list[str] = []
+
+    async def slow_start(event: UnauthorizedEvent) -> None:
+        order.append("unauthorized")
+        await asyncio.sleep(0)
+
+    h = Harness(tmp_path, upstream[1], session, on_unauthorized=slow_start)
+    h.monitor._on_reauthorized = lambda event: order.append("reauthorized")
+    await h.start()
+    upstream[0].accepted = "rotated"
+    await h.call()
+    upstream[0].accepted = SECRET
+    await h.call()
+    await h.settle()
+    assert order == ["unauthorized", "reauthorized"]
+
+
 async def test_sync_raising_callback_is_logged(tmp_path: Path, upstream: Any,
                                                session: aiohttp.ClientSession) -> None:
     """A plain callback that raises is logged and the next episode still calls back."""

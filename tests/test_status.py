@@ -171,6 +171,8 @@ def test_status_only_file_maps_back_to_a_lifecycle() -> None:
     {"name": "w", "status": "running", "updated_at": "2026-11-22T02:10:00Z", "pid": "1"},
     {"name": "w", "status": "running", "updated_at": "2026-11-22T02:10:00Z",
      "conditions": [{"type": "Nope", "status": "True"}]},
+    {"name": "w", "status": "running", "updated_at": "2026-11-22T02:10:00Z", "proxy_url": 5},
+    {"name": "w", "status": "running", "updated_at": "2026-11-22T02:10:00Z", "conditions": 5},
 ])
 def test_foreign_shapes_are_refused(data: object) -> None:
     """Something that is not a status record is refused with an error a store can catch."""
