@@ -234,6 +234,21 @@ class RequestBody:
                 self._kept = None  # too big to replay: stop keeping, keep streaming
         return chunk
 
+    def complete(self) -> bytes | None:
+        """The whole body when it has already arrived, else None (then `stream()` it).
+
+        The common case (a small JSON-RPC POST arrives with its headers) then goes out
+        as one write with the upstream request's headers, and is trivially replayable.
+        """
+        content = self._content
+        if self._expect or not content.is_eof() or content.total_bytes > self._limit:
+            return None
+        data = content.read_nowait(-1)
+        self._size = len(data)
+        self._eof = True
+        self._kept = [data] if self._size <= self._keep else None
+        return data
+
     async def stream(self) -> AsyncIterator[bytes]:
         """The body as the client sends it; each chunk goes on as soon as it arrives."""
         self._task = asyncio.current_task()
@@ -266,12 +281,14 @@ class RequestBody:
 class _TransparentResponse(web.StreamResponse):
     """A StreamResponse that adds no `Content-Type`/`Server` the target did not send."""
 
-    __slots__ = ("_had_server", "_had_type")
-
     def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
         self._had_type = hdrs.CONTENT_TYPE in headers
         self._had_server = hdrs.SERVER in headers
+
+    def send_headers_with_body(self) -> None:
+        """Hold the headers back until the first body write (one packet, not two)."""
+        self._send_headers_immediately = False
 
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
@@ -494,7 +511,11 @@ class Forwarder:
         """Send, following same-origin redirects and one refresh-and-replay."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        data: Any = body.stream() if body is not None else None
+        data: Any = None
+        if body is not None:
+            data = body.complete()
+            if data is None:
+                data = body.stream()
         redirects = 0
         replayed = False
         upstream: aiohttp.ClientResponse | None = None
@@ -562,11 +583,21 @@ class Forwarder:
             rewriter = EndpointRewriter(self._origin_url, f"http://{request.host}")
             headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
         response = _TransparentResponse(status, upstream.reason, headers)
-        await response.prepare(request)
         content = upstream.content
+        try:
+            chunk: bytes | None = content.read_nowait(-1)
+        except (aiohttp.ClientError, OSError):
+            chunk = None  # reported by the loop below
+        if chunk and not exchange.sse:
+            # The body is already here: send it with the headers in one write. Otherwise
+            # (and for every event stream) headers go at once, so a client sees its
+            # (maybe quiet) stream start.
+            response.send_headers_with_body()
+        await response.prepare(request)
         while True:
             try:
-                chunk = await content.readany()
+                if not chunk:
+                    chunk = await content.readany()
             except (TimeoutError, aiohttp.ClientError, OSError):
                 # The target died mid-stream: drop the client's connection without the
                 # last chunk, so it sees an error rather than a clean (truncated) end.
@@ -582,6 +613,7 @@ class Forwarder:
                     continue
             await response.write(chunk)
             progress.bytes_out += len(chunk)
+            chunk = None
         if rewriter is not None:
             tail = rewriter.flush()
             if tail:
