@@ -26,6 +26,7 @@ from .hooks import (
 )
 from .log import get_logger, redact_url
 from .metrics import Metrics
+from .oauth import OAuthSource
 from .server import ForwardingServer
 from .store import FileStore, StatusStore
 from .workload import Workload
@@ -73,6 +74,8 @@ class AuthProxy:
         self.metrics = Metrics()
         self._user_on_unauthorized = on_unauthorized
         self._credentials: CredentialSource | None = build_credential_source(config)
+        if isinstance(self._credentials, OAuthSource):
+            self._credentials.refresh_listener = self._on_token_refresh
         self._reporter = _Reporter()
         self._monitor = AuthMonitor(
             self._workload,
@@ -186,6 +189,11 @@ class AuthProxy:
         await self.stop()
 
     # --- internals -----------------------------------------------------------------
+
+    def _on_token_refresh(self, outcome: str, expires_in: float | None) -> None:
+        self.metrics.token_refresh(outcome)
+        if outcome == "success":
+            self.metrics.set_token_expiry(expires_in)
 
     def _current_version(self) -> int | None:
         return self._credentials.current_version if self._credentials else None

@@ -373,6 +373,9 @@ class OAuthSource:
         self._done = asyncio.Condition()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # Told of every token-endpoint outcome ("success" with the token's lifetime,
+        # "transient_error", "refused"): the metrics hang here, nothing on the hot path.
+        self.refresh_listener: Callable[[str, float | None], None] | None = None
 
     # -- CredentialSource ------------------------------------------------------------
 
@@ -579,6 +582,7 @@ class OAuthSource:
             self._expires_at = self._refresh_at = None  # refreshed on a 401 only
         self._reset_failures()
         self._last_ok = True
+        self._tell("success", answer.expires_in)
         self._state(True, "TokenObtained", f"access token obtained from {self.description}",
                     False)
 
@@ -598,6 +602,7 @@ class OAuthSource:
     def _failed(self, failure: TokenFailure, now: float) -> None:
         self._last_ok = False
         self._last_failure = failure
+        self._tell("refused" if failure.permanent else "transient_error", None)
         if failure.permanent:
             self._give_up("TokenRefreshFailed", failure.message())
             get_logger().warning("token_refresh_failed", endpoint=self.description,
@@ -615,6 +620,13 @@ class OAuthSource:
         get_logger().info("token_refresh_retry", endpoint=self.description,
                           error=failure.code, failures=self._failures, delay=round(delay, 3))
         self._assess(now)
+
+    def _tell(self, outcome: str, expires_in: float | None) -> None:
+        if self.refresh_listener is not None:
+            try:
+                self.refresh_listener(outcome, expires_in)
+            except Exception as exc:  # a metrics bug must not break refreshing
+                get_logger().warning("refresh_listener_failed", error=repr(exc))
 
     def _assess(self, now: float) -> None:
         """Turn elapsed time into state: retrying after a while, given up after longer."""
