@@ -99,8 +99,11 @@ async def test_rewriting_the_token_file_heals_the_workload_without_a_restart(
         await proxy.monitor.flush()
         assert file_status(tmp_path / "state", "heal")["status"] == "unauthenticated"
         if how == "in_place":
-            with open(token, "r+") as f:
-                f.write("token-BBBB\n")
+            fd = os.open(token, os.O_WRONLY)  # same inode, same length: only the bytes change
+            try:
+                os.write(fd, b"token-BBBB\n")
+            finally:
+                os.close(fd)
         else:
             secret_file(tmp_path / "token.new", "token-BBBB")
             os.replace(tmp_path / "token.new", token)
