@@ -1,0 +1,118 @@
+"""Security-suite fixtures: a proxy holding a known secret, and a leak check after every test.
+
+Every test here runs under `structlog.testing.capture_logs`; afterwards the captured
+events, any CLI stderr a test registered, and every status file under the test's state
+directory are searched for the secret and its pieces. A test cannot pass by leaking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from proxy.app import AuthProxy
+from proxy.config import ProxyConfig
+
+SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
+CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
+COOKIE_SECRET = "session-cookie-9z8y7x6w"
+QUERY_SECRET = "query-apikey-abc123def456"
+SECRETS = (SECRET, CLIENT_SECRET, COOKIE_SECRET, QUERY_SECRET)
+
+
+@dataclass
+class LeakWatch:
+    """What the autouse check searches: logs, extra text (CLI stderr) and state dirs."""
+
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+
+    def haystacks(self) -> Iterator[tuple[str, str]]:
+        for entry in self.logs:
+            yield "log event", json.dumps(entry, default=repr)
+        for text in self.texts:
+            yield "process output", text
+        for folder in self.dirs:
+            if folder.exists():
+                for path in folder.rglob("*"):
+                    if path.is_file():
+                        yield str(path), path.read_text(errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def leak_watch(tmp_path: Path) -> Iterator[LeakWatch]:
+    """Fail the test if any secret shows up in logs, registered output or status files."""
+    watch = LeakWatch(dirs=[tmp_path / "state"])
+    with capture_logs() as logs:
+        watch.logs = logs
+        yield watch
+    for where, text in watch.haystacks():
+        for secret in SECRETS:
+            assert secret not in text, f"a credential leaked into {where}: {text[:300]}"
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(SECRET + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]:
+    """Start a full `AuthProxy` holding SECRET as a bearer token file; stopped at teardown."""
+    started: list[AuthProxy] = []
+
+    async def factory(target_url: str, **config: Any) -> AuthProxy:
+        config.setdefault("state_dir", tmp_path / "state")
+        config.setdefault("bearer_token_file", token_file)
+        config.setdefault("health_interval", 0)
+        config.setdefault("drain_timeout", 0.5)
+        proxy = AuthProxy(ProxyConfig(target_url=target_url, **config))
+        await proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in started:
+        await proxy.stop()
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Recorder:
+    """A real upstream that keeps what it received and answers 200 `ok`."""
+
+    seen: list[Seen] = field(default_factory=list)
+    url: str = ""
+
+    async def handler(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
+                              body))
+        return web.Response(text="ok")
+
+
+@pytest.fixture
+async def recorder(make_upstream: Any) -> Recorder:
+    rec = Recorder()
+    server = await make_upstream(rec.handler)
+    rec.url = str(server.make_url("/mcp"))
+    return rec
