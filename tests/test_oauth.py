@@ -22,8 +22,8 @@ from structlog.testing import capture_logs
 
 from proxy.config import ProxyConfig
 from proxy.errors import CredentialInvalid, CredentialRetrying
-from proxy.oauth import (
-    OAuthSource,
+from proxy.oauth import OAuthSource
+from proxy.token_endpoint import (
     TokenFailure,
     backoff_delay,
     basic_client_auth,
