@@ -1,0 +1,184 @@
+"""Size limits under attack: oversized bodies get 413, header bombs 400/431, never a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from .raw import WAIT, exchange, get_ok, parse, read_until_closed, request
+
+LIMIT = 64 * 1024
+
+
+class CountingUpstream:
+    """Counts the request-body bytes that actually reached the target."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.requests = 0
+
+    async def handler(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if request.method == "GET":
+            return web.Response(text="ok")
+        with contextlib.suppress(Exception):
+            async for chunk in request.content.iter_any():
+                self.received += len(chunk)
+        return web.Response(text="read")
+
+
+@pytest.fixture
+async def counting(make_upstream: Any) -> tuple[CountingUpstream, str]:
+    upstream = CountingUpstream()
+    server = await make_upstream(upstream.handler)
+    return upstream, str(server.make_url("/mcp"))
+
+
+async def test_a_declared_oversized_body_gets_413_before_anything_is_sent(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+) -> None:
+    """A client announcing a body above the limit is refused at once; the target sees nothing."""
+    upstream, url = counting
+    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    # Only the head is sent: the answer must not wait for a body that never comes.
+    raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+           b"Content-Length: 1000000000\r\n\r\n")
+    answer = parse(await exchange(proxy.port, raw))
+    assert answer is not None
+    assert answer.status == 413
+    assert answer.json()["error"] == "payload_too_large"
+    assert upstream.requests == 0
+    await get_ok(proxy.port)
+
+
+async def test_a_body_at_the_limit_is_forwarded_whole(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+) -> None:
+    """The limit is inclusive: a body of exactly max_request_bytes reaches the target."""
+    upstream, url = counting
+    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    answer = await request(proxy.port, ["Host: 127.0.0.1"], body=b"x" * LIMIT, method="POST")
+    assert answer is not None and answer.status == 200
+    assert upstream.received == LIMIT
+
+
+@pytest.mark.parametrize("keep_sending", [False, True])
+async def test_an_oversized_chunked_body_is_cut_off_and_never_reaches_the_target_whole(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str], keep_sending: bool
+) -> None:
+    """A chunked upload over the limit gets 413 or a closed connection, never forwarded whole."""
+    upstream, url = counting
+    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    total = 16 * LIMIT
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    sent = 0
+    try:
+        writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"y" * 8192
+        with contextlib.suppress(ConnectionError):
+            while sent < total:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await asyncio.wait_for(writer.drain(), WAIT)
+                sent += len(chunk)
+                if not keep_sending and sent > 2 * LIMIT:
+                    break
+            if sent >= total:
+                writer.write(b"0\r\n\r\n")
+                await asyncio.wait_for(writer.drain(), WAIT)
+        raw = await asyncio.wait_for(read_until_closed(reader), WAIT)
+    finally:
+        writer.close()
+    answer = parse(raw)
+    assert answer is None or answer.status == 413
+    assert upstream.received < total
+    assert upstream.received <= LIMIT + 65536  # at most the limit plus one read in flight
+    await get_ok(proxy.port)
+
+
+@pytest.mark.parametrize("bomb", [
+    pytest.param([f"X-Huge: {'a' * 200_000}"], id="one-huge-header"),
+    pytest.param([f"X-Many-{i}: v" for i in range(5000)], id="many-headers"),
+    pytest.param([f"X-Wide-{i}: {'b' * 60_000}" for i in range(200)], id="many-wide-headers"),
+    pytest.param(["X-Fold: a", " folded continuation"], id="obsolete-line-folding"),
+    pytest.param(["Bad Header Name: x"], id="space-in-name"),
+    pytest.param(["X-Nul: a\x00b"], id="nul-in-value"),
+])
+async def test_header_bombs_get_400_or_431_and_the_proxy_keeps_serving(
+    make_authproxy: Any, recorder: Any, bomb: list[str]
+) -> None:
+    """Absurd request headers get a clear client error, never a crash or a forwarded request."""
+    proxy = await make_authproxy(recorder.url)
+    answer = await request(proxy.port, ["Host: 127.0.0.1", *bomb])
+    assert answer is None or answer.status in (400, 431), answer.head
+    assert recorder.seen == []
+    await get_ok(proxy.port)
+
+
+@pytest.mark.parametrize("target", [
+    "/" + "p" * 200_000,
+    "/mcp?" + "q=1&" * 50_000,
+])
+async def test_an_oversized_request_line_gets_a_client_error(
+    make_authproxy: Any, recorder: Any, target: str
+) -> None:
+    """A request line too long to be real is refused with 400/414/431, and nothing is forwarded."""
+    proxy = await make_authproxy(recorder.url)
+    answer = await request(proxy.port, ["Host: 127.0.0.1"], target=target)
+    assert answer is None or answer.status in (400, 414, 431), answer.head
+    assert recorder.seen == []
+    await get_ok(proxy.port)
+
+
+@pytest.mark.parametrize("line", [
+    b"GARBAGE\r\n\r\n",
+    b"GET /mcp HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n",
+    b"GET  HTTP/1.1\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),  # a TLS hello
+    b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # a classic smuggling pair
+    b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+    b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+async def test_malformed_requests_get_a_client_error(
+    make_authproxy: Any, recorder: Any, line: bytes
+) -> None:
+    """Bytes that are not one clear HTTP/1.1 request are refused, not guessed at."""
+    proxy = await make_authproxy(recorder.url)
+    answer = parse(await exchange(proxy.port, line))
+    assert answer is None or 400 <= answer.status < 500, answer.head
+    assert recorder.seen == []
+    await get_ok(proxy.port)
+
+
+async def test_connections_above_the_cap_get_503_with_a_json_body(
+    make_authproxy: Any, recorder: Any
+) -> None:
+    """Past the connection cap a client gets a plain 503, and room comes back when others leave."""
+    proxy = await make_authproxy(recorder.url, max_connections=3)
+    held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
+    try:
+        # The held connections must be counted before the next one arrives.
+        answer = None
+        for _ in range(200):
+            answer = await request(proxy.port, ["Host: 127.0.0.1"])
+            if answer is not None and answer.status == 503:
+                break
+            await asyncio.sleep(0.01)
+        assert answer is not None and answer.status == 503
+        assert answer.json()["error"] == "service_unavailable"
+        assert b"Retry-After" in answer.head
+        assert recorder.seen == []
+    finally:
+        for _, writer in held:
+            writer.close()
+    for _ in range(200):
+        answer = await request(proxy.port, ["Host: 127.0.0.1"])
+        if answer is not None and answer.status == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert answer is not None and answer.status == 200
