@@ -418,6 +418,11 @@ class Forwarder:
         return response
 
     def _check(self, request: BaseRequest) -> None:
+        if request.version < aiohttp.HttpVersion10:
+            # HTTP/0.9 has no headers, yet the parser reads some after a bare-LF request
+            # line: a line break in the target would turn into a header upstream.
+            raise _ProxyAnswer(505, "http_version_not_supported",
+                               "HTTP/1.0 or HTTP/1.1 required", close=True)
         headers = request.headers
         if self._check_host:
             host = headers.get(hdrs.HOST)

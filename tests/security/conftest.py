@@ -111,8 +111,9 @@ class Recorder:
 
 
 @pytest.fixture
-async def recorder(make_upstream: Any) -> Recorder:
+async def recorder(aiohttp_raw_server: Any) -> Recorder:
+    """A low-level upstream (no router), so even paths a router would refuse are recorded."""
     rec = Recorder()
-    server = await make_upstream(rec.handler)
+    server = await aiohttp_raw_server(rec.handler, host="127.0.0.1")
     rec.url = str(server.make_url("/mcp"))
     return rec
