@@ -28,6 +28,7 @@ from .errors import CredentialUnavailable
 from .log import get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
+from .upstream import Upstream, UpstreamPool
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset({
@@ -334,9 +335,11 @@ class Forwarder:
         credentials: CredentialSource | None = None,
         observers: Iterable[ForwardObserver] = (),
         logger: Any = None,
+        pool: UpstreamPool | None = None,
     ) -> None:
         self._config = config
         self._session = session
+        self._pool = pool
         self._credentials = credentials
         self._observers = tuple(observers)
         self._log = logger if logger is not None else get_logger()
@@ -490,10 +493,16 @@ class Forwarder:
                 upstream.close()
 
     async def _send(self, method: str, url: URL, headers: CIMultiDict[str],
-                    data: Any, body: RequestBody | None) -> aiohttp.ClientResponse:
-        """One upstream request up to its response headers; foreign errors end here."""
+                    data: Any, body: RequestBody | None) -> Upstream:
+        """One upstream request up to its response headers; foreign errors end here.
+
+        A body already in memory (or none) goes through the lean pool, a streamed one
+        through the session.
+        """
         try:
             async with asyncio.timeout(self._timeout):
+                if self._pool is not None and (data is None or isinstance(data, bytes)):
+                    return await self._pool.request(method, url.raw_path_qs, headers, data)
                 return await self._session.request(
                     method, url, headers=headers, data=data, allow_redirects=False,
                 )
@@ -512,7 +521,7 @@ class Forwarder:
 
     async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
                         body: RequestBody | None, credential: Credential | None,
-                        exchange: Exchange) -> aiohttp.ClientResponse:
+                        exchange: Exchange) -> Upstream:
         """Send, following same-origin redirects and one refresh-and-replay."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -523,7 +532,7 @@ class Forwarder:
                 data = body.stream()
         redirects = 0
         replayed = False
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: Upstream | None = None
         try:
             while True:
                 upstream = await self._send(method, url, headers, data, body)
@@ -572,7 +581,7 @@ class Forwarder:
         exchange.upstream_seconds = loop.time() - started
         return upstream
 
-    async def _relay(self, request: BaseRequest, upstream: aiohttp.ClientResponse,
+    async def _relay(self, request: BaseRequest, upstream: Upstream,
                      exchange: Exchange, progress: _Progress) -> web.StreamResponse:
         """Stream the target's answer to the client, chunk by chunk as it arrives."""
         status = upstream.status

@@ -25,7 +25,7 @@ from .credentials import CredentialSource
 from .forward import Forwarder, error_body
 from .log import get_logger
 from .observe import ForwardObserver
-from .upstream import make_session
+from .upstream import UpstreamPool, make_session
 
 # After the handler returns, how long a client that is still sending an unwanted body
 # (a 413) is read and ignored before its connection is closed.
@@ -159,6 +159,7 @@ class ForwardingServer:
         self._observers = tuple(observers)
         self._log = logger if logger is not None else get_logger()
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._forwarder: Forwarder | None = None
         self._server: _GuardedServer | None = None
         self._listeners: list[asyncio.Server] = []
@@ -186,10 +187,11 @@ class ForwardingServer:
     async def start(self) -> None:
         config = self._config
         self._session = make_session(config)
+        self._pool = UpstreamPool(config)
         try:
             self._forwarder = Forwarder(
                 config, self._session, credentials=self._credentials,
-                observers=self._observers, logger=self._log,
+                observers=self._observers, logger=self._log, pool=self._pool,
             )
             self._server = _GuardedServer(
                 self._forwarder,
@@ -205,6 +207,7 @@ class ForwardingServer:
             )
             await self._listen(config.host, config.port)
         except BaseException:
+            await self._pool.close()
             await self._session.close()
             self._session = None
             raise
@@ -241,5 +244,7 @@ class ForwardingServer:
             await server.shutdown(1.0)
         self._listeners.clear()
         self._server = None
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None:
             await self._session.close()  # kept (closed) so late readers see `.closed`
