@@ -61,7 +61,7 @@ class EndpointRewriter:
     """A streaming transformer: `feed` each chunk, send what it returns, `flush` at the end."""
 
     __slots__ = ("_buf", "_event_start", "_events", "_passthrough", "_proxy_origin",
-                 "_target_origin")
+                 "_skip_lf", "_target_origin")
 
     def __init__(self, target_origin: URL, proxy_origin: str) -> None:
         self._target_origin = target_origin
@@ -70,6 +70,7 @@ class EndpointRewriter:
         self._event_start = 0  # where the current (not yet ended) event begins in _buf
         self._events = 0
         self._passthrough = False
+        self._skip_lf = False  # the last event ended on a CR that may be half of a CRLF
 
     @property
     def passthrough(self) -> bool:
@@ -79,14 +80,25 @@ class EndpointRewriter:
     def feed(self, chunk: bytes) -> bytes:
         if self._passthrough:
             return chunk
+        out = bytearray()
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk.startswith(b"\n"):  # the LF of that CRLF: not another blank line
+                out += b"\n"
+                chunk = chunk[1:]
         buf = self._buf
         buf += chunk
-        out = bytearray()
         pos = self._event_start
         while not self._passthrough:
             found = _line_end(buf, pos)
             if found is None:
-                break
+                if pos != len(buf) - 1 or buf[pos] != 0x0D:
+                    break
+                # A blank line ended by the CR that closes what has arrived: the event is
+                # complete whether or not an LF follows, so it is not held back until the
+                # target sends more (a legacy server sends `endpoint`, then waits).
+                found = (pos, pos + 1)
+                self._skip_lf = True
             end, nxt = found
             if end == pos:  # a blank line: the event is complete
                 out += self._finish_event(bytes(buf[self._event_start:nxt]),
