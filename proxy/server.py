@@ -54,22 +54,35 @@ class _GuardedHandler(RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = manager
         self._header_timer: asyncio.TimerHandle | None = None
+        self._header_deadline: float | None = None
         self._rejected: asyncio.Transport | None = None
 
     # The header timer runs while we wait for a request's headers: from the connection's
-    # start, and again after each response on a kept-alive connection.
+    # start, and again after each response on a kept-alive connection. Arming and
+    # disarming only move a deadline; the one timer re-checks it when it fires, so a busy
+    # keep-alive connection does not make and cancel a timer for every request.
     def _arm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-        self._header_timer = self._loop.call_later(self._guard.header_timeout, self._expire)
+        self._header_deadline = deadline = self._loop.time() + self._guard.header_timeout
+        if self._header_timer is None:
+            self._header_timer = self._loop.call_at(deadline, self._expire)
 
     def _disarm(self) -> None:
+        self._header_deadline = None
+
+    def _stop_timer(self) -> None:
+        self._header_deadline = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
     def _expire(self) -> None:
         self._header_timer = None
+        deadline = self._header_deadline
+        if deadline is None:
+            return  # disarmed meanwhile: the next _arm starts a new timer
+        if self._loop.time() < deadline:
+            self._header_timer = self._loop.call_at(deadline, self._expire)
+            return
         if self._rejected is not None:
             self._rejected.abort()
         elif self._current_request is None and not self._messages:
@@ -97,7 +110,7 @@ class _GuardedHandler(RequestHandler):
             self._disarm()  # complete request headers arrived
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
+        self._stop_timer()
         if self._rejected is not None:
             self._rejected = None
             return
