@@ -1,0 +1,233 @@
+"""The lean upstream pool: kept-alive connections reused, stale ones retried, idle ones
+closed on time and at shutdown, and requests written byte-exact in one piece."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+
+from proxy.upstream import request_head
+
+WAIT = 5.0
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class RawUpstream:
+    """A loopback HTTP/1.1 server on raw streams that counts and controls connections."""
+
+    def __init__(self, answer: Callable[[int, int], Any]) -> None:
+        # answer(connection number, request number on it) -> bytes, or None to hang up
+        # (or a coroutine giving either).
+        self._answer = answer
+        self.connections = 0
+        self.open = 0
+        self.requests: list[bytes] = []
+        self.changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/mcp"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        self.open += 1
+        number = self.connections
+        self.changed.set()
+        try:
+            for index in range(1000):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await reader.readexactly(length))
+                self.changed.set()
+                answer = self._answer(number, index)
+                if asyncio.iscoroutine(answer):
+                    answer = await answer
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.open -= 1
+            self.changed.set()
+            self._tasks.discard(task)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[..., Any]]:
+    started: list[RawUpstream] = []
+
+    async def factory(answer: Callable[[int, int], Any]) -> tuple[RawUpstream, str]:
+        upstream = RawUpstream(answer)
+        url = await upstream.start()
+        started.append(upstream)
+        return upstream, url
+
+    yield factory
+    for upstream in started:
+        await upstream.stop()
+
+
+async def call(client: aiohttp.ClientSession, url: str, method: str = "POST",
+               data: bytes | None = b'{"jsonrpc":"2.0","id":1}') -> tuple[int, bytes]:
+    async with asyncio.timeout(WAIT):
+        async with client.request(method, url, data=data) as resp:
+            return resp.status, await resp.read()
+
+
+async def test_sequential_requests_share_one_upstream_connection(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """Back-to-back calls do not pay a new upstream connection each."""
+    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    proxy = await make_proxy(url)
+    for _ in range(5):
+        assert await call(client, proxy.url) == (200, b"ok")
+    assert upstream.connections == 1
+    assert len(upstream.requests) == 5
+
+
+async def test_concurrent_requests_are_not_queued_behind_a_pool_limit(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """Many slow calls at once all reach the target at once instead of waiting in line."""
+    release = asyncio.Event()
+
+    async def gated(conn: int, index: int) -> bytes:
+        await release.wait()  # every call is held at the target until all have arrived
+        return ANSWER
+
+    upstream, url = await raw_upstream(gated)
+    proxy = await make_proxy(url)
+
+    n = 150
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as many:
+        calls = [asyncio.create_task(call(many, proxy.url)) for _ in range(n)]
+        try:
+            await upstream.wait_for(lambda: len(upstream.requests) == n)
+        finally:
+            release.set()
+        results = await asyncio.gather(*calls)
+    assert all(result == (200, b"ok") for result in results)
+
+
+async def test_a_kept_alive_connection_the_target_dropped_is_retried_for_a_get(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """A target that silently drops an idle keep-alive connection costs a GET nothing."""
+    # The first connection answers once, then hangs up on the next request unanswered:
+    # what a target whose keep-alive timer fired just as the proxy reused it does.
+    upstream, url = await raw_upstream(
+        lambda conn, index: ANSWER if (conn, index) != (1, 1) else None)
+    proxy = await make_proxy(url)
+    assert await call(client, proxy.url, "GET", None) == (200, b"ok")
+    assert await call(client, proxy.url, "GET", None) == (200, b"ok")
+    assert upstream.connections == 2
+
+
+async def test_a_post_on_a_dropped_connection_is_not_sent_twice(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """A tool call the target may have seen is never repeated behind the client's back."""
+    upstream, url = await raw_upstream(
+        lambda conn, index: ANSWER if (conn, index) != (1, 1) else None)
+    proxy = await make_proxy(url)
+    assert await call(client, proxy.url) == (200, b"ok")
+    status, _ = await call(client, proxy.url)
+    assert status == 502
+    assert len(upstream.requests) == 2
+
+
+async def test_idle_upstream_connections_close_after_upstream_idle_timeout(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """The proxy does not hold the target's connections open forever after traffic stops."""
+    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    proxy = await make_proxy(url, upstream_idle_timeout=0.2)
+    assert await call(client, proxy.url) == (200, b"ok")
+    assert upstream.open == 1
+    await upstream.wait_for(lambda: upstream.open == 0)
+
+
+async def test_shutdown_closes_idle_upstream_connections(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """Stopping the proxy leaves no connection open at the target."""
+    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    proxy = await make_proxy(url)
+    assert await call(client, proxy.url) == (200, b"ok")
+    await proxy.shutdown(drain_timeout=0.5)
+    await upstream.wait_for(lambda: upstream.open == 0)
+
+
+async def test_the_request_reaches_the_target_byte_exact_with_host_first(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """The target sees the client's path, query and body untouched and its own Host."""
+    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    proxy = await make_proxy(url)
+    body = b'{"jsonrpc":"2.0","id":7,"method":"tools/call"}'
+    target = proxy.url.replace("/mcp", "/mcp/a%2Fb?x=1&y=%20")
+    assert await call(client, target, data=body) == (200, b"ok")
+    sent = upstream.requests[0]
+    head, _, received = sent.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /mcp/a%2Fb?x=1&y=%20 HTTP/1.1"
+    assert lines[1] == b"Host: " + url.split("/")[2].encode()
+    assert received == body
+    assert sum(line.lower().startswith(b"content-length:") for line in lines) == 1
+
+
+def test_request_head_refuses_a_line_break_in_any_header() -> None:
+    """A value carrying CR or LF can never smuggle a second request to the target."""
+    for value in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError):
+            request_head("GET", "/", "t", CIMultiDict({"X-A": value}), None)
+    with pytest.raises(ValueError):
+        request_head("GET", "/\r\nX: y", "t", CIMultiDict({"X-A": "1"}), None)
+    with pytest.raises(ValueError):
+        request_head("GET", "/", "t\r\nX: y", CIMultiDict({"X-A": "1"}), None)
+
+
+def test_request_head_sets_content_length_like_a_client_would() -> None:
+    """An in-memory body gets its length; a body-less POST says 0; a GET says nothing."""
+    head = request_head("POST", "/m", "h:1", CIMultiDict({"A": "1"}), b"abc")
+    assert head == b"POST /m HTTP/1.1\r\nHost: h:1\r\nA: 1\r\nContent-Length: 3\r\n\r\n"
+    head = request_head("POST", "/m", "h", CIMultiDict({"A": "1"}), None)
+    assert b"\r\nContent-Length: 0\r\n" in head
+    head = request_head("GET", "/m", "h", CIMultiDict({"A": "1"}), None)
+    assert b"Content-Length" not in head
+    kept = request_head("POST", "/m", "h", CIMultiDict({"Content-Length": "3"}), b"abc")
+    assert kept.count(b"Content-Length") == 1
