@@ -11,9 +11,10 @@ leave a socket, task or upstream connection behind after `shutdown`.
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -45,6 +46,39 @@ def _busy_answer() -> bytes:
 
 
 BUSY_ANSWER = _busy_answer()
+
+# File descriptors kept free for everything but client connections: listeners, the
+# status file and its lock, logs, the admin port, token files.
+FD_RESERVE = 64
+
+
+def fitting_connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The connection cap that fits `fd_limit`: each client may hold an upstream socket too.
+
+    Above the descriptor limit, accept() fails and clients hang instead of getting the
+    cap's clear 503.
+    """
+    return max(1, min(max_connections, (fd_limit - FD_RESERVE) // 2))
+
+
+def _connection_cap(max_connections: int, log: Any) -> int:
+    """Raise the soft descriptor limit as far as the cap needs, then fit the cap into it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        wanted = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    cap = fitting_connection_cap(max_connections, soft)
+    if cap < max_connections:
+        log.warning("connection_cap_lowered", max_connections=cap, fd_limit=soft,
+                    wanted=max_connections)
+    return cap
 
 
 class _GuardedHandler(RequestHandler):
@@ -91,8 +125,9 @@ class _GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._guard.connection_count >= self._guard.max_connections:
             # Over the cap: answer 503 to whatever the client sends first, then close.
-            assert isinstance(transport, asyncio.Transport)
-            self._rejected = transport
+            # A cast, not an isinstance check: uvloop's transports do not subclass
+            # asyncio.Transport, and an assert here broke the cap under the CLI.
+            self._rejected = cast(asyncio.Transport, transport)
             self._arm()
             return
         super().connection_made(transport)
@@ -209,7 +244,7 @@ class ForwardingServer:
             self._server = _GuardedServer(
                 self._forwarder,
                 header_timeout=config.header_timeout,
-                max_connections=config.max_connections,
+                max_connections=_connection_cap(config.max_connections, self._log),
                 keepalive_timeout=config.keepalive_timeout,
                 lingering_time=LINGERING_TIME,
                 access_log=None,  # we log our own access event, with redaction

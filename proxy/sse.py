@@ -38,9 +38,12 @@ def rewrite_endpoint_url(value: str, target_origin: URL, proxy_origin: str) -> s
         return value
     if not same:
         return value
-    rest = url.raw_path_qs
-    if url.raw_fragment:
-        rest += "#" + url.raw_fragment
+    # Everything after the authority, as sent (yarl would drop an empty `?` or `#`).
+    authority_on = stripped.split("//", 1)[1]
+    cut = min((i for i in map(authority_on.find, "/?#") if i >= 0), default=len(authority_on))
+    rest = authority_on[cut:]
+    if rest[:1] in ("?", "#"):
+        rest = "/" + rest
     return proxy_origin + rest
 
 

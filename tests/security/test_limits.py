@@ -182,3 +182,62 @@ async def test_connections_above_the_cap_get_503_with_a_json_body(
             break
         await asyncio.sleep(0.01)
     assert answer is not None and answer.status == 200
+
+
+def test_the_connection_cap_fits_the_descriptor_limit() -> None:
+    """A cap above what the fd limit allows is lowered so it, not accept(), says no."""
+    from proxy.server import FD_RESERVE, fitting_connection_cap
+
+    assert fitting_connection_cap(4096, 1024) == (1024 - FD_RESERVE) // 2
+    assert fitting_connection_cap(4096, 1_048_576) == 4096
+    assert fitting_connection_cap(4096, 10) == 1
+
+
+def _low_fd_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+async def test_under_a_low_fd_limit_excess_clients_get_503_not_a_hang(
+    recorder: Any, tmp_path: Any, leak_watch: Any
+) -> None:
+    """With `ulimit -n 128` the proxy still answers clients above its (lowered) cap with 503."""
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--target-url", recorder.url,
+        "--state-dir", str(tmp_path / "state"), "--health-interval", "0",
+        "--log-format", "json",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, preexec_fn=_low_fd_limit,
+    )
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        url = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+        port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(40)]
+        answer = await request(port, ["Host: 127.0.0.1"])
+        assert answer is not None and answer.status == 503
+        assert answer.json()["error"] == "service_unavailable"
+        for _, writer in held:
+            writer.close()
+        held = []
+        for _ in range(200):
+            answer = await request(port, ["Host: 127.0.0.1"])
+            if answer is not None and answer.status == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert answer is not None and answer.status == 200
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        leak_watch.texts.append(err.decode())
+        assert b"connection_cap_lowered" in err
+        assert proc.returncode == 0
+    finally:
+        for _, writer in held:
+            writer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -234,3 +234,12 @@ def test_a_crlf_split_after_its_cr_does_not_count_as_an_extra_event() -> None:
     out += rewriter.feed(b"\nevent: endpoint\r\ndata: https://mcp.example:8443/m\r\n\r\n")
     assert out == (b"data: a\r\n\r\nevent: endpoint\r\ndata: " + PROXY.encode()
                    + b"/m\r\n\r\n")
+
+
+def test_an_endpoint_url_keeps_an_empty_query_or_fragment_byte_for_byte() -> None:
+    """Only the origin of the endpoint URL changes, even where a URL parser would normalise."""
+    from proxy.sse import rewrite_endpoint_url
+
+    for rest in ("/?", "/m#", "/m?#", "/a%2fb?x=%20"):
+        assert rewrite_endpoint_url(f"https://mcp.example:8443{rest}", TARGET, PROXY) == (
+            PROXY + rest)
