@@ -663,6 +663,12 @@ class Forwarder:
             # (maybe quiet) stream start.
             response.send_headers_with_body()
         await response.prepare(request)
+        if chunk and rewriter is None and content.at_eof() and content.exception() is None:
+            # The whole answer is here (the common small JSON-RPC one): headers, body and
+            # end of message go in one write, without the streaming loop.
+            await response.write_eof(chunk)
+            progress.bytes_out += len(chunk)
+            return response
         while True:
             try:
                 if not chunk:
