@@ -30,8 +30,33 @@ _TOKENISH_QUERY = re.compile(
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 
 
+# Credentials in use, masked wherever they show up: a careless target may quote the token
+# back (in an error_description, say), where no pattern would recognise it. A tuple, so
+# threads writing status files read a consistent snapshot while the loop registers more.
+_known_secrets: tuple[str, ...] = ()
+_KNOWN_SECRETS_KEPT = 16  # rotated-out tokens stay masked for a while, not forever
+MIN_SECRET_LENGTH = 8  # shorter values would mask ordinary words
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` in every log event and status message from now on (process-wide)."""
+    global _known_secrets
+    value = value.strip()
+    if len(value) >= MIN_SECRET_LENGTH and value not in _known_secrets:
+        _known_secrets = (*_known_secrets, value)[-_KNOWN_SECRETS_KEPT:]
+
+
+def mask_known_secrets(text: str) -> str:
+    """`text` with every registered credential replaced by the redaction marker."""
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 def redact_text(text: str) -> str:
-    """Mask bearer/basic values and token-like query values in free text."""
+    """Mask known credentials, bearer/basic values and token-like query values in text."""
+    text = mask_known_secrets(text)
     text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     return _TOKENISH_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
 

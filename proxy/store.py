@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
@@ -27,7 +28,7 @@ import filelock
 
 from . import status as st
 from .errors import NameInUse, StateError
-from .log import get_logger
+from .log import get_logger, mask_known_secrets
 
 MAX_FILE_BYTES = 1024 * 1024  # a status file is a few hundred bytes; more is foreign
 LOCK_TIMEOUT = 10.0  # seconds; a holder only ever does one small read and write
@@ -110,6 +111,19 @@ def encode(record: st.WorkloadRecord) -> bytes:
     return (json.dumps(record.to_dict(), indent=2) + "\n").encode("utf-8")
 
 
+def scrub(event: st.Event) -> st.Event:
+    """The event with any credential in use masked out of its message.
+
+    Messages quote the target (a 401's error_description), and a careless target may
+    quote the token it was sent: it must not reach a status file or `/status`.
+    """
+    if isinstance(event, st.SetCondition | st.Failed):
+        clean = mask_known_secrets(event.message)
+        if clean != event.message:
+            return dataclasses.replace(event, message=clean)
+    return event
+
+
 class MemoryStore:
     """A store with no file: for tests and for embedding without a state directory."""
 
@@ -122,7 +136,7 @@ class MemoryStore:
         return self.record
 
     async def update(self, event: st.Event) -> st.WorkloadRecord:
-        self.record = st.apply(self.record, event, name=self.name)
+        self.record = st.apply(self.record, scrub(event), name=self.name)
         self.writes += 1
         return self.record
 
@@ -165,7 +179,7 @@ class FileStore:
 
     def update_sync(self, event: st.Event) -> st.WorkloadRecord:
         with self._locked():
-            record = st.apply(self._load(), event, name=self.name)
+            record = st.apply(self._load(), scrub(event), name=self.name)
             self._store(record)
             return record
 
