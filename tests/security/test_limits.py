@@ -241,3 +241,35 @@ async def test_under_a_low_fd_limit_excess_clients_get_503_not_a_hang(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_expect_100_continue_with_an_oversized_body_gets_413_not_continue(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+) -> None:
+    """A client asking before sending a huge body is told no at once, never invited to send."""
+    upstream, url = counting
+    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
+           b"Content-Length: %d\r\n\r\n" % (LIMIT + 1))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert upstream.requests == 0
+
+
+async def test_many_small_chunks_add_up_to_the_limit(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+) -> None:
+    """The limit counts body bytes, however finely the client chunks them."""
+    upstream, url = counting
+    proxy = await make_authproxy(url, max_request_bytes=1024)
+    chunks = b"".join(b"1\r\nx\r\n" for _ in range(2048)) + b"0\r\n\r\n"
+    raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+           b"Connection: close\r\n\r\n" + chunks)
+    answer = parse(await exchange(proxy.port, raw))
+    assert answer is None or answer.status == 413
+    assert upstream.received <= 1024 + 64
