@@ -662,39 +662,45 @@ class Forwarder:
             # (and for every event stream) headers go at once, so a client sees its
             # (maybe quiet) stream start.
             response.send_headers_with_body()
-        await response.prepare(request)
-        if chunk and rewriter is None and content.at_eof() and content.exception() is None:
-            # The whole answer is here (the common small JSON-RPC one): headers, body and
-            # end of message go in one write, without the streaming loop.
-            await response.write_eof(chunk)
-            progress.bytes_out += len(chunk)
-            return response
-        while True:
-            try:
-                if not chunk:
-                    chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                # The target died mid-stream: drop the client's connection without the
-                # last chunk, so it sees an error rather than a clean (truncated) end.
-                request.protocol.force_close()
+        try:
+            await response.prepare(request)
+            if chunk and rewriter is None and content.at_eof() and content.exception() is None:
+                # The whole answer is here (the common small JSON-RPC one): headers, body and
+                # end of message go in one write, without the streaming loop.
+                await response.write_eof(chunk)
+                progress.bytes_out += len(chunk)
                 return response
-            if not chunk:
-                break
-            if rewriter is not None:
-                chunk = rewriter.feed(chunk)
-                if rewriter.passthrough:
-                    rewriter = None  # nothing left to look at: the plain path from here on
+            while True:
+                try:
+                    if not chunk:
+                        chunk = await content.readany()
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    # The target died mid-stream: drop the client's connection without the
+                    # last chunk, so it sees an error rather than a clean (truncated) end.
+                    request.protocol.force_close()
+                    return response
                 if not chunk:
-                    continue
-            await response.write(chunk)
-            progress.bytes_out += len(chunk)
-            chunk = None
-        if rewriter is not None:
-            tail = rewriter.flush()
-            if tail:
-                await response.write(tail)
-                progress.bytes_out += len(tail)
-        await response.write_eof()
+                    break
+                if rewriter is not None:
+                    chunk = rewriter.feed(chunk)
+                    if rewriter.passthrough:
+                        rewriter = None  # nothing left to look at: the plain path from here on
+                    if not chunk:
+                        continue
+                await response.write(chunk)
+                progress.bytes_out += len(chunk)
+                chunk = None
+            if rewriter is not None:
+                tail = rewriter.flush()
+                if tail:
+                    await response.write(tail)
+                    progress.bytes_out += len(tail)
+            await response.write_eof()
+        except ConnectionError:
+            # The client hung up while we wrote to it: end quietly. aiohttp then counts it
+            # as the premature disconnection it is, instead of logging an "Error handling
+            # request" traceback for every client that leaves mid-answer.
+            request.protocol.force_close()
         return response
 
     # Observers are sync and cheap, but never trusted to not raise.
