@@ -231,3 +231,27 @@ def test_request_head_sets_content_length_like_a_client_would() -> None:
     assert b"Content-Length" not in head
     kept = request_head("POST", "/m", "h", CIMultiDict({"Content-Length": "3"}), b"abc")
     assert kept.count(b"Content-Length") == 1
+
+
+async def test_a_response_timeout_cuts_only_the_request_that_ran_out(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """A hung call gets its 504 while calls on other connections keep being answered."""
+    hang = asyncio.Event()  # never set: the first connection's request hangs
+
+    async def answer(conn: int, index: int) -> bytes:
+        if conn == 1:
+            await hang.wait()
+        return ANSWER
+
+    upstream, url = await raw_upstream(answer)
+    proxy = await make_proxy(url, response_timeout=0.3)
+    hung = asyncio.create_task(call(client, proxy.url))
+    await upstream.wait_for(lambda: len(upstream.requests) == 1)
+    async with aiohttp.ClientSession() as other:
+        for _ in range(3):
+            assert await call(other, proxy.url) == (200, b"ok")
+    status, body = await hung
+    assert status == 504
+    assert b"gateway_timeout" in body
+    assert await call(client, proxy.url) == (200, b"ok")  # the proxy goes on serving
