@@ -107,3 +107,18 @@ async def raw_upstream() -> AsyncIterator[Callable[[Behaviour], Awaitable[RawUps
         if upstream.tasks:
             await asyncio.wait(list(upstream.tasks), timeout=WAIT)
         await server.wait_closed()
+
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    """Socket-level fault tests run on the stock loop and on uvloop (the CLI's loop when
+    installed): transports differ between the two. Process-level ones choose their own."""
+    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    if item.path.name not in ("test_upstream_faults.py", "test_backpressure.py"):
+        return factories
+    try:
+        import uvloop
+    except ImportError:
+        return factories
+    factories["uvloop"] = uvloop.new_event_loop
+    return factories
