@@ -17,8 +17,6 @@ from . import status as st
 from .admin import AdminServer
 from .config import ProxyConfig
 from .credentials import (
-    Credential,
-    CredentialReporter,
     CredentialSource,
     build_credential_source,
 )
@@ -29,7 +27,7 @@ from .hooks import (
     UnauthorizedCallback,
     UnauthorizedEvent,
 )
-from .log import get_logger, redact_url, register_secret
+from .log import get_logger, redact_url
 from .metrics import Metrics
 from .oauth import OAuthSource
 from .server import ForwardingServer
@@ -61,47 +59,6 @@ class _Reporter:
             self._last = None
 
 
-class _MaskingSource:
-    """A credential source whose every credential is registered for masking in output.
-
-    Wrapping the source here covers every user of it (forwarding and health probes)
-    without the sources or the hot path knowing: the check is one integer compare.
-    """
-
-    def __init__(self, inner: CredentialSource) -> None:
-        self._inner = inner
-        self._seen: int | None = None
-        self.description = inner.description  # both fixed per source
-        self.can_refresh = inner.can_refresh
-
-    @property
-    def current_version(self) -> int | None:
-        return self._inner.current_version
-
-    async def start(self, report: CredentialReporter) -> None:
-        await self._inner.start(report)
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-    async def get(self) -> Credential:
-        credential = await self._inner.get()
-        if credential.version != self._seen:
-            self._note(credential)
-        return credential
-
-    async def after_unauthorized(self, used: Credential) -> Credential | None:
-        fresh = await self._inner.after_unauthorized(used)
-        if fresh is not None and fresh.version != self._seen:
-            self._note(fresh)
-        return fresh
-
-    def _note(self, credential: Credential) -> None:
-        self._seen = credential.version
-        _scheme, _, token = credential.authorization.partition(" ")
-        register_secret(token or credential.authorization)
-
-
 class AuthProxy:
     """One running proxy in front of one remote MCP server."""
 
@@ -120,9 +77,7 @@ class AuthProxy:
         self.metrics = Metrics()
         self._user_on_unauthorized = on_unauthorized
         source = build_credential_source(config)
-        self._credentials: CredentialSource | None = (
-            _MaskingSource(source) if source is not None else None
-        )
+        self._credentials: CredentialSource | None = source
         if isinstance(self._credentials, OAuthSource):
             self._credentials.refresh_listener = self._on_token_refresh
         self._reporter = _Reporter()

@@ -29,7 +29,7 @@ from aiohttp import hdrs
 
 from . import status as st
 from .challenge import BearerError, bearer_error
-from .log import get_logger, redact_text
+from .log import get_logger, mask_known_secrets, redact_text, register_secret
 from .observe import Exchange
 from .workload import Workload
 
@@ -96,6 +96,17 @@ def _clean(text: str | None, limit: int = _MAX_ERROR_TEXT) -> str | None:
     if len(printable) > limit:
         printable = printable[: limit - 1] + "…"
     return redact_text(printable) or None
+
+
+def _note_sent_secret(ex: Exchange) -> None:
+    """Register the credential a 401/403 answered, so an echo of it is masked everywhere.
+
+    A target can only quote back what it was sent; doing this on the rare 401/403 path
+    keeps the per-request path free of it.
+    """
+    if ex.credential is not None:
+        scheme, _, token = ex.credential.authorization.partition(" ")
+        register_secret(token or scheme)
 
 
 def unauthorized_message(status_code: int, error: BearerError) -> str:
@@ -222,19 +233,21 @@ class AuthMonitor:
         if self.episode_open or self._stale(ex):
             return
         assert ex.upstream_headers is not None
+        _note_sent_secret(ex)
         values = ex.upstream_headers.getall(hdrs.WWW_AUTHENTICATE, [])
         error = bearer_error(values)
         self._open_episode(UnauthorizedEvent(
             workload=self._workload.name, status_code=ex.status, method=ex.method,
             path=ex.path, reason=UNAUTHORIZED_REASON,
             message=unauthorized_message(ex.status, error),
-            www_authenticate=", ".join(values) or None,
+            www_authenticate=mask_known_secrets(", ".join(values)) or None,
             error=_clean(error.error, 64), error_description=_clean(error.error_description),
             resource_metadata=error.resource_metadata, at=datetime.now(UTC),
         ))
 
     def _forbidden(self, ex: Exchange) -> None:
         assert ex.upstream_headers is not None
+        _note_sent_secret(ex)
         error = bearer_error(ex.upstream_headers.getall(hdrs.WWW_AUTHENTICATE, []))
         if error.error != "insufficient_scope":
             return

@@ -71,12 +71,14 @@ async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]
     """Start a full `AuthProxy` holding SECRET as a bearer token file; stopped at teardown."""
     started: list[AuthProxy] = []
 
-    async def factory(target_url: str, **config: Any) -> AuthProxy:
+    async def factory(target_url: str, *, on_unauthorized: Any = None,
+                      **config: Any) -> AuthProxy:
         config.setdefault("state_dir", tmp_path / "state")
         config.setdefault("bearer_token_file", token_file)
         config.setdefault("health_interval", 0)
         config.setdefault("drain_timeout", 0.5)
-        proxy = AuthProxy(ProxyConfig(target_url=target_url, **config))
+        proxy = AuthProxy(ProxyConfig(target_url=target_url, **config),
+                          on_unauthorized=on_unauthorized)
         await proxy.start()
         started.append(proxy)
         return proxy

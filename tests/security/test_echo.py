@@ -25,7 +25,9 @@ async def test_a_target_echoing_the_token_in_its_challenge_does_not_leak_it(
         return web.Response(status=401, headers={"WWW-Authenticate": challenge})
 
     upstream = await make_upstream(echo)
-    proxy = await make_authproxy(str(upstream.make_url("/mcp")), admin_port=0)
+    events: list[Any] = []
+    proxy = await make_authproxy(str(upstream.make_url("/mcp")), admin_port=0,
+                                 on_unauthorized=events.append)
     answer = await request(proxy.port, ["Host: 127.0.0.1"])
     assert answer is not None and answer.status == 401
     await proxy.monitor.flush()
@@ -36,6 +38,9 @@ async def test_a_target_echoing_the_token_in_its_challenge_does_not_leak_it(
                 session.get(f"http://127.0.0.1:{proxy.admin_port}/status") as resp):
         leak_watch.texts.append(await resp.text())
     leak_watch.texts.append(str(proxy.status.to_dict()))
+    assert len(events) == 1  # the callback's event (and MCP_AUTHPROXY_EVENT) is masked too
+    leak_watch.texts.append(repr(events[0]))
+    assert SECRET not in repr(events[0]) and REDACTED in (events[0].www_authenticate or "")
     assert any(e.get("event") == "unauthorized" for e in leak_watch.logs)
 
 
