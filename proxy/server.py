@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -90,6 +91,36 @@ class _GuardedHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_deadline: float | None = None
         self._rejected: asyncio.Transport | None = None
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Malformed or oversized requests: a short JSON answer, never the input echoed.
+
+        aiohttp's own answer quotes the offending bytes back (an `Authorization` value
+        among them) and logs a traceback through stdlib logging; ours names the problem.
+        """
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        too_large = isinstance(exc, LineTooLong) or (
+            exc is not None and "Too many headers" in str(exc))  # aiohttp has no class for it
+        if too_large:
+            status = 431
+            answer = error_body("request_header_fields_too_large",
+                                "the request line or headers are too large")
+        elif status == 500:
+            answer = error_body("internal_error", "the proxy failed to handle the request")
+        else:
+            answer = error_body("bad_request", "the request is not valid HTTP/1.1")
+        self._guard.log.info("bad_request", status=status,
+                             problem=type(exc).__name__ if exc else None)
+        response = web.Response(status=status, body=answer, content_type="application/json")
+        response.force_close()
+        return response
 
     # The header timer runs while we wait for a request's headers: from the connection's
     # start, and again after each response on a kept-alive connection. Arming and
@@ -168,10 +199,11 @@ class _GuardedServer(web.Server):
     """aiohttp's low-level server making `_GuardedHandler`s."""
 
     def __init__(self, handler: Forwarder, *, header_timeout: float, max_connections: int,
-                 **kwargs: Any) -> None:
+                 log: Any, **kwargs: Any) -> None:
         super().__init__(handler, handler_cancellation=True, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.log = log
 
     @property
     def connection_count(self) -> int:
@@ -245,6 +277,7 @@ class ForwardingServer:
                 self._forwarder,
                 header_timeout=config.header_timeout,
                 max_connections=_connection_cap(config.max_connections, self._log),
+                log=self._log,
                 keepalive_timeout=config.keepalive_timeout,
                 lingering_time=LINGERING_TIME,
                 access_log=None,  # we log our own access event, with redaction

@@ -273,3 +273,27 @@ async def test_many_small_chunks_add_up_to_the_limit(
     answer = parse(await exchange(proxy.port, raw))
     assert answer is None or answer.status == 413
     assert upstream.received <= 1024 + 64
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ([b"X-Big: " + b"a" * 70_000], 431),
+        ([b"X-%d: 1" % i for i in range(300)], 431),
+        ([b"Bad Header Name: 1"], 400),
+    ],
+)
+async def test_malformed_requests_get_a_json_answer_that_quotes_nothing_back(
+    make_authproxy: Any, counting: tuple[CountingUpstream, str], extra: list[bytes],
+    status: int,
+) -> None:
+    """Oversized or malformed headers get a short JSON 431/400 that never echoes the
+    request's bytes (an Authorization value among them) back."""
+    _, url = counting
+    proxy = await make_authproxy(url)
+    head = b"\r\n".join([b"GET /mcp HTTP/1.1", b"Host: 127.0.0.1",
+                         b"Authorization: Bearer client-secret-value", *extra])
+    answer = parse(await exchange(proxy.port, head + b"\r\n\r\n"))
+    assert answer is not None and answer.status == status
+    assert answer.json()["error"] in ("request_header_fields_too_large", "bad_request")
+    assert b"client-secret-value" not in answer.body and b"aaaa" not in answer.body
