@@ -11,6 +11,7 @@ leave a socket, task or upstream connection behind after `shutdown`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -211,6 +212,26 @@ class _GuardedServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return _GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+
+# Young-generation threshold while serving. Python's default (700 allocations) ran a
+# collection every ~50 requests at c=64, and the older generations then walked every
+# object the imports left: 11-14 us of GC per request, 7-8 % of the proxy's CPU. With the
+# startup heap frozen and 10,000 it was under 2 us (timed with gc.callbacks).
+SERVING_GC_THRESHOLD = (10_000, 50, 100)
+
+
+def tune_gc_for_serving() -> None:
+    """Make the garbage collector cheap for a process whose job is serving the proxy.
+
+    For the process owner (the CLI) to call once everything is imported and started;
+    never called by `ForwardingServer` itself, since an embedding application owns its
+    process's collector. It freezes what exists (imports, config) out of the collector's
+    reach and collects the young generation less often; cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*SERVING_GC_THRESHOLD)
 
 
 def display_host(host: str) -> str:

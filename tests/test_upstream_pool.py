@@ -255,3 +255,29 @@ async def test_a_response_timeout_cuts_only_the_request_that_ran_out(
     assert status == 504
     assert b"gateway_timeout" in body
     assert await call(client, proxy.url) == (200, b"ok")  # the proxy goes on serving
+
+
+def test_tune_gc_for_serving_keeps_collecting_cycles() -> None:
+    """The serving GC settings still free reference cycles, only less often."""
+    import gc
+    import weakref
+
+    from proxy.server import SERVING_GC_THRESHOLD, tune_gc_for_serving
+
+    before = gc.get_threshold()
+    try:
+        tune_gc_for_serving()
+        assert gc.get_threshold() == SERVING_GC_THRESHOLD
+
+        class Node:
+            other: Any = None
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
