@@ -54,11 +54,22 @@ def mask_known_secrets(text: str) -> str:
     return text
 
 
+_MAY_HOLD_SECRET = re.compile(r"[\s=]")
+_BEARER_MASK = r"\1 " + REDACTED
+_TOKENISH_MASK = r"\1=" + REDACTED
+_SENSITIVE_KEY_CACHE: dict[str, bool] = {}
+
+
 def redact_text(text: str) -> str:
     """Mask known credentials, bearer/basic values and token-like query values in text."""
-    text = mask_known_secrets(text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _TOKENISH_QUERY.sub(lambda m: f"{m.group(1)}={REDACTED}", text)
+    if _known_secrets:
+        text = mask_known_secrets(text)
+    # Both patterns need a blank or an "=": one cheap search spares most values (paths,
+    # methods, addresses) the two substitutions. Logging runs once per request.
+    if _MAY_HOLD_SECRET.search(text) is None:
+        return text
+    text = _BEARER.sub(_BEARER_MASK, text)
+    return _TOKENISH_QUERY.sub(_TOKENISH_MASK, text)
 
 
 def redact_url(url: str | URL) -> str:
@@ -70,9 +81,22 @@ def redact_url(url: str | URL) -> str:
     return base + "?" + "&".join(f"{k}={REDACTED}" for k in u.query)
 
 
+def _sensitive_key(key: str) -> bool:
+    known = _SENSITIVE_KEY_CACHE.get(key)
+    if known is None:
+        low = key.lower()
+        known = low in SENSITIVE_KEYS or low in SENSITIVE_HEADERS
+        if len(_SENSITIVE_KEY_CACHE) < 1024:  # keys come from code, not from clients
+            _SENSITIVE_KEY_CACHE[key] = known
+    return known
+
+
 def _redact_value(key: str, value: Any) -> Any:
-    if key.lower() in SENSITIVE_KEYS or key.lower() in SENSITIVE_HEADERS:
+    if _sensitive_key(key):
         return REDACTED
+    kind = type(value)
+    if kind is int or kind is float or kind is bool or value is None:
+        return value
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, Mapping):
