@@ -205,6 +205,7 @@ def run_foreground(config: ProxyConfig) -> int:
 async def _serve(config: ProxyConfig) -> int:
     from .app import AuthProxy
     from .hooks import exec_callback
+    from .server import tune_gc_for_serving
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,6 +216,8 @@ async def _serve(config: ProxyConfig) -> int:
     )
     try:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
+            # This process exists to serve the proxy, so it may tune its collector.
+            tune_gc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
             await stop.wait()
