@@ -29,7 +29,7 @@ from .errors import CredentialUnavailable
 from .log import get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
-from .upstream import Upstream, UpstreamPool
+from .upstream import LeanResponse, Upstream, UpstreamPool
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset({
@@ -305,6 +305,55 @@ class _TransparentResponse(web.StreamResponse):
             self._headers.popall(hdrs.CONTENT_TYPE, None)
         if not self._had_server:
             self._headers.popall(hdrs.SERVER, None)
+
+
+# Client-side write buffer above which an event stream goes back to the awaited loop,
+# whose writes wait for the client to drain (a client that stops reading stalls the target).
+PUSH_HIGH_WATER = 2**16
+
+
+class _Pump:
+    """Passes an event stream on from the upstream protocol's callback, event by event.
+
+    The awaited loop costs a task wake-up and a coroutine-chain resumption per event; on
+    a burst of events from many streams at once those add up to the tail latency. This
+    writes each piece to the client the moment the upstream parser hands it over. It stops
+    (and the awaited loop takes over, to drain, end or fail the response as usual) at the
+    end of the body, on an upstream error, a closing client, or a full client buffer.
+    """
+
+    __slots__ = ("_chunked", "_content", "_progress", "_transport", "_upstream", "done")
+
+    def __init__(self, upstream: LeanResponse, transport: asyncio.Transport, chunked: bool,
+                 progress: _Progress) -> None:
+        self._upstream = upstream
+        self._content = upstream.content
+        self._transport = transport
+        self._chunked = chunked
+        self._progress = progress
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def __call__(self) -> None:
+        content = self._content
+        transport = self._transport
+        if content.exception() is not None or transport.is_closing():
+            self.stop()
+            return
+        data = content.read_nowait(-1)
+        if data:
+            size = len(data)
+            transport.write(b"%x\r\n%b\r\n" % (size, data) if self._chunked else data)
+            self._progress.bytes_out += size
+            if transport.get_write_buffer_size() > PUSH_HIGH_WATER:
+                self.stop()
+                return
+        if content.at_eof():
+            self.stop()
+
+    def stop(self) -> None:
+        self._upstream.listen(None)
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class _Progress:
@@ -663,13 +712,19 @@ class Forwarder:
             # (maybe quiet) stream start.
             response.send_headers_with_body()
         try:
-            await response.prepare(request)
+            writer = await response.prepare(request)
             if chunk and rewriter is None and content.at_eof() and content.exception() is None:
                 # The whole answer is here (the common small JSON-RPC one): headers, body and
                 # end of message go in one write, without the streaming loop.
                 await response.write_eof(chunk)
                 progress.bytes_out += len(chunk)
                 return response
+            if exchange.sse and rewriter is None and isinstance(upstream, LeanResponse):
+                if chunk:
+                    await response.write(chunk)
+                    progress.bytes_out += len(chunk)
+                    chunk = None
+                await self._push(request, upstream, writer, progress)
             while True:
                 try:
                     if not chunk:
@@ -702,6 +757,21 @@ class Forwarder:
             # request" traceback for every client that leaves mid-answer.
             request.protocol.force_close()
         return response
+
+    async def _push(self, request: BaseRequest, upstream: LeanResponse, writer: Any,
+                    progress: _Progress) -> None:
+        """Relay an event stream from the upstream callback until `_Pump` stops."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        pump = _Pump(upstream, transport, bool(getattr(writer, "chunked", False)), progress)
+        if not upstream.listen(pump):
+            return
+        try:
+            pump()  # whatever arrived while the headers went out
+            await pump.done
+        finally:
+            upstream.listen(None)
 
     # Observers are sync and cheap, but never trusted to not raise.
     def _respond(self, exchange: Exchange) -> None:

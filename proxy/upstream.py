@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -137,16 +138,30 @@ class LeanResponse:
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content: StreamReader = payload
 
+    def listen(self, listener: Callable[[], None] | None) -> bool:
+        """Call `listener` right after each piece of the body arrives (and on a lost
+        connection), from the protocol callback, so a relay can pass it on without a task
+        switch per event. False when this connection cannot (it is already released)."""
+        proto = self._proto
+        if not isinstance(proto, _Connection):
+            return False
+        proto.listener = listener
+        return True
+
     def release(self) -> None:
         """Back to the pool when the body was read to its end, else closed."""
         proto, self._proto = self._proto, None
         if proto is not None:
+            if isinstance(proto, _Connection):
+                proto.listener = None
             self._pool.put(proto)
 
     def close(self) -> None:
         """Close the connection now (a cancelled stream frees the target's side at once)."""
         proto, self._proto = self._proto, None
         if proto is not None:
+            if isinstance(proto, _Connection):
+                proto.listener = None
             proto.close()
 
 
@@ -158,9 +173,22 @@ class _Connection(ResponseHandler):
     decompression (never on here) a parser that was not paused holds nothing to resume.
     """
 
+    # Set while a relay pushes this connection's body on as it arrives (see `listen`).
+    listener: Callable[[], None] | None = None
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.listener is not None:
+            self.listener()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self.listener is not None:
+            self.listener()  # it finds the payload's error (or its end) and stops
 
 
 class UpstreamPool:

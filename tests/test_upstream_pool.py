@@ -281,3 +281,105 @@ def test_tune_gc_for_serving_keeps_collecting_cycles() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_posted_event_stream_events_arrive_one_by_one(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """Each event of a streamed tool-call answer reaches the client before the next is sent."""
+    from aiohttp import web
+
+    sent = asyncio.Queue[int]()
+    seen = asyncio.Queue[int]()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(5):
+            await response.write(b"event: message\ndata: {\"n\": %d}\n\n" % i)
+            await sent.put(i)
+            await seen.get()  # the next event only after the client saw this one
+        await response.write_eof()
+        return response
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    async with asyncio.timeout(WAIT):
+        async with client.post(proxy.url, data=b'{"jsonrpc":"2.0","id":1}') as resp:
+            assert resp.status == 200
+            for i in range(5):
+                assert await sent.get() == i
+                line = b""
+                while not line.startswith(b"data:"):
+                    line = await resp.content.readline()
+                assert line == b'data: {"n": %d}\n' % i
+                await seen.put(i)
+            assert await resp.content.read() == b"\n"  # the last event's blank line
+
+
+async def test_a_target_dying_mid_event_stream_ends_the_clients_stream_with_an_error(
+    make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """A streamed answer cut by the target is an error for the client, never a clean end."""
+    cut = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        event = b"data: 1\n\n"
+        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        await writer.drain()
+        await cut.wait()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
+        async with asyncio.timeout(WAIT):
+            async with client.post(proxy.url, data=b"{}") as resp:
+                assert await resp.content.readline() == b"data: 1\n"
+                cut.set()
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await resp.content.read()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_client_leaving_a_posted_event_stream_frees_the_target(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """Hanging up on a streamed answer closes the target's stream too."""
+    from aiohttp import web
+
+    started = asyncio.Event()
+    ended = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        started.set()
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                await response.write(b": keep-alive\n\n")
+        except (ConnectionError, asyncio.CancelledError):
+            ended.set()
+            raise
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    async with asyncio.timeout(WAIT):
+        resp = await client.post(proxy.url, data=b"{}")
+        assert await resp.content.readline() == b"data: first\n"
+        await started.wait()
+        resp.close()
+        await ended.wait()
