@@ -159,7 +159,11 @@ class WorkloadRecord:
         return {c.type: c for c in self.conditions}
 
     def condition(self, kind: ConditionType) -> Condition | None:
-        return self.condition_map.get(kind)
+        # A scan of at most four: the request path asks this on every good answer.
+        for c in self.conditions:
+            if c.type is kind:
+                return c
+        return None
 
     @property
     def status(self) -> WorkloadStatus:
