@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -176,3 +177,51 @@ async def test_second_process_with_the_same_name_exits_2_naming_the_pid(
     assert str(first.proc.pid) in err and len(err.strip().splitlines()) == 1
     assert path.read_text() == before
     assert await first.stop() == 0
+
+
+async def test_on_unauthorized_exec_runs_once_with_the_event_and_warns(
+    state_dir: Path, processes: list[ProxyProcess], tmp_path: Path
+) -> None:
+    """--on-unauthorized-exec runs the command once per episode with the event JSON in
+    MCP_AUTHPROXY_EVENT, and stderr has one WARN `unauthorized` naming the error code."""
+
+    async def deny(request: web.Request) -> web.Response:
+        return web.json_response({}, status=401, headers={
+            "WWW-Authenticate": 'Bearer error="invalid_token", error_description="revoked"'})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", deny)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    token = tmp_path / "token"
+    token.write_text("cli-secret-token\n")
+    token.chmod(0o600)
+    out = tmp_path / "events"
+    hook = (f"{sys.executable} -c \"import os; open({str(out)!r}, 'a').write("
+            "os.environ['MCP_AUTHPROXY_EVENT'] + '\\n')\"")
+    try:
+        proc = await start_proxy(["run", "--target-url", _target(upstream), "--name", "hook",
+                                  "--state-dir", str(state_dir), "--health-interval", "0",
+                                  "--bearer-token-file", str(token),
+                                  "--on-unauthorized-exec", hook])
+        processes.append(proc)
+        async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.post(proc.url, json={}) as resp:
+                    assert resp.status == 401
+        for _ in range(200):  # bounded wait for the command to have run
+            if out.exists() and out.read_text().endswith("\n"):
+                break
+            await asyncio.sleep(0.05)
+        assert await proc.stop() == 0
+    finally:
+        await upstream.close()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["workload"] == "hook" and event["status_code"] == 401
+    assert event["error"] == "invalid_token"
+    warns = [json.loads(line) for line in proc.stderr_lines if '"unauthorized"' in line]
+    assert len(warns) == 1 and warns[0]["level"] == "warning"
+    assert warns[0]["error"] == "invalid_token"
+    assert "cli-secret-token" not in proc.stderr and "cli-secret-token" not in out.read_text()
