@@ -29,7 +29,7 @@ from .errors import CredentialUnavailable
 from .log import get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
-from .upstream import LeanResponse, Upstream, UpstreamPool
+from .upstream import ChunkedPassthrough, LeanResponse, Upstream, UpstreamPool, body_start
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset({
@@ -354,6 +354,78 @@ class _Pump:
         self._upstream.listen(None)
         if not self.done.done():
             self.done.set_result(None)
+
+
+class _Passthrough:
+    """Passes a chunked event stream on byte for byte, from the upstream socket callback.
+
+    Past `_Pump`: aiohttp's parser and stream reader are bypassed too (about 20 Python
+    calls per event); the target's chunk framing is checked by `ChunkedPassthrough` and a
+    clean one-chunk event goes to the client as it came. The connection is closed after,
+    never reused. A client buffer above PUSH_HIGH_WATER pauses reading from the target
+    until the client drains, so a client that stops reading still stalls the target.
+    """
+
+    __slots__ = ("_decoder", "_transport", "_upstream", "_waiter", "outcome", "paused")
+
+    ENDED, FAILED, GONE = "ended", "failed", "gone"
+
+    def __init__(self, decoder: ChunkedPassthrough, transport: asyncio.Transport,
+                 upstream: asyncio.Transport) -> None:
+        self._decoder = decoder
+        self._transport = transport
+        self._upstream = upstream
+        self._waiter: asyncio.Future[None] | None = None
+        self.outcome: str | None = None
+        self.paused = False
+
+    def feed(self, data: bytes) -> None:
+        decoder = self._decoder
+        try:
+            out = decoder.feed(data)
+        except ValueError:
+            self._finish(self.FAILED)
+            return
+        if out:
+            transport = self._transport
+            if transport.is_closing():
+                self._finish(self.GONE)
+                return
+            transport.write(out)
+            if transport.get_write_buffer_size() > PUSH_HIGH_WATER and not self.paused:
+                self.paused = True
+                self._upstream.pause_reading()
+                self._wake()
+        if decoder.done:
+            self._finish(self.ENDED)
+
+    def lost(self, exc: BaseException | None) -> None:
+        self._finish(self.FAILED)
+
+    def _finish(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def run(self, writer: Any) -> str:
+        """Wait for the end (draining the client whenever it fell behind)."""
+        loop = asyncio.get_running_loop()
+        while self.outcome is None:
+            if self.paused:
+                await writer.drain()
+                self.paused = False
+                if not self._upstream.is_closing():
+                    self._upstream.resume_reading()
+                continue
+            self._waiter = loop.create_future()
+            await self._waiter
+            self._waiter = None
+        return self.outcome
 
 
 class _Progress:
@@ -720,11 +792,15 @@ class Forwarder:
                 progress.bytes_out += len(chunk)
                 return response
             if exchange.sse and rewriter is None and isinstance(upstream, LeanResponse):
+                sent = chunk or b""
                 if chunk:
                     await response.write(chunk)
                     progress.bytes_out += len(chunk)
                     chunk = None
-                await self._push(request, upstream, writer, progress)
+                if await self._push(request, upstream, response, writer, progress, sent):
+                    return response
+            elif isinstance(upstream, LeanResponse):
+                upstream.forget()
             while True:
                 try:
                     if not chunk:
@@ -758,20 +834,76 @@ class Forwarder:
             request.protocol.force_close()
         return response
 
-    async def _push(self, request: BaseRequest, upstream: LeanResponse, writer: Any,
-                    progress: _Progress) -> None:
-        """Relay an event stream from the upstream callback until `_Pump` stops."""
+    async def _push(self, request: BaseRequest, upstream: LeanResponse,
+                    response: web.StreamResponse, writer: Any, progress: _Progress,
+                    sent: bytes) -> bool:
+        """Relay an event stream from the upstream callback: byte for byte when both sides
+        are chunked (True: the answer ended here), else until `_Pump` stops (False: the
+        awaited loop finishes it)."""
         transport = request.transport
         if transport is None or transport.is_closing():
-            return
-        pump = _Pump(upstream, transport, bool(getattr(writer, "chunked", False)), progress)
+            return False
+        chunked = bool(getattr(writer, "chunked", False))
+        if chunked:
+            passthrough = self._passthrough(upstream, transport, progress, sent)
+            if passthrough is not None:
+                decoder, sink = passthrough
+                try:
+                    outcome = await sink.run(writer)
+                finally:
+                    progress.bytes_out += decoder.payload_bytes
+                if outcome == _Passthrough.ENDED:
+                    await response.write_eof()
+                else:
+                    # The target died or broke its framing mid-stream, or the client left:
+                    # drop the client's connection so it sees an error, not a clean end.
+                    request.protocol.force_close()
+                return True
+        else:
+            upstream.forget()
+        pump = _Pump(upstream, transport, chunked, progress)
         if not upstream.listen(pump):
-            return
+            return False
         try:
             pump()  # whatever arrived while the headers went out
             await pump.done
         finally:
             upstream.listen(None)
+        return False
+
+    @staticmethod
+    def _passthrough(upstream: LeanResponse, transport: asyncio.Transport,
+                     progress: _Progress, sent: bytes
+                     ) -> tuple[ChunkedPassthrough, _Passthrough] | None:
+        """Divert the upstream connection to a `_Passthrough`, or None when it cannot be.
+
+        aiohttp's parser has already read part of the body: the bytes received so far are
+        parsed again here, and the diversion happens only if that gives the same payload
+        the parser produced, so the new parser starts exactly where the old one stopped.
+        """
+        raw = upstream.received()
+        content = upstream.content
+        upstream_transport = upstream.transport
+        upstream.forget()
+        if (raw is None or upstream_transport is None or content.is_eof()
+                or content.exception() is not None):
+            return None
+        start = body_start(raw)
+        decoder = ChunkedPassthrough()
+        try:
+            decoded = decoder.decode(raw[start:]) if start >= 0 else None
+        except ValueError:
+            decoded = None
+        rest = content.read_nowait(-1)
+        if rest:
+            transport.write(b"%x\r\n%b\r\n" % (len(rest), rest))
+            progress.bytes_out += len(rest)
+        if decoded != sent + rest or decoder.done:
+            return None
+        decoder.payload_bytes = 0
+        sink = _Passthrough(decoder, transport, upstream_transport)
+        upstream.divert(sink)
+        return decoder, sink
 
     # Observers are sync and cheap, but never trusted to not raise.
     def _respond(self, exchange: Exchange) -> None:

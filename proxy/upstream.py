@@ -12,6 +12,7 @@ origin. Neither must ever disable certificate verification.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,7 @@ _IDEMPOTENT = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS, hdrs.
 _NO_BODY_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS,
                               hdrs.METH_TRACE})
 READ_BUFSIZE = 2**16
+RECORD_LIMIT = 2**16  # bytes of a response kept in case its relay diverts the connection
 MAX_IDLE = 1024  # idle keep-alive connections kept (Go's anchor keeps 1,024 too)
 _MAX_HEADER_LINE = 65536  # the target's header sizes are not ours to cap at 8 KiB
 
@@ -124,10 +126,118 @@ def request_head(method: str, path_qs: str, host: str, headers: CIMultiDict[str]
 _NO_HEADERS: CIMultiDict[str] = CIMultiDict()
 
 
+class ChunkedPassthrough:
+    """The target's chunked framing, checked and passed on to a chunked client.
+
+    Pure: `feed()` takes bytes as they came off the upstream socket and returns the bytes
+    to write to the client. A piece that is exactly one clean chunk (the usual SSE event)
+    goes on as it came, framing and all; anything else (split chunks, several at once,
+    extensions) is re-framed as one chunk of the payload seen. The last chunk and any
+    trailers are consumed, never passed on: the writer ends the client's message itself.
+    Malformed framing raises ValueError; nothing after the end is looked at.
+    """
+
+    __slots__ = ("_left", "_line", "_state", "done", "payload_bytes")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._line = b""  # a size or trailer line still being received
+        self._left = 0  # payload bytes (or CRLF bytes) still due in the current chunk
+        self.done = False
+        self.payload_bytes = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return b""
+        if self._state == self._SIZE and not self._line:
+            # Fast path: exactly one whole chunk with a bare hex size line.
+            cut = data.find(b"\r\n")
+            if 0 < cut <= 16 and _HEX.fullmatch(data, 0, cut) is not None:
+                size = int(data[:cut], 16)
+                if size and len(data) == cut + size + 4 and data.endswith(b"\r\n"):
+                    self.payload_bytes += size
+                    return data
+        payload = self.decode(data)
+        return b"%x\r\n%b\r\n" % (len(payload), payload) if payload else b""
+
+    def decode(self, data: bytes) -> bytes:
+        """The payload in `data` (no framing); the same state as `feed`."""
+        if self.done:
+            return b""
+        pieces = self._parse(data)
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        self.payload_bytes += len(payload)
+        return payload
+
+    def _parse(self, data: bytes) -> list[bytes]:
+        pieces: list[bytes] = []
+        pos, end = 0, len(data)
+        while pos < end and not self.done:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._left, end - pos)
+                pieces.append(data[pos:pos + take])
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state, self._left = self._DATA_END, 2
+            elif state == self._DATA_END:
+                take = min(self._left, end - pos)
+                if data[pos:pos + take] != b"\r\n"[2 - self._left:2 - self._left + take]:
+                    raise ValueError("chunk data not followed by CRLF")
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._SIZE
+            else:
+                cut = data.find(b"\n", pos)
+                if cut < 0:
+                    self._line += data[pos:]
+                    if len(self._line) > _MAX_HEADER_LINE:
+                        raise ValueError("chunk size or trailer line too long")
+                    break
+                line, self._line = self._line + data[pos:cut + 1], b""
+                pos = cut + 1
+                if not line.endswith(b"\r\n"):
+                    raise ValueError("bare LF in chunk framing")
+                line = line[:-2]
+                if state == self._TRAILER:
+                    if not line:
+                        self.done = True
+                    continue
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
+                if _HEX.fullmatch(size_text) is None:
+                    raise ValueError("malformed chunk size")
+                size = int(size_text, 16)
+                if size:
+                    self._state, self._left = self._DATA, size
+                else:
+                    self._state = self._TRAILER
+        return pieces
+
+
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+def body_start(raw: bytes) -> int:
+    """Where the body begins in bytes received for one response, or -1."""
+    cut = raw.find(b"\r\n\r\n")
+    return cut + 4 if cut >= 0 else -1
+
+
+class RawSink(Protocol):
+    """Takes a connection's bytes in place of aiohttp's parser (see `LeanResponse.divert`)."""
+
+    def feed(self, data: bytes) -> None: ...
+    def lost(self, exc: BaseException | None) -> None: ...
+
+
 class LeanResponse:
     """The target's response on a pooled connection; `release()` or `close()` it."""
 
-    __slots__ = ("_pool", "_proto", "content", "headers", "reason", "status")
+    __slots__ = ("_chunked", "_pool", "_proto", "content", "headers", "reason", "status")
 
     def __init__(self, pool: UpstreamPool, proto: ResponseHandler,
                  message: RawResponseMessage, payload: StreamReader) -> None:
@@ -137,6 +247,34 @@ class LeanResponse:
         self.reason: str | None = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
         self.content: StreamReader = payload
+        self._chunked = bool(message.chunked)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        proto = self._proto
+        return proto.transport if proto is not None else None
+
+    def received(self) -> bytes | None:
+        """Every byte of this response received so far (head included), when it was kept:
+        only for a chunked body on a connection that has not kept more than 64 KiB."""
+        proto = self._proto
+        if not (self._chunked and isinstance(proto, _Connection)) or proto.record is None:
+            return None
+        return b"".join(proto.record)
+
+    def divert(self, sink: RawSink | None) -> None:
+        """From now on the connection's bytes go to `sink`, not to aiohttp's parser; the
+        connection can then only be closed, never reused. None stops the diversion."""
+        proto = self._proto
+        if isinstance(proto, _Connection):
+            proto.record = None
+            proto.sink = sink
+
+    def forget(self) -> None:
+        """Stop keeping the bytes received (the relay will not `divert`)."""
+        proto = self._proto
+        if isinstance(proto, _Connection):
+            proto.record = None
 
     def listen(self, listener: Callable[[], None] | None) -> bool:
         """Call `listener` right after each piece of the body arrives (and on a lost
@@ -154,6 +292,11 @@ class LeanResponse:
         if proto is not None:
             if isinstance(proto, _Connection):
                 proto.listener = None
+                proto.record = None
+                if proto.sink is not None:  # its parser was bypassed: not reusable
+                    proto.sink = None
+                    proto.close()
+                    return
             self._pool.put(proto)
 
     def close(self) -> None:
@@ -162,6 +305,8 @@ class LeanResponse:
         if proto is not None:
             if isinstance(proto, _Connection):
                 proto.listener = None
+                proto.record = None
+                proto.sink = None
             proto.close()
 
 
@@ -175,18 +320,37 @@ class _Connection(ResponseHandler):
 
     # Set while a relay pushes this connection's body on as it arrives (see `listen`).
     listener: Callable[[], None] | None = None
+    # The bytes of the current response as received, kept (up to RECORD_LIMIT) until the
+    # relay decides whether to `divert` them; None when not kept.
+    record: list[bytes] | None = None
+    recorded = 0
+    # Takes every byte in place of aiohttp's parser once diverted.
+    sink: RawSink | None = None
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
 
     def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.feed(data)
+            return
+        record = self.record
+        if record is not None:
+            self.recorded += len(data)
+            if self.recorded <= RECORD_LIMIT:
+                record.append(data)
+            else:
+                self.record = None
         super().data_received(data)
         if self.listener is not None:
             self.listener()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        if self.sink is not None:
+            self.sink.lost(exc)
         if self.listener is not None:
             self.listener()  # it finds the payload's error (or its end) and stops
 
@@ -290,6 +454,9 @@ class UpstreamPool:
             transport = proto.transport
             if transport is None:
                 raise aiohttp.ServerDisconnectedError()
+            if isinstance(proto, _Connection):
+                proto.record = []
+                proto.recorded = 0
             transport.write(data)
             while True:
                 try:

@@ -1,0 +1,247 @@
+"""Chunked event streams passed on byte for byte: the pure framing checker and the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.upstream import ChunkedPassthrough, body_start
+
+WAIT = 5.0
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def unchunk(framed: bytes) -> bytes:
+    decoder = ChunkedPassthrough()
+    out = decoder.decode(framed + b"0\r\n\r\n")
+    assert decoder.done
+    return out
+
+
+# --- the pure framing checker ----------------------------------------------------------
+
+def test_one_whole_chunk_goes_on_as_it_came() -> None:
+    """The usual event costs no copy: the target's bytes are the client's bytes."""
+    event = chunk(b"data: {}\n\n")
+    decoder = ChunkedPassthrough()
+    assert decoder.feed(event) is event
+    assert decoder.payload_bytes == 10 and not decoder.done
+
+
+def test_the_last_chunk_and_trailers_are_consumed_not_passed_on() -> None:
+    """The client's message is ended by the proxy's writer, never twice."""
+    decoder = ChunkedPassthrough()
+    assert decoder.feed(b"0\r\nX-Trailer: 1\r\n\r\n") == b""
+    assert decoder.done
+    assert decoder.feed(b"garbage after the end") == b""
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=1, max_value=30), max_size=20),
+       st.booleans())
+def test_any_split_of_the_framing_gives_the_same_payload(
+    payloads: list[bytes], cuts: list[int], extensions: bool
+) -> None:
+    """However the target's bytes are cut up on the way, the client gets the same events."""
+    framed = b"".join(
+        (b"%x;name=v\r\n%b\r\n" if extensions else b"%X\r\n%b\r\n") % (len(p), p)
+        for p in payloads
+    ) + b"0\r\nTrailer-Field: x\r\n\r\n"
+    pieces, pos = [], 0
+    for cut in cuts:
+        pieces.append(framed[pos:pos + cut])
+        pos += cut
+    pieces.append(framed[pos:])
+    decoder = ChunkedPassthrough()
+    out = b"".join(decoder.feed(piece) for piece in pieces if piece)
+    assert decoder.done
+    assert unchunk(out) == b"".join(payloads)
+    assert decoder.payload_bytes == sum(map(len, payloads))
+    assert b";" not in out.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("bad", [
+    b"0x5\r\nhello\r\n", b"5 5\r\nhello\r\n", b"-5\r\nhello\r\n", b"5\nhello\r\n",
+    b"5\r\nhelloXY", b"\r\n", b"1_0\r\n" + b"a" * 16 + b"\r\n",
+])
+def test_malformed_framing_is_refused(bad: bytes) -> None:
+    """A size line a client's parser could read differently never reaches the client."""
+    with pytest.raises(ValueError):
+        ChunkedPassthrough().feed(bad)
+
+
+def test_the_body_starts_after_the_head() -> None:
+    """The bytes already received are split at the end of the response head."""
+    assert body_start(SSE_HEAD + b"5\r\n") == len(SSE_HEAD)
+    assert body_start(b"HTTP/1.1 200 OK\r\n") == -1
+
+
+# --- through the proxy ------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def raw_upstream(script: Script) -> AsyncIterator[str]:
+    """A target that writes exactly the bytes `script` writes, after reading a request."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+            await script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await server.wait_closed()
+
+
+async def test_each_event_reaches_the_client_before_the_next_is_sent(make_proxy: Any) -> None:
+    """Events are not held back: the target sends the next only once the client has this one."""
+    got = asyncio.Queue[bytes]()
+    events = [b"data: %d\n\n" % i for i in range(20)]
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        for event in events:
+            writer.write(chunk(event))
+            await writer.drain()
+            assert await asyncio.wait_for(got.get(), WAIT) == event
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session, \
+                session.post(proxy.url, data=b"{}") as response:
+            assert response.headers["Content-Type"] == "text/event-stream"
+            body = b""
+            for event in events:
+                while not body.endswith(event):
+                    body += await asyncio.wait_for(response.content.readany(), WAIT)
+                got.put_nowait(event)
+            assert await asyncio.wait_for(response.content.read(), WAIT) == b""
+            assert body == b"".join(events)
+
+
+async def test_odd_framing_reaches_the_client_as_the_same_events(make_proxy: Any) -> None:
+    """Split chunks, chunk extensions and trailers from the target still give clean events."""
+    framed = (chunk(b"data: first\n\n") + b"e;ext=1\r\ndata: second\n\n\r\n"
+              + chunk(b"data: third\n\n") + b"0\r\nX-Trailer: t\r\n\r\n")
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + framed[:5])
+        await writer.drain()
+        for i in range(5, len(framed), 7):
+            writer.write(framed[i:i + 7])
+            await writer.drain()
+            await asyncio.sleep(0)  # let the pieces arrive one by one
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session, \
+                session.post(proxy.url, data=b"{}") as response:
+            body = await asyncio.wait_for(response.read(), WAIT)
+    assert body == b"data: first\n\ndata: second\n\ndata: third\n\n"
+
+
+@pytest.mark.parametrize("ending", [b"", b"zz\r\n"], ids=["target-dies", "broken-framing"])
+async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
+    make_proxy: Any, ending: bytes
+) -> None:
+    """A client never mistakes a target that died mid-stream for a clean end."""
+    streaming = asyncio.Event()
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
+        await writer.drain()
+        await asyncio.wait_for(streaming.wait(), WAIT)
+        writer.write(ending)
+        await writer.drain()
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session, \
+                session.post(proxy.url, data=b"{}") as response:
+            assert await asyncio.wait_for(response.content.readuntil(b"\n\n"), WAIT) \
+                == b"data: 1\n\n"
+            streaming.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(response.read(), WAIT)
+
+
+async def test_a_client_hanging_up_closes_the_targets_stream(make_proxy: Any) -> None:
+    """An abandoned stream does not keep the target's connection open."""
+    closed = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunk(b"data: hello\n\n"))
+        await writer.drain()
+        await reader.read()  # the proxy's side closing ends this
+        closed.set()
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session:
+            async with session.post(proxy.url, data=b"{}") as response:
+                await asyncio.wait_for(response.content.readuntil(b"\n\n"), WAIT)
+            await asyncio.wait_for(closed.wait(), WAIT)
+
+
+async def test_a_client_that_stops_reading_stalls_an_event_stream(make_proxy: Any) -> None:
+    """A slow SSE reader costs the proxy a bounded buffer, not the whole stream."""
+    sent = 0
+    stalled = asyncio.Event()
+    event = chunk(b"data: " + b"x" * 4000 + b"\n\n")
+
+    async def script(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        writer.write(SSE_HEAD)
+        while sent < 512 * 1024 * 1024:
+            writer.write(event)
+            try:
+                # Not a timing assertion: a drain that cannot finish in a second means
+                # every buffer between here and the idle client is full.
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                stalled.set()
+                await asyncio.sleep(3600)
+            sent += len(event)
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+            await asyncio.wait_for(stalled.wait(), 30)
+            assert sent < 64 * 1024 * 1024, f"the proxy buffered {sent >> 20} MiB"
+        finally:
+            writer.close()
