@@ -361,9 +361,10 @@ class _Passthrough:
 
     Past `_Pump`: aiohttp's parser and stream reader are bypassed too (about 20 Python
     calls per event); the target's chunk framing is checked by `ChunkedPassthrough` and a
-    clean one-chunk event goes to the client as it came. The connection is closed after,
-    never reused. A client buffer above PUSH_HIGH_WATER pauses reading from the target
-    until the client drains, so a client that stops reading still stalls the target.
+    clean one-chunk event goes to the client as it came. A client buffer above
+    PUSH_HIGH_WATER pauses reading from the target until the client drains, so a client
+    that stops reading still stalls the target. A stream that ended cleanly on a message
+    boundary hands its connection back to the pool.
     """
 
     __slots__ = ("_decoder", "_transport", "_upstream", "_waiter", "outcome", "paused")
@@ -854,6 +855,8 @@ class Forwarder:
                     progress.bytes_out += decoder.payload_bytes
                 if outcome == _Passthrough.ENDED:
                     await response.write_eof()
+                    if not (decoder.trailing or sink.paused):
+                        upstream.undivert()  # reusable: its next request skips a connect
                 else:
                     # The target died or broke its framing mid-stream, or the client left:
                     # drop the client's connection so it sees an error, not a clean end.

@@ -137,7 +137,7 @@ class ChunkedPassthrough:
     Malformed framing raises ValueError; nothing after the end is looked at.
     """
 
-    __slots__ = ("_left", "_line", "_state", "done", "payload_bytes")
+    __slots__ = ("_left", "_line", "_state", "done", "payload_bytes", "trailing")
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 
@@ -147,9 +147,11 @@ class ChunkedPassthrough:
         self._left = 0  # payload bytes (or CRLF bytes) still due in the current chunk
         self.done = False
         self.payload_bytes = 0
+        self.trailing = False  # bytes came after the end: the connection is not reusable
 
     def feed(self, data: bytes) -> bytes:
         if self.done:
+            self.trailing = self.trailing or bool(data)
             return b""
         if self._state == self._SIZE and not self._line:
             # Fast path: exactly one whole chunk with a bare hex size line.
@@ -165,6 +167,7 @@ class ChunkedPassthrough:
     def decode(self, data: bytes) -> bytes:
         """The payload in `data` (no framing); the same state as `feed`."""
         if self.done:
+            self.trailing = self.trailing or bool(data)
             return b""
         pieces = self._parse(data)
         payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -206,6 +209,7 @@ class ChunkedPassthrough:
                 if state == self._TRAILER:
                     if not line:
                         self.done = True
+                        self.trailing = pos < end
                     continue
                 size_text = line.split(b";", 1)[0].rstrip(b" \t")
                 if _HEX.fullmatch(size_text) is None:
@@ -264,11 +268,21 @@ class LeanResponse:
 
     def divert(self, sink: RawSink | None) -> None:
         """From now on the connection's bytes go to `sink`, not to aiohttp's parser; the
-        connection can then only be closed, never reused. None stops the diversion."""
+        connection can only be closed, unless `undivert()` hands it back. None stops the
+        diversion."""
         proto = self._proto
         if isinstance(proto, _Connection):
             proto.record = None
             proto.sink = sink
+
+    def undivert(self) -> None:
+        """The diverted body ended cleanly on a message boundary: hand the connection back
+        to aiohttp's protocol, its body marked ended, so `release()` can pool it (the next
+        request gets a fresh parser)."""
+        proto = self._proto
+        if isinstance(proto, _Connection) and proto.sink is not None:
+            proto.sink = None
+            self.content.feed_eof()
 
     def forget(self) -> None:
         """Stop keeping the bytes received (the relay will not `divert`)."""

@@ -245,3 +245,49 @@ async def test_a_client_that_stops_reading_stalls_an_event_stream(make_proxy: An
             assert sent < 64 * 1024 * 1024, f"the proxy buffered {sent >> 20} MiB"
         finally:
             writer.close()
+
+
+async def test_an_ended_event_stream_leaves_its_connection_for_the_next_call(
+    make_proxy: Any,
+) -> None:
+    """A tool call answered as a stream does not cost the next call a new connection."""
+    connections = 0
+    tasks: set[asyncio.Task[None]] = set()
+    first_seen = asyncio.Queue[None]()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:  # keep-alive: one event stream per request
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":")[1]))
+                writer.write(SSE_HEAD + chunk(b"data: 1\n\n"))
+                await writer.drain()
+                await asyncio.wait_for(first_seen.get(), WAIT)  # the rest comes streamed
+                writer.write(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(proxy.url, data=b"{}") as response:
+                    first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), WAIT)
+                    first_seen.put_nowait(None)
+                    rest = await asyncio.wait_for(response.read(), WAIT)
+                    assert first + rest == b"data: 1\n\ndata: 2\n\n"
+        assert connections == 1
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await server.wait_closed()
