@@ -200,6 +200,8 @@ def run_foreground(config: ProxyConfig) -> int:
         logger.error("failed", error=str(exc), error_type=type(exc).__name__)
         _print_error(f"{type(exc).__name__}: {exc}")
         return 1
+    finally:
+        log.flush()  # lines still waiting for the end of a loop iteration
 
 
 async def _serve(config: ProxyConfig) -> int:

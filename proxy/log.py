@@ -8,10 +8,12 @@ rendered.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -133,9 +135,67 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=_CoalescingWriter.factory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+class _CoalescingWriter:
+    """A structlog logger writing each line at once, but one write per loop iteration.
+
+    Under load many requests end in the same event-loop iteration; their access-log
+    lines go out in one `write` scheduled with `call_soon` instead of one flushed
+    `print` each (a system call per request). Nothing waits longer than the current
+    iteration, and outside a running loop (start-up, threads, exit) lines are written
+    straight away.
+    """
+
+    _by_stream: dict[int, _CoalescingWriter] = {}
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    @classmethod
+    def factory(cls, stream: TextIO) -> Callable[..., _CoalescingWriter]:
+        writer = cls._by_stream.get(id(stream))
+        if writer is None or writer._stream is not stream:
+            writer = cls._by_stream[id(stream)] = cls(stream)
+            atexit.register(writer.flush)
+        return lambda *args: writer
+
+    def msg(self, message: str) -> None:
+        self._pending.append(message)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = err = error = critical = exception = msg
+    failure = fatal = msg
+
+    def flush(self) -> None:
+        self._scheduled = False
+        lines, self._pending = self._pending, []
+        if not lines:
+            return
+        try:
+            self._stream.write("\n".join(lines) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stderr must not stop serving
+            pass
+
+
+def flush() -> None:
+    """Write out every log line still waiting for the end of a loop iteration."""
+    for writer in list(_CoalescingWriter._by_stream.values()):
+        writer.flush()
 
 
 def get_logger(name: str = "mcp_authproxy") -> Any:
