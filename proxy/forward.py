@@ -11,176 +11,42 @@ bounded by `replay_limit`), and never hold a stream to a time limit once it star
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
-from .config import ProxyConfig, is_loopback_host
+from .config import ProxyConfig
 from .credentials import Credential, CredentialSource
 from .errors import CredentialUnavailable
+from .headers import (
+    REDIRECT_STATUSES,
+    error_body,
+    host_allowed,
+    merge_query,
+    origin_allowed,
+    redirect_method,
+    redirect_target,
+    request_headers,
+    response_headers,
+    split_raw_path,
+    upstream_url,
+)
 from .log import get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
 from .upstream import ChunkedPassthrough, LeanResponse, Upstream, UpstreamPool, body_start
 
-# RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization",
-})
-# Never forwarded to the target: hop-by-hop, ours to set, or handled by the proxy itself.
-_DROP_REQUEST = HOP_BY_HOP | {"host", "forwarded", "expect"}
-_X_FORWARDED = "x-forwarded-"
 _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
                  hdrs.CONTENT_ENCODING)
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 10
 _CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
-
-
-# --- pure helpers -------------------------------------------------------------------
-
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    """Header names the sender marked hop-by-hop in its `Connection` header(s)."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    if not values:
-        return frozenset()
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(",") if token.strip()
-    )
-
-
-def request_headers(
-    incoming: CIMultiDictProxy[str] | CIMultiDict[str],
-    *,
-    client_ip: str,
-    target_scheme: str,
-    authorization: str | None,
-) -> CIMultiDict[str]:
-    """The headers to send to the target for a client's request.
-
-    `authorization` is the injected credential: when given, the client's own
-    `Authorization` is dropped (no token passthrough); when None it passes as is.
-    """
-    named = connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        low = name.lower()
-        if low in _DROP_REQUEST or low in named or low.startswith(_X_FORWARDED):
-            continue
-        if authorization is not None and low == "authorization":
-            continue
-        out.add(name, value)
-    if authorization is not None:
-        out[hdrs.AUTHORIZATION] = authorization
-    out[hdrs.X_FORWARDED_FOR] = client_ip
-    out[hdrs.X_FORWARDED_PROTO] = target_scheme
-    return out
-
-
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The target's response headers minus hop-by-hop ones, in order, repeats kept."""
-    named = connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named:
-            continue
-        out.add(name, value)
-    return out
-
-
-def split_raw_path(raw: str) -> tuple[str, str]:
-    """(path, query) of a request target, as sent; absolute-form targets are reduced."""
-    if not raw.startswith("/"):
-        try:
-            raw = URL(raw, encoded=True).raw_path_qs
-        except ValueError:
-            raw = "/"
-    path, _, query = raw.partition("?")
-    return path, query
-
-
-def merge_query(query: str, target: URL) -> str:
-    """The request's query plus the target URL's parameters it does not set itself."""
-    extra = target.raw_query_string
-    if not extra:
-        return query
-    if not query:
-        return extra
-    have = {part.partition("=")[0] for part in query.split("&")}
-    added = [part for part in extra.split("&") if part.partition("=")[0] not in have]
-    return "&".join([query, *added]) if added else query
-
-
-def upstream_url(origin: str, path: str, query: str) -> URL:
-    """The target URL for a request: byte-for-byte path and query on the target origin."""
-    return URL(f"{origin}{path}?{query}" if query else f"{origin}{path}", encoded=True)
-
-
-def is_loopback_origin(origin: str) -> bool:
-    try:
-        url = URL(origin)
-    except ValueError:
-        return False
-    return url.scheme in ("http", "https") and bool(url.raw_host) and is_loopback_host(
-        url.raw_host or ""
-    )
-
-
-def origin_allowed(origin: str, allowed: Sequence[str]) -> bool:
-    """A browser `Origin` we accept: any loopback origin, or one the user allowed."""
-    return is_loopback_origin(origin) or origin.lower().rstrip("/") in allowed
-
-
-def host_allowed(host: str, allowed: Sequence[str]) -> bool:
-    """DNS-rebinding guard: a `Host` naming loopback or one of `allowed` (with or w/o port)."""
-    host = host.strip().lower()
-    if host in allowed:
-        return True
-    if host.startswith("["):
-        name = host[: host.find("]") + 1] if "]" in host else host
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    return is_loopback_host(name) or name in allowed
-
-
-def redirect_target(status: int, location: str | None, current: URL, origin: URL) -> URL | None:
-    """Where to follow a redirect, or None when it must go to the client unchanged.
-
-    Only redirects that stay on the target's origin (same scheme, host and port) are
-    followed: the credential must never leave it, and https -> http changes the origin.
-    """
-    if status not in REDIRECT_STATUSES or not location:
-        return None
-    try:
-        nxt = current.join(URL(location))
-    except ValueError:
-        return None
-    if not nxt.absolute or nxt.origin() != origin:
-        return None
-    return nxt.with_fragment(None)
-
-
-def redirect_method(status: int, method: str) -> tuple[str, bool]:
-    """(method, keep body) for following a redirect, as browsers and RFC 9110 do."""
-    if status == 303 and method != hdrs.METH_HEAD:
-        return hdrs.METH_GET, False
-    if status in (301, 302) and method == hdrs.METH_POST:
-        return hdrs.METH_GET, False
-    return method, True
-
-
-def error_body(code: str, message: str, **extra: Any) -> bytes:
-    return json.dumps({"error": code, "message": message, **extra}).encode()
 
 
 # --- the request body ---------------------------------------------------------------

@@ -25,7 +25,8 @@ from aiohttp.web_request import BaseRequest
 
 from .config import ProxyConfig
 from .credentials import CredentialSource
-from .forward import Forwarder, error_body
+from .forward import Forwarder
+from .headers import error_body
 from .log import get_logger
 from .observe import ForwardObserver
 from .upstream import UpstreamPool, make_session

@@ -16,7 +16,7 @@ from hypothesis import strategies as hs
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.forward import (
+from proxy.headers import (
     HOP_BY_HOP,
     connection_tokens,
     merge_query,
