@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from .config import ProxyConfig
+from .headers import host_allowed, origin_allowed
 from .log import get_logger
 from .metrics import CONTENT_TYPE, Metrics
 from .status import WorkloadStatus
@@ -39,9 +40,14 @@ def _refresh_status(metrics: Metrics, status: Callable[[], dict[str, Any]]) -> N
 
 
 def build_app(
-    *, status: Callable[[], dict[str, Any]], ready: Callable[[], bool], metrics: Metrics
+    *, status: Callable[[], dict[str, Any]], ready: Callable[[], bool], metrics: Metrics,
+    config: ProxyConfig | None = None,
 ) -> web.Application:
-    """The admin routes as an aiohttp application (testable without a port)."""
+    """The admin routes as an aiohttp application (testable without a port).
+
+    With `config`, the proxy port's DNS-rebinding guards apply here too: a web page must
+    not read `/status` through a rebound host name (421) or from a foreign Origin (403).
+    """
 
     async def healthz(_request: web.Request) -> web.Response:
         # Answering at all is the proof of life.
@@ -60,13 +66,32 @@ def build_app(
         return web.Response(body=metrics.render(),
                             headers={hdrs.CONTENT_TYPE: CONTENT_TYPE, **_NO_STORE})
 
-    app = web.Application()
+    middlewares = [_guard(config)] if config is not None else []
+    app = web.Application(middlewares=middlewares)
     # add_get also answers HEAD, which load balancers like to probe with.
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_view)
     app.router.add_get("/metrics", metrics_view)
     return app
+
+
+def _guard(config: ProxyConfig) -> Any:
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        origins = request.headers.getall(hdrs.ORIGIN, [])
+        if len(origins) > 1 or (origins and not origin_allowed(origins[0],
+                                                                config.allowed_origins)):
+            return _json({"error": "forbidden_origin",
+                          "message": "this Origin may not use the admin port"}, status=403)
+        if config.binds_loopback and not host_allowed(request.headers.get(hdrs.HOST, ""),
+                                                      config.allowed_hosts):
+            return _json({"error": "misdirected_request",
+                          "message": "the admin port does not serve that Host"}, status=421)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    return guard
 
 
 class AdminServer:
@@ -82,7 +107,7 @@ class AdminServer:
         logger: Any = None,
     ) -> None:
         self._config = config
-        self._app = build_app(status=status, ready=ready, metrics=metrics)
+        self._app = build_app(status=status, ready=ready, metrics=metrics, config=config)
         self._log = logger or get_logger()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
