@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import Any
 
 from .status import Lifecycle, WorkloadRecord
-from .store import pid_alive
+from .store import MAX_FILE_BYTES, decode, pid_alive
 
 ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
 
 
 def _load(path: Path) -> tuple[dict[str, Any] | None, WorkloadRecord | None]:
+    """The file's object (for --json) and its record, via the store's one decoder."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return data, WorkloadRecord.from_dict(data)
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = path.read_bytes()[: MAX_FILE_BYTES + 1]
+        record = decode(raw, path.name.removesuffix(".json"))
+    except (OSError, ValueError):
         return None, None
+    data: dict[str, Any] = json.loads(raw)
+    return data, record
 
 
 def _since(at: datetime) -> str:
