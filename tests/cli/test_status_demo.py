@@ -141,10 +141,20 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
                 assert resp.status == 401
             data = await wait_status("unauthenticated")
             assert "invalid_token" in str(data["message"])
-            # Many set_running() ticks later it is still unauthenticated.
-            for _ in range(10):
-                await asyncio.sleep(0.05)
+            # Each set_running() rewrites the file (atomic rename, so a new inode and
+            # mtime): after five rewrites, every version read still says unauthenticated.
+            def version() -> tuple[int, int]:
+                st_ = path.stat()
+                return st_.st_ino, st_.st_mtime_ns
+
+            seen = {version()}
+            for _ in range(400):  # bounded: the runner ticks every 0.05 s
+                if len(seen) > 5:
+                    break
+                await asyncio.sleep(0.01)
+                seen.add(version())
                 assert json.loads(path.read_text())["status"] == "unauthenticated"
+            assert len(seen) > 5, "the runner stopped calling set_running()"
             token.write_text("rotated")
             for _ in range(100):
                 async with client.post(url, json={}) as resp:
