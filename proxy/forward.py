@@ -38,7 +38,7 @@ from .headers import (
     split_raw_path,
     upstream_url,
 )
-from .log import get_logger
+from .log import AccessLog, get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
 from .upstream import ChunkedPassthrough, LeanResponse, Upstream, UpstreamPool, body_start
@@ -339,6 +339,7 @@ class Forwarder:
         self._credentials = credentials
         self._observers = tuple(observers)
         self._log = logger if logger is not None else get_logger()
+        self._access = AccessLog(self._log)
         target = config.target
         self._target = target
         self._origin_url = target.origin()
@@ -405,12 +406,8 @@ class Forwarder:
                 self._idle.set()
             duration = time.perf_counter() - started
             self._complete(exchange, duration, progress)
-            self._log.info(
-                "request", method=request.method, path=path, status=exchange.status,
-                upstream_status=progress.upstream_status,
-                duration_ms=round(duration * 1000, 1), bytes_out=progress.bytes_out,
-                client=request.remote,
-            )
+            self._access(request.method, path, exchange.status, progress.upstream_status,
+                         round(duration * 1000, 1), progress.bytes_out, request.remote)
 
     def _answer(self, request: BaseRequest, exchange: Exchange, progress: _Progress,
                 answer: _ProxyAnswer) -> web.StreamResponse:

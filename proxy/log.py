@@ -13,7 +13,10 @@ import atexit
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Mapping, MutableMapping
+from json import dumps as _json_dumps
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, TextIO
 
 import structlog
@@ -115,6 +118,7 @@ def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> An
 
 
 def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None = None) -> None:
+    global _json_output
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
@@ -122,6 +126,11 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
         structlog.dev.ConsoleRenderer(colors=False)
         if fmt == "console"
         else structlog.processors.JSONRenderer()
+    )
+    levelno = logging.getLevelNamesMapping()[level.upper()]
+    _json_output = (
+        _JsonOutput(renderer, levelno, _CoalescingWriter.for_stream(stream))
+        if fmt == "json" else None
     )
     structlog.configure(
         processors=[
@@ -132,9 +141,7 @@ def configure(level: str = "info", fmt: str | None = None, stream: TextIO | None
             redact,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(levelno),
         logger_factory=_CoalescingWriter.factory(stream),
         cache_logger_on_first_use=True,
     )
@@ -158,11 +165,16 @@ class _CoalescingWriter:
         self._scheduled = False
 
     @classmethod
-    def factory(cls, stream: TextIO) -> Callable[..., _CoalescingWriter]:
+    def for_stream(cls, stream: TextIO) -> _CoalescingWriter:
         writer = cls._by_stream.get(id(stream))
         if writer is None or writer._stream is not stream:
             writer = cls._by_stream[id(stream)] = cls(stream)
             atexit.register(writer.flush)
+        return writer
+
+    @classmethod
+    def factory(cls, stream: TextIO) -> Callable[..., _CoalescingWriter]:
+        writer = cls.for_stream(stream)
         return lambda *args: writer
 
     def msg(self, message: str) -> None:
@@ -200,3 +212,88 @@ def flush() -> None:
 
 def get_logger(name: str = "mcp_authproxy") -> Any:
     return structlog.get_logger(name)
+
+
+# --- the access event -----------------------------------------------------------------
+
+class _JsonOutput:
+    """What `configure()` set up for JSON lines: the renderer ending the chain, the level,
+    the writer. The access event is rendered straight to this while that renderer is
+    still the configured chain's last step (`capture_logs` and re-configuration swap it)."""
+
+    __slots__ = ("level", "renderer", "writer")
+
+    def __init__(self, renderer: Any, level: int, writer: _CoalescingWriter) -> None:
+        self.renderer = renderer
+        self.level = level
+        self.writer = writer
+
+
+_json_output: _JsonOutput | None = None
+
+
+class AccessLog:
+    """The one log event per request: `request`, with method, path, status and timing.
+
+    It runs on every request, so with JSON output it skips structlog's processor chain
+    (about 40 µs, a fifth of the proxy's CPU per request) and writes the line those
+    processors would: the logger's bound context, the fields, `event`, `level` and a
+    UTC ISO `timestamp`, in that order, with the same redaction (bearer/basic values
+    and token-like query values in the path, registered credentials anywhere in the
+    line). Console output, a test's `capture_logs`, or a logger that is not structlog's
+    go through `logger.info` as before.
+    """
+
+    __slots__ = ("_context_for", "_logger", "_prefix", "_second", "_stamp")
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+        self._prefix: str | None = None  # the rendered bound context, e.g. '{"workload": "x", '
+        self._context_for: Any = None  # the renderer `_prefix` was made for
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, method: str, path: str, status: int, upstream_status: int | None,
+                 duration_ms: float, bytes_out: int, client: str | None) -> None:
+        out = _json_output
+        if out is None or not self._fast(out):
+            self._logger.info(
+                "request", method=method, path=path, status=status,
+                upstream_status=upstream_status, duration_ms=duration_ms,
+                bytes_out=bytes_out, client=client,
+            )
+            return
+        if out.level > logging.INFO:
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        line = (
+            f'{self._prefix}"method": {_json_str(redact_text(method))}, '
+            f'"path": {_json_str(redact_text(path))}, "status": {status}, '
+            f'"upstream_status": {"null" if upstream_status is None else upstream_status}, '
+            f'"duration_ms": {duration_ms!r}, "bytes_out": {bytes_out}, '
+            f'"client": {"null" if client is None else _json_str(client)}, '
+            f'"event": "request", "level": "info", '
+            f'"timestamp": "{self._stamp}.{int((now - second) * 1e6):06d}Z"}}'
+        )
+        if _known_secrets:
+            line = mask_known_secrets(line)
+        out.writer.msg(line)
+
+    def _fast(self, out: _JsonOutput) -> bool:
+        processors = structlog.get_config()["processors"]
+        if not processors or processors[-1] is not out.renderer:
+            return False
+        if self._context_for is not out.renderer:
+            try:
+                context = dict(structlog.get_context(self._logger))
+            except AttributeError:  # not a structlog logger: always the slow way
+                return False
+            context = dict(redact(None, "", context))
+            rendered = _json_dumps(context, default=repr)
+            self._prefix = rendered[:-1] + ", " if context else "{"
+            self._context_for = out.renderer
+        return True
