@@ -17,8 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
-from aiohttp import hdrs, web
-from aiohttp.web_request import BaseRequest
+from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -38,6 +37,7 @@ from .headers import (
     split_raw_path,
     upstream_url,
 )
+from .inbound import InboundRequest, Reply
 from .log import AccessLog, get_logger
 from .observe import Exchange, ForwardObserver
 from .sse import EndpointRewriter
@@ -61,7 +61,7 @@ class RequestBody:
     __slots__ = ("_content", "_eof", "_expect", "_keep", "_kept", "_limit", "_not_reading",
                  "_request", "_size", "_task", "too_large")
 
-    def __init__(self, request: BaseRequest, *, limit: int, keep: int) -> None:
+    def __init__(self, request: InboundRequest, *, limit: int, keep: int) -> None:
         self._request = request
         self._content = request.content
         self._limit = limit
@@ -81,7 +81,7 @@ class RequestBody:
         if self._expect:
             # We took the client's Expect off the upstream request, so answer it ourselves.
             self._expect = False
-            await self._request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._request.send_continue()
         not_reading = self._not_reading
         if not_reading is None:
             chunk = await self._content.readany()
@@ -151,26 +151,6 @@ class RequestBody:
     def drop(self) -> None:
         """The response headers arrived: no replay from now on, free the copy."""
         self._kept = None
-
-
-class _TransparentResponse(web.StreamResponse):
-    """A StreamResponse that adds no `Content-Type`/`Server` the target did not send."""
-
-    def __init__(self, status: int, reason: str | None, headers: CIMultiDict[str]) -> None:
-        super().__init__(status=status, reason=reason, headers=headers)
-        self._had_type = hdrs.CONTENT_TYPE in headers
-        self._had_server = hdrs.SERVER in headers
-
-    def send_headers_with_body(self) -> None:
-        """Hold the headers back until the first body write (one packet, not two)."""
-        self._send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        if not self._had_type:
-            self._headers.popall(hdrs.CONTENT_TYPE, None)
-        if not self._had_server:
-            self._headers.popall(hdrs.SERVER, None)
 
 
 # Client-side write buffer above which an event stream goes back to the awaited loop,
@@ -384,7 +364,7 @@ class Forwarder:
         return tasks
 
     # The request's life: checks, credential, upstream exchange, streaming, accounting.
-    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: InboundRequest) -> Reply:
         # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds, which
         # made most access-log durations 0.0 and metrics histograms useless.
         started = time.perf_counter()
@@ -409,18 +389,18 @@ class Forwarder:
             self._access(request.method, path, exchange.status, progress.upstream_status,
                          round(duration * 1000, 1), progress.bytes_out, request.remote)
 
-    def _answer(self, request: BaseRequest, exchange: Exchange, progress: _Progress,
-                answer: _ProxyAnswer) -> web.StreamResponse:
+    def _answer(self, request: InboundRequest, exchange: Exchange, progress: _Progress,
+                answer: _ProxyAnswer) -> Reply:
         exchange.status = answer.status
         exchange.upstream_headers = None
         progress.bytes_out = len(answer.body)
-        response = web.Response(status=answer.status, body=answer.body,
-                                content_type="application/json", headers=answer.headers)
+        response = Reply(answer.status, body=answer.body, content_type="application/json",
+                         headers=CIMultiDict(answer.headers))
         if answer.close:
             response.force_close()
         return response
 
-    def _check(self, request: BaseRequest) -> None:
+    def _check(self, request: InboundRequest) -> None:
         if request.version < aiohttp.HttpVersion10:
             # HTTP/0.9 has no headers, yet the parser reads some after a bare-LF request
             # line: a line break in the target would turn into a header upstream.
@@ -467,8 +447,8 @@ class Forwarder:
                                headers={hdrs.RETRY_AFTER: str(retry)},
                                reason=exc.reason) from None
 
-    async def _forward(self, request: BaseRequest, exchange: Exchange, progress: _Progress,
-                       query: str) -> web.StreamResponse:
+    async def _forward(self, request: InboundRequest, exchange: Exchange, progress: _Progress,
+                       query: str) -> Reply:
         self._check(request)
         credential = await self._credential()
         if exchange.on_mcp_path:
@@ -621,8 +601,8 @@ class Forwarder:
         exchange.upstream_seconds = time.perf_counter() - started
         return upstream
 
-    async def _relay(self, request: BaseRequest, upstream: Upstream,
-                     exchange: Exchange, progress: _Progress) -> web.StreamResponse:
+    async def _relay(self, request: InboundRequest, upstream: Upstream,
+                     exchange: Exchange, progress: _Progress) -> Reply:
         """Stream the target's answer to the client, chunk by chunk as it arrives."""
         status = upstream.status
         progress.upstream_status = status
@@ -636,7 +616,7 @@ class Forwarder:
         if exchange.sse and request.method == hdrs.METH_GET:
             rewriter = EndpointRewriter(self._origin_url, f"http://{request.host}")
             headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
-        response = _TransparentResponse(status, upstream.reason, headers)
+        response = Reply(status, upstream.reason, headers)
         content = upstream.content
         try:
             chunk: bytes | None = content.read_nowait(-1)
@@ -698,8 +678,8 @@ class Forwarder:
             request.protocol.force_close()
         return response
 
-    async def _push(self, request: BaseRequest, upstream: LeanResponse,
-                    response: web.StreamResponse, writer: Any, progress: _Progress,
+    async def _push(self, request: InboundRequest, upstream: LeanResponse,
+                    response: Reply, writer: Any, progress: _Progress,
                     sent: bytes) -> bool:
         """Relay an event stream from the upstream callback: byte for byte when both sides
         are chunked (True: the answer ended here), else until `_Pump` stops (False: the

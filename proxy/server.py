@@ -1,9 +1,10 @@
-"""`ForwardingServer`: the listening side of the proxy, with the limits aiohttp lacks.
+"""`ForwardingServer`: the listening side of the proxy.
 
-It owns the upstream session and the listening sockets, runs the forwarding handler on
-aiohttp's low-level server (no router on the hot path), and adds two guards aiohttp does
-not have: a `header_timeout` for clients that trickle their request headers (slowloris)
-and a cap on concurrent client connections (503 above it). Shutdown drains in-flight
+It owns the upstream session and pool and the listening sockets, and runs the forwarding
+handler on the lean protocol of `proxy.inbound` (aiohttp's C parser, no web framework on
+the hot path), which carries the guards: a `header_timeout` for clients that trickle
+their request headers (slowloris) and a cap on concurrent client connections (503 above
+it, fitted here to the descriptor limit). Shutdown drains in-flight
 requests for a bounded time, then cancels them. It must never block the loop, and never
 leave a socket, task or upstream connection behind after `shutdown`.
 """
@@ -14,41 +15,18 @@ import asyncio
 import gc
 import resource
 import socket
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any
 
 import aiohttp
-from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from .config import ProxyConfig
 from .credentials import CredentialSource
 from .forward import Forwarder
-from .headers import error_body
+from .inbound import InboundServer
 from .log import get_logger
 from .observe import ForwardObserver
 from .upstream import UpstreamPool, make_session
-
-# After the handler returns, how long a client that is still sending an unwanted body
-# (a 413) is read and ignored before its connection is closed.
-LINGERING_TIME = 1.0
-
-
-def _busy_answer() -> bytes:
-    body = error_body("service_unavailable", "too many connections to the proxy")
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        "Content-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Retry-After: 1\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
-
-
-BUSY_ANSWER = _busy_answer()
 
 # File descriptors kept free for everything but client connections: listeners, the
 # status file and its lock, logs, the admin port, token files.
@@ -82,137 +60,6 @@ def _connection_cap(max_connections: int, log: Any) -> int:
         log.warning("connection_cap_lowered", max_connections=cap, fd_limit=soft,
                     wanted=max_connections)
     return cap
-
-
-class _GuardedHandler(RequestHandler):
-    """aiohttp's connection protocol plus a request-header timer and the connection cap."""
-
-    def __init__(self, manager: _GuardedServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        self._guard = manager
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._header_deadline: float | None = None
-        self._rejected: asyncio.Transport | None = None
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """Malformed or oversized requests: a short JSON answer, never the input echoed.
-
-        aiohttp's own answer quotes the offending bytes back (an `Authorization` value
-        among them) and logs a traceback through stdlib logging; ours names the problem.
-        """
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        too_large = isinstance(exc, LineTooLong) or (
-            exc is not None and "Too many headers" in str(exc))  # aiohttp has no class for it
-        if too_large:
-            status = 431
-            answer = error_body("request_header_fields_too_large",
-                                "the request line or headers are too large")
-        elif status == 500:
-            answer = error_body("internal_error", "the proxy failed to handle the request")
-        else:
-            answer = error_body("bad_request", "the request is not valid HTTP/1.1")
-        self._guard.log.info("bad_request", status=status,
-                             problem=type(exc).__name__ if exc else None)
-        response = web.Response(status=status, body=answer, content_type="application/json")
-        response.force_close()
-        return response
-
-    # The header timer runs while we wait for a request's headers: from the connection's
-    # start, and again after each response on a kept-alive connection. Arming and
-    # disarming only move a deadline; the one timer re-checks it when it fires, so a busy
-    # keep-alive connection does not make and cancel a timer for every request.
-    def _arm(self) -> None:
-        self._header_deadline = deadline = self._loop.time() + self._guard.header_timeout
-        if self._header_timer is None:
-            self._header_timer = self._loop.call_at(deadline, self._expire)
-
-    def _disarm(self) -> None:
-        self._header_deadline = None
-
-    def _stop_timer(self) -> None:
-        self._header_deadline = None
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _expire(self) -> None:
-        self._header_timer = None
-        deadline = self._header_deadline
-        if deadline is None:
-            return  # disarmed meanwhile: the next _arm starts a new timer
-        if self._loop.time() < deadline:
-            self._header_timer = self._loop.call_at(deadline, self._expire)
-            return
-        if self._rejected is not None:
-            self._rejected.abort()
-        elif self._current_request is None and not self._messages:
-            self.force_close()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._guard.connection_count >= self._guard.max_connections:
-            # Over the cap: answer 503 to whatever the client sends first, then close.
-            # A cast, not an isinstance check: uvloop's transports do not subclass
-            # asyncio.Transport, and an assert here broke the cap under the CLI.
-            self._rejected = cast(asyncio.Transport, transport)
-            self._arm()
-            return
-        super().connection_made(transport)
-        self._arm()
-
-    def data_received(self, data: bytes) -> None:
-        rejected = self._rejected
-        if rejected is not None:
-            if not rejected.is_closing():
-                rejected.write(BUSY_ANSWER)
-                rejected.close()
-            return
-        super().data_received(data)
-        if self._messages:
-            self._disarm()  # complete request headers arrived
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
-        if self._rejected is not None:
-            self._rejected = None
-            return
-        super().connection_lost(exc)
-
-    async def _handle_request(
-        self,
-        request: BaseRequest,
-        start_time: float | None,
-        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
-    ) -> tuple[web.StreamResponse, bool]:
-        try:
-            return await super()._handle_request(request, start_time, request_handler)
-        finally:
-            if not self._force_close and not self._close:
-                self._arm()
-
-
-class _GuardedServer(web.Server):
-    """aiohttp's low-level server making `_GuardedHandler`s."""
-
-    def __init__(self, handler: Forwarder, *, header_timeout: float, max_connections: int,
-                 log: Any, **kwargs: Any) -> None:
-        super().__init__(handler, handler_cancellation=True, **kwargs)
-        self.header_timeout = header_timeout
-        self.max_connections = max_connections
-        self.log = log
-
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
-    def __call__(self) -> RequestHandler:
-        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
 
 
 # Young-generation threshold while serving. Python's default (700 allocations) ran a
@@ -263,7 +110,7 @@ class ForwardingServer:
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
         self._forwarder: Forwarder | None = None
-        self._server: _GuardedServer | None = None
+        self._server: InboundServer | None = None
         self._listeners: list[asyncio.Server] = []
         self._port = 0
 
@@ -295,18 +142,12 @@ class ForwardingServer:
                 config, self._session, credentials=self._credentials,
                 observers=self._observers, logger=self._log, pool=self._pool,
             )
-            self._server = _GuardedServer(
+            self._server = InboundServer(
                 self._forwarder,
                 header_timeout=config.header_timeout,
+                keepalive_timeout=config.keepalive_timeout,
                 max_connections=_connection_cap(config.max_connections, self._log),
                 log=self._log,
-                keepalive_timeout=config.keepalive_timeout,
-                lingering_time=LINGERING_TIME,
-                access_log=None,  # we log our own access event, with redaction
-                auto_decompress=False,  # a gzip upload is forwarded gzipped, as sent
-                # Large cookies and tokens are the target's to judge, not 8 KiB-capped here.
-                max_line_size=65536,
-                max_field_size=65536,
             )
             await self._listen(config.host, config.port)
         except BaseException:

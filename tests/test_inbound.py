@@ -1,0 +1,185 @@
+"""The client-facing HTTP/1.1 server (`proxy.inbound`), spoken to over raw sockets.
+
+What aiohttp's server used to decide for the proxy, the lean protocol decides now:
+framing for HTTP/1.0 and HTTP/1.1 clients, HEAD, pipelining order, keep-alive, and
+which headers it adds (a Date, nothing else).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+WAIT = 10.0
+
+
+async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+async def _streaming(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse()  # no length: chunked to the proxy
+    await response.prepare(request)
+    for part in (b"one-", b"two-", b"three"):
+        await response.write(part)
+    await response.write_eof()
+    return response
+
+
+async def test_http10_client_gets_the_streamed_body_unframed_then_close(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    upstream = await make_upstream(_streaming)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        status, headers = await _read_head(reader)
+        assert status.startswith("HTTP/1.0 200")
+        assert "transfer-encoding" not in headers and headers["connection"] == "close"
+        # An HTTP/1.0 client reads to the end of the connection: it must end.
+        assert await asyncio.wait_for(reader.read(), WAIT) == b"one-two-three"
+    finally:
+        writer.close()
+
+
+async def test_http10_keep_alive_is_honoured_when_the_length_is_known(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    async def fixed(request: web.Request) -> web.Response:
+        return web.Response(body=b"fixed:" + request.path.encode())
+
+    upstream = await make_upstream(fixed)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    ask = b"GET /mcp HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
+    reader, writer = await _exchange(proxy.port, ask)
+    try:
+        for _ in range(2):
+            status, headers = await _read_head(reader)
+            assert status.startswith("HTTP/1.0 200") and headers["connection"] == "keep-alive"
+            body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])),
+                                          WAIT)
+            assert body == b"fixed:/mcp"
+            writer.write(ask)
+    finally:
+        writer.close()
+
+
+async def test_head_answer_has_no_body_and_the_connection_stays_usable(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"12345", content_type="text/plain")
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    reader, writer = await _exchange(
+        proxy.port,
+        b"HEAD /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        status, headers = await _read_head(reader)
+        assert status.startswith("HTTP/1.1 200") and headers["content-length"] == "5"
+        # No body after the HEAD answer: the next bytes are the GET's status line.
+        status, headers = await _read_head(reader)
+        assert status.startswith("HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readexactly(5), WAIT) == b"12345"
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.query["n"])
+        if request.query["n"] == "0":
+            await asyncio.sleep(0.05)  # the slowest answer first: order must not change
+        return web.Response(body=f"answer-{request.query['n']}".encode())
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    raw = b"".join(b"GET /mcp?n=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i for i in range(3))
+    reader, writer = await _exchange(proxy.port, raw)
+    try:
+        bodies = []
+        for _ in range(3):
+            _, headers = await _read_head(reader)
+            bodies.append(await asyncio.wait_for(
+                reader.readexactly(int(headers["content-length"])), WAIT))
+        assert bodies == [b"answer-0", b"answer-1", b"answer-2"]
+    finally:
+        writer.close()
+    assert seen == ["0", "1", "2"]
+
+
+async def test_only_a_date_is_added_to_the_targets_headers(make_proxy: Any) -> None:
+    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    target = await asyncio.start_server(bare, "127.0.0.1", 0)
+    port = target.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
+        reader, writer = await _exchange(
+            proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        try:
+            status, headers = await _read_head(reader)
+            assert status == "HTTP/1.1 200 OK"
+            # No Content-Type or Server of the proxy's own: only a Date, and the close.
+            assert set(headers) == {"content-length", "date", "connection"}
+            assert await asyncio.wait_for(reader.read(), WAIT) == b"{}"
+        finally:
+            writer.close()
+    finally:
+        target.close()
+        await target.wait_closed()
+
+
+async def test_request_after_a_malformed_one_is_not_served(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.path_qs)
+        return web.Response(body=b"ok")
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp?n=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    try:
+        first, headers = await _read_head(reader)
+        assert first.startswith("HTTP/1.1 200")
+        await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), WAIT)
+        writer.write(b"GET /mcp?n=2 HTTP/1.1\r\nBad Header Line\r\n\r\n"
+                     b"GET /mcp?n=3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        second, headers = await _read_head(reader)
+        assert second.startswith("HTTP/1.1 400") and headers["connection"] == "close"
+        rest = await asyncio.wait_for(reader.read(), WAIT)
+        assert b"bad_request" in rest and b"Bad Header" not in rest
+    finally:
+        writer.close()
+    assert seen == ["/mcp?n=1"]
