@@ -39,6 +39,9 @@ RETRYING_REASON = "TokenRefreshRetrying"
 EVENT_ENV = "MCP_AUTHPROXY_EVENT"
 CALLBACK_GRACE = 10.0  # seconds `flush` waits for callbacks before leaving them running
 _MAX_ERROR_TEXT = 200  # the target's error text is untrusted: bound what we store
+# (reason, message) of the conditions a good answer on the MCP path sets.
+_AUTHORIZED = ("Authorized", "The target accepts requests on the MCP path.")
+_ACCEPTED = ("CredentialAccepted", "The target accepted the credential on the MCP path.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,21 +159,26 @@ class AuthMonitor:
         # overtakes the announcement of the episode it ends.
         self._announced: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The workload view in which a good MCP answer changes nothing (`_note_settled`).
+        self._settled: st.WorkloadRecord | None = None
 
     # --- ForwardObserver ----------------------------------------------------------
 
     def on_response(self, ex: Exchange) -> None:
-        if ex.upstream_headers is None or ex.status < 100:
+        status = ex.status
+        if ex.upstream_headers is None or status < 100:
             return  # the proxy's own answer says nothing about the credential
-        if ex.status == 401:
-            self._unauthorized(ex)
-        elif ex.status == 403:
-            self._forbidden(ex)
-        elif ex.status < 400 and ex.on_mcp_path:
-            self._workload.set_condition(st.ConditionType.AUTHORIZED, True, "Authorized",
-                                         "The target accepts requests on the MCP path.")
+        if status < 400:
+            if not ex.on_mcp_path or self._workload.view is self._settled:
+                return  # the common case: nothing to prove, nothing that could change
+            self._workload.set_condition(st.ConditionType.AUTHORIZED, True, *_AUTHORIZED)
             if self._proves(ex):
                 self._close_episode()
+            self._note_settled()
+        elif status == 401:
+            self._unauthorized(ex)
+        elif status == 403:
+            self._forbidden(ex)
 
     def on_complete(self, ex: Exchange, duration: float, bytes_out: int) -> None:
         return None
@@ -213,6 +221,25 @@ class AuthMonitor:
             await asyncio.wait(pending, timeout=remaining)
 
     # --- decisions (synchronous, in memory) ---------------------------------------
+
+    def _note_settled(self) -> None:
+        """Remember the view if a good MCP answer could change nothing in it.
+
+        That holds when no episode is open and the view already says Authorized=True and
+        Authenticated=True with the reasons a good answer sets: then `set_condition`
+        would queue nothing whoever's credential it was (rule 4's proof only matters to
+        close an episode), and `on_response` can skip all of it until the view changes.
+        """
+        view = self._workload.view
+        if self.episode_open or view is self._settled:
+            return
+        authorized = view.condition(st.ConditionType.AUTHORIZED)
+        authenticated = view.condition(st.ConditionType.AUTHENTICATED)
+        if (authorized is not None and authorized.status
+                and authorized.reason == _AUTHORIZED[0]
+                and authenticated is not None and authenticated.status
+                and authenticated.reason == _ACCEPTED[0]):
+            self._settled = view
 
     def _proves(self, ex: Exchange) -> bool:
         """Rule 4: a good answer on the MCP path to the *current* credential."""
@@ -261,6 +288,7 @@ class AuthMonitor:
         if self.episode_open:
             return
         self.episode_open = True
+        self._settled = None
         self.unauthorized_since = event.at
         write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, False,
                                              event.reason, event.message)
@@ -272,16 +300,14 @@ class AuthMonitor:
         self._spawn(self._announce_unauthorized(write, event, announced))
 
     def _close_episode(self) -> None:
-        accepted = ("CredentialAccepted",
-                    "The target accepted the credential on the MCP path.")
         if not self.episode_open:
             # Before any episode: record Authenticated=True once (set_condition dedups).
-            self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *accepted)
+            self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *_ACCEPTED)
             return
         self.episode_open = False
         since = self.unauthorized_since or datetime.now(UTC)
         self.unauthorized_since = None
-        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *accepted)
+        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *_ACCEPTED)
         event = ReauthorizedEvent(workload=self._workload.name, at=datetime.now(UTC),
                                   unauthorized_since=since)
         self._logger.info("reauthorized", workload=event.workload)

@@ -3,25 +3,42 @@
 `Metrics` is a forward observer (requests, time to the target's headers) and has one
 small method for each thing the other parts count: probes, auth episodes, 401/403
 answers, token refreshes, token expiry, workload status and SSE streams. Every label
-value comes from a small closed set, and label children are bound once and cached, so
-a request costs a dict lookup and an increment.
+value comes from a small closed set, and every label child exists from the start (a
+scrape shows zeros, not missing series).
 
 It must never use prometheus-client's global registry (several proxies can run in one
 process), never take a label value from unbounded input (a path, a header, a token),
-and never do I/O on the request path.
+and never do I/O on the request path. It is used from the event loop's thread only.
+
+The two families every request touches (`requests_total`, `upstream_response_seconds`)
+are plain ints and a float updated on the event loop, exposed at scrape time by
+`_RequestFamilies`: prometheus-client's Counter and Histogram take a lock (and a few
+calls) per increment, which per request cost as much as the rest of the observer.
+The proxy is single-threaded (the admin port scrapes on the same loop), so plain
+increments are exact. The text a scrape shows is what the prometheus-client objects
+showed: same names, types, help, labels, buckets and `_created` series.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import metrics as _prometheus_metrics
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from .challenge import bearer_error
 from .observe import Exchange
@@ -72,21 +89,70 @@ def method_label(method: str) -> str:
     return method if method in METHODS else OTHER
 
 
+_REQUESTS_HELP = "Client requests answered, by method and status class."
+_UPSTREAM_HELP = "Seconds from sending a request to the target until its response headers."
+# The `le` label of each upstream bucket, +Inf last (prometheus-client's spelling).
+_UPSTREAM_LE = (
+    *(floatToGoString(b) for b in UPSTREAM_BUCKETS),  # type: ignore[no-untyped-call]
+    "+Inf",
+)
+
+
+def _use_created() -> bool:
+    # prometheus-client's switch for `_created` series (PROMETHEUS_DISABLE_CREATED_SERIES
+    # or disable_created_metrics()), honoured like its own Counter and Histogram do.
+    return bool(getattr(_prometheus_metrics, "_use_created", True))
+
+
+class _RequestFamilies:
+    """The collector of the per-request families, read from `Metrics`' plain counts."""
+
+    def __init__(self, metrics: Metrics, created: float) -> None:
+        self._metrics = metrics
+        self._created = created
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only (for the registry's duplicate check), without reading any count.
+        return [CounterMetricFamily(PREFIX + "requests", _REQUESTS_HELP,
+                                    labels=("method", "code")),
+                HistogramMetricFamily(PREFIX + "upstream_response_seconds", _UPSTREAM_HELP)]
+
+    def collect(self) -> Iterator[Metric]:
+        m, created = self._metrics, self._created if _use_created() else None
+        requests = CounterMetricFamily(PREFIX + "requests", _REQUESTS_HELP,
+                                       labels=("method", "code"))
+        for method, counts in m._request_counts.items():
+            for code, count in zip(_STATUS_CLASSES, counts, strict=True):
+                requests.add_metric((method, code), count, created=created)
+        yield requests
+        upstream = HistogramMetricFamily(PREFIX + "upstream_response_seconds", _UPSTREAM_HELP)
+        cumulative, buckets = 0, []
+        for le, count in zip(_UPSTREAM_LE, m._upstream_counts, strict=True):
+            cumulative += count
+            buckets.append((le, float(cumulative)))
+        upstream.add_metric((), buckets, m._upstream_sum)
+        if created is not None:
+            upstream.samples.append(Sample(upstream.name + "_created", {}, created))
+        yield upstream
+
+
 class Metrics:
     """Every metric of one proxy. Implements `proxy.observe.ForwardObserver`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter(
-            PREFIX + "requests", "Client requests answered, by method and status class.",
-            ("method", "code"), registry=r,
-        )
-        self._upstream = Histogram(
-            PREFIX + "upstream_response_seconds",
-            "Seconds from sending a request to the target until its response headers.",
-            registry=r, buckets=UPSTREAM_BUCKETS,
-        )
+        # Per request: a count per method (every METHODS one and OTHER) and status class
+        # (indexed like _STATUS_CLASSES), and the upstream histogram's per-bucket counts
+        # (not cumulative; +Inf last) and sum. Read at scrape time by _RequestFamilies,
+        # registered first so the families keep their place in the exposition.
+        self._request_counts: dict[str, list[int]] = {
+            m: [0] * len(_STATUS_CLASSES) for m in (*METHODS, OTHER)
+        }
+        self._other_counts = self._request_counts[OTHER]
+        self._upstream_counts = [0] * (len(UPSTREAM_BUCKETS) + 1)
+        self._upstream_sum = 0.0
+        r.register(_RequestFamilies(self, time.time()))
         self._open_streams = Gauge(
             PREFIX + "open_streams", "SSE streams open between clients and the target now.",
             registry=r,
@@ -120,12 +186,8 @@ class Metrics:
             PREFIX + "workload_status", "1 for the workload's current status, 0 for the others.",
             ("status",), registry=r,
         )
-        # Bind the children of every closed label set once: the request path then
-        # only looks a child up.
-        self._request_children = {
-            (m, c): self._requests.labels(m, c)
-            for m in (*METHODS, OTHER) for c in _STATUS_CLASSES
-        }
+        # Bind the children of every closed label set once: counting then only looks a
+        # child up.
         self._auth_children = {
             (s, e): self._auth_answers.labels(str(s), e)
             for s in (401, 403) for e in (*AUTH_ERROR_CODES, "none", OTHER)
@@ -153,8 +215,11 @@ class Metrics:
         # Probes are counted by `probe`; their timings would blur the clients'.
         if exchange.probe:
             return
-        if exchange.upstream_seconds is not None:
-            self._upstream.observe(exchange.upstream_seconds)
+        seconds = exchange.upstream_seconds
+        if seconds is not None:
+            # The first bucket whose bound is >= seconds (buckets are `le`); +Inf past all.
+            self._upstream_counts[bisect_left(UPSTREAM_BUCKETS, seconds)] += 1
+            self._upstream_sum += seconds
         if exchange.sse:
             self._streams.add(id(exchange))
             self.stream_opened()
@@ -162,7 +227,10 @@ class Metrics:
     def on_complete(self, exchange: Exchange, duration: float, bytes_out: int) -> None:
         if exchange.probe:
             return
-        self._request_children[method_label(exchange.method), status_class(exchange.status)].inc()
+        # method_label and status_class, inlined: this runs for every request.
+        counts = self._request_counts.get(exchange.method, self._other_counts)
+        index = exchange.status // 100
+        counts[index if 1 <= index <= 5 else 0] += 1
         # Only a stream this observer saw open is closed: the gauge can never drift.
         if exchange.sse and id(exchange) in self._streams:
             self._streams.discard(id(exchange))

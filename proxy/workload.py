@@ -34,21 +34,19 @@ class Workload:
         self._logger = logger if logger is not None else get_logger().bind(workload=store.name)
         # The record as the store last returned it (or as it moved on after a failed write).
         self.record = st.WorkloadRecord(name=store.name, lifecycle=st.Lifecycle.STARTING)
-        # `record` plus every queued, not yet written event: what decisions compare with.
-        self._view = self.record
+        # `record` plus every queued, not yet written event: what decisions compare with;
+        # the record as it will be once queued writes land. Read-only outside this class.
+        # Records are immutable, so `workload.view is seen` tells a reader (the auth
+        # monitor, per request) that nothing changed since it looked.
+        self.view = self.record
         self._queue: deque[tuple[_Operation, st.Event, asyncio.Future[st.WorkloadRecord]]] = (
             deque()
         )
         self._writer: asyncio.Task[None] | None = None
         self._failing: set[str] = set()  # kinds of write failure logged, until a success
 
-    @property
-    def view(self) -> st.WorkloadRecord:
-        """The record as it will be once queued writes land."""
-        return self._view
-
     def condition(self, kind: st.ConditionType) -> st.Condition | None:
-        return self._view.condition(kind)
+        return self.view.condition(kind)
 
     async def claim(self, started: st.Started) -> st.WorkloadRecord:
         """Take the workload name for this process; raises `NameInUse`."""
@@ -66,7 +64,7 @@ class Workload:
         Synchronous and I/O-free, so the request path may call it. Only status and
         reason count as a change: a new message alone is not worth a write.
         """
-        current = self._view.condition(kind)
+        current = self.view.condition(kind)
         if current is not None and current.status == status and current.reason == reason:
             return None
         return self._enqueue(self.store.update, st.SetCondition(kind, status, reason, message))
@@ -85,7 +83,7 @@ class Workload:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[st.WorkloadRecord] = loop.create_future()
         self._queue.append((operation, event, future))
-        self._view = st.apply(self._view, event, name=self.name)
+        self.view = st.apply(self.view, event, name=self.name)
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain(), name=f"status-writer:{self.name}")
         return future
@@ -122,7 +120,7 @@ class Workload:
         view = self.record
         for _, event, _ in self._queue:
             view = st.apply(view, event, name=self.name)
-        self._view = view
+        self.view = view
 
     def _failed(self, exc: Exception) -> None:
         cause = exc.__cause__

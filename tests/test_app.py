@@ -249,6 +249,10 @@ async def test_metrics_count_real_traffic_streams_and_the_status(
         values = await scrape(session, proxy.admin_port)
         assert total(values, "mcp_authproxy_requests_total", method="POST", code="2xx") == 7
         assert total(values, "mcp_authproxy_upstream_response_seconds_count") == 7
+        buckets = [v for k, v in values.items()
+                   if k.startswith("mcp_authproxy_upstream_response_seconds_bucket{")]
+        assert len(buckets) == 16 and buckets == sorted(buckets) and buckets[-1] == 7
+        assert total(values, "mcp_authproxy_upstream_response_seconds_sum") > 0
         assert total(values, "mcp_authproxy_workload_status", status="running") == 1
 
         resp = await session.post(proxy.url, json={}, headers={"X-Test-Stream": "1"})

@@ -383,6 +383,81 @@ async def test_no_io_per_request(upstream: Any, session: aiohttp.ClientSession) 
     assert store.writes == writes
 
 
+async def test_steady_good_answers_do_no_status_work() -> None:
+    """Once the view holds what a good MCP answer would set, later good answers ask
+    nothing (not even the credential's version) until the view changes."""
+    asked = 0
+
+    def version() -> int:
+        nonlocal asked
+        asked += 1
+        return 1
+
+    store = MemoryStore("w")
+    workload = Workload(store)
+    monitor = AuthMonitor(workload, mcp_path="/mcp", credentials_configured=True,
+                          current_version=version)
+    await workload.apply(st.Serving())
+    headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    ok = Exchange("POST", "/mcp", True, 200, headers, Credential(f"Bearer {SECRET}", 1))
+    monitor.on_response(ok)
+    assert asked == 1
+    for _ in range(100):
+        monitor.on_response(ok)
+    assert asked == 1
+    # Any change of the view (here an unrelated condition) makes the next answer look.
+    monitor.credential_state(True, "TokenLoaded", "token loaded", False)
+    monitor.on_response(ok)
+    monitor.on_response(ok)
+    assert asked == 2
+    # So does the writer rebuilding the view from the store's answer.
+    await monitor.flush()
+    monitor.on_response(ok)
+    assert asked == 3
+    view = workload.view
+    assert view.status is S.RUNNING
+    assert [(c.type, c.status) for c in view.conditions] == [
+        (C.AUTHENTICATED, True), (C.CREDENTIAL_AVAILABLE, True), (C.AUTHORIZED, True)]
+
+
+async def test_settled_monitor_still_sees_every_change(harness: Harness) -> None:
+    """After steady good answers, a 403 scope, a cleared record and an invalid source
+    each still take effect, and the next good answer heals them as before."""
+    for _ in range(3):
+        await harness.call()
+    await harness.settle()
+
+    def conditions() -> dict[str, tuple[str, str]]:
+        return {c["type"]: (c["status"], c["reason"]) for c in harness.file()["conditions"]}
+
+    assert conditions() == {"Authenticated": ("True", "CredentialAccepted"),
+                            "Authorized": ("True", "Authorized")}
+    assert (await harness.call("/mcp/scoped")).status == 403
+    await harness.settle()
+    assert conditions()["Authorized"] == ("False", "InsufficientScope")
+    await harness.call()
+    await harness.settle()
+    assert conditions()["Authorized"] == ("True", "Authorized")
+
+    # A new claim (a restart under the same name) starts with no conditions at all.
+    await harness.start()
+    assert conditions() == {}
+    await harness.call()
+    await harness.settle()
+    assert conditions() == {"Authenticated": ("True", "CredentialAccepted"),
+                            "Authorized": ("True", "Authorized")}
+
+    harness.monitor.credential_state(False, "TokenFileMissing", "token file missing", True)
+    await harness.call()
+    await harness.settle()
+    assert len(harness.unauthorized) == 1 and len(harness.reauthorized) == 1
+    assert harness.file()["status"] == "unauthenticated"  # the source is still invalid
+    harness.monitor.credential_state(True, "TokenLoaded", "token file loaded", False)
+    await harness.call()
+    await harness.settle()
+    assert harness.file()["status"] == "running" and not harness.monitor.episode_open
+
+
 async def test_no_credential_in_file_or_logs(harness: Harness, upstream: Any) -> None:
     """The injected token never appears in the status file or in any log event."""
     with capture_logs() as logs:

@@ -174,3 +174,97 @@ def test_observed_exchanges_count_auth_answers_and_streams() -> None:
     assert value(s, "mcp_authproxy_requests_total", method="POST", code="4xx") == 1
     assert value(s, "mcp_authproxy_requests_total", method="POST", code="5xx") == 1
     assert value(s, "mcp_authproxy_requests_total", method="GET", code="2xx") == 1
+
+
+def _families(text: str) -> dict[str, list[tuple[str, tuple[tuple[str, str], ...], float]]]:
+    """Each family's samples in exposition order (`_created` values left out: timestamps)."""
+    return {
+        family.name: [(s.name, tuple(sorted(s.labels.items())),
+                       math.nan if s.name.endswith("_created") else s.value)
+                      for s in family.samples]
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def test_request_families_scrape_like_prometheus_client_objects() -> None:
+    """The per-request families (plain counts behind a collector) show exactly what
+    prometheus-client's Counter and Histogram show for the same traffic: names, types,
+    help, every label child (zeros too), `le` buckets, _count, _sum and _created."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.exposition import generate_latest
+
+    from proxy.metrics import METHODS, OTHER, UPSTREAM_BUCKETS
+
+    reference = CollectorRegistry()
+    requests = Counter("mcp_authproxy_requests",
+                       "Client requests answered, by method and status class.",
+                       ("method", "code"), registry=reference)
+    upstream = Histogram("mcp_authproxy_upstream_response_seconds",
+                         "Seconds from sending a request to the target until its response "
+                         "headers.", registry=reference, buckets=UPSTREAM_BUCKETS)
+    for method in (*METHODS, OTHER):
+        for code in ("other", "1xx", "2xx", "3xx", "4xx", "5xx"):
+            requests.labels(method, code)
+
+    m = Metrics()
+    # Bounds themselves (buckets are `le`), between bounds, zero, past the last bound.
+    timings = [0.0, 0.005, 0.0051, 0.01, 0.3, 1.0, 2.5000001, 300.0, 300.5, 4000.0]
+    traffic = [("POST", 200), ("GET", 404), ("BREW", 503), ("post", 201), ("DELETE", 0),
+               ("PUT", 700), ("OPTIONS", 101), ("PATCH", 302), ("HEAD", 599), ("POST", 200)]
+    for (method, status), seconds in zip(traffic, timings, strict=True):
+        ex = _exchange(method, status, upstream=seconds)
+        m.on_response(ex)
+        m.on_complete(ex, duration=1.0, bytes_out=1)
+        requests.labels(method_label(method), status_class(status)).inc()
+        upstream.observe(seconds)
+    own = _exchange("GET", 502, upstream=None)  # the proxy's own answer: no timing
+    m.on_response(own)
+    m.on_complete(own, duration=0.0, bytes_out=0)
+    requests.labels("GET", "5xx").inc()
+
+    ours = _families(m.render().decode())
+    theirs = _families(generate_latest(reference).decode())
+    for name in ("mcp_authproxy_requests", "mcp_authproxy_upstream_response_seconds"):
+        assert sorted(ours[name]) == sorted(theirs[name]), name
+    # HELP and TYPE lines too (the sample lines differ only in their _created stamps).
+    text = m.render().decode()
+    for line in generate_latest(reference).decode().splitlines():
+        if line.startswith("#"):
+            assert line in text
+
+
+def test_upstream_histogram_is_cumulative_with_count_and_sum() -> None:
+    """Buckets count every timing at or below their bound; +Inf and _count count all."""
+    m = Metrics()
+    timings = [0.004, 0.005, 0.02, 0.02, 0.7, 301.0]
+    for seconds in timings:
+        ex = _exchange(upstream=seconds)
+        m.on_response(ex)
+        m.on_complete(ex, duration=seconds, bytes_out=0)
+    s = scrape(m)
+    name = "mcp_authproxy_upstream_response_seconds"
+    assert value(s, name + "_bucket", le="0.005") == 2  # 0.005 itself is in le="0.005"
+    assert value(s, name + "_bucket", le="0.01") == 2
+    assert value(s, name + "_bucket", le="0.025") == 4
+    assert value(s, name + "_bucket", le="1.0") == 5
+    assert value(s, name + "_bucket", le="300.0") == 5
+    assert value(s, name + "_bucket", le="+Inf") == 6
+    assert value(s, name + "_count") == 6
+    assert value(s, name + "_sum") == pytest.approx(sum(timings))
+    buckets = [v for (n, _), v in s.items() if n == name + "_bucket"]
+    assert buckets == sorted(buckets)
+    assert (name + "_created", ()) in s
+
+
+def test_created_series_follow_prometheus_client_switch() -> None:
+    """disable_created_metrics() drops _created from the per-request families too."""
+    from prometheus_client import disable_created_metrics, enable_created_metrics
+
+    disable_created_metrics()
+    try:
+        names = {n for n, _ in scrape(Metrics())}
+    finally:
+        enable_created_metrics()
+    assert "mcp_authproxy_requests_total" in names
+    assert not any(n.endswith("_created") for n in names)
+    assert "mcp_authproxy_requests_created" in {n for n, _ in scrape(Metrics())}
