@@ -19,7 +19,6 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
-from yarl import URL
 
 from .config import ProxyConfig
 from .credentials import Credential, CredentialSource
@@ -30,6 +29,7 @@ from .headers import (
     host_allowed,
     merge_query,
     origin_allowed,
+    path_with_query,
     redirect_method,
     redirect_target,
     request_headers,
@@ -453,7 +453,7 @@ class Forwarder:
         credential = await self._credential()
         if exchange.on_mcp_path:
             query = merge_query(query, self._target)
-        url = upstream_url(self._origin, exchange.path, query)
+        path_qs = path_with_query(exchange.path, query)
         headers = request_headers(
             request.headers, client_ip=request.remote or "", target_scheme=self._scheme,
             authorization=credential.authorization if credential is not None else None,
@@ -461,7 +461,8 @@ class Forwarder:
         body = (RequestBody(request, limit=self._config.max_request_bytes,
                             keep=self._config.replay_limit)
                 if request.body_exists else None)
-        upstream = await self._exchange(request.method, url, headers, body, credential, exchange)
+        upstream = await self._exchange(request.method, path_qs, headers, body, credential,
+                                        exchange)
         try:
             return await self._relay(request, upstream, exchange, progress)
         finally:
@@ -472,7 +473,7 @@ class Forwarder:
             else:
                 upstream.close()
 
-    async def _send(self, method: str, url: URL, headers: CIMultiDict[str],
+    async def _send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                     data: Any, body: RequestBody | None) -> Upstream:
         """One upstream request up to its response headers; foreign errors end here.
 
@@ -482,9 +483,10 @@ class Forwarder:
         task = self._watch() if self._timeout is not None else None
         try:
             if self._pool is not None and (data is None or isinstance(data, bytes)):
-                return await self._pool.request(method, url.raw_path_qs, headers, data)
+                return await self._pool.request(method, path_qs, headers, data)
             return await self._session.request(
-                method, url, headers=headers, data=data, allow_redirects=False,
+                method, upstream_url(self._origin, path_qs), headers=headers, data=data,
+                allow_redirects=False,
             )
         except asyncio.CancelledError:
             if task is not None and task in self._timed_out:
@@ -540,7 +542,7 @@ class Forwarder:
         if deadlines:
             self._sweeper = loop.call_later(self._tick, self._sweep)
 
-    async def _exchange(self, method: str, url: URL, headers: CIMultiDict[str],
+    async def _exchange(self, method: str, path_qs: str, headers: CIMultiDict[str],
                         body: RequestBody | None, credential: Credential | None,
                         exchange: Exchange) -> Upstream:
         """Send, following same-origin redirects and one refresh-and-replay."""
@@ -555,10 +557,10 @@ class Forwarder:
         upstream: Upstream | None = None
         try:
             while True:
-                upstream = await self._send(method, url, headers, data, body)
+                upstream = await self._send(method, path_qs, headers, data, body)
                 status = upstream.status
-                nxt = (redirect_target(status, upstream.headers.get(hdrs.LOCATION), url,
-                                       self._origin_url)
+                nxt = (redirect_target(status, upstream.headers.get(hdrs.LOCATION),
+                                       upstream_url(self._origin, path_qs), self._origin_url)
                        if status in REDIRECT_STATUSES and redirects < MAX_REDIRECTS else None)
                 if nxt is not None:
                     new_method, keep_body = redirect_method(status, method)
@@ -574,7 +576,7 @@ class Forwarder:
                             headers.popall(name, None)
                         body.drop()
                         body = None
-                    method, url, data = new_method, nxt, replay
+                    method, path_qs, data = new_method, nxt.raw_path_qs, replay
                     redirects += 1
                     continue
                 source = self._credentials

@@ -103,9 +103,14 @@ def merge_query(query: str, target: URL) -> str:
     return "&".join([query, *added]) if added else query
 
 
-def upstream_url(origin: str, path: str, query: str) -> URL:
+def path_with_query(path: str, query: str) -> str:
+    """The request target sent upstream: path and query as received (no empty "?")."""
+    return f"{path}?{query}" if query else path
+
+
+def upstream_url(origin: str, path_qs: str) -> URL:
     """The target URL for a request: byte-for-byte path and query on the target origin."""
-    return URL(f"{origin}{path}?{query}" if query else f"{origin}{path}", encoded=True)
+    return URL(f"{origin}{path_qs}", encoded=True)
 
 
 def is_loopback_origin(origin: str) -> bool:

@@ -230,6 +230,7 @@ class _JsonOutput:
 
 
 _json_output: _JsonOutput | None = None
+_METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
 
 
 class AccessLog:
@@ -271,7 +272,8 @@ class AccessLog:
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         line = (
-            f'{self._prefix}"method": {_json_str(redact_text(method))}, '
+            f'{self._prefix}"method": '
+            f'{_json_str(method if method in _METHODS else redact_text(method))}, '
             f'"path": {_json_str(redact_text(path))}, "status": {status}, '
             f'"upstream_status": {"null" if upstream_status is None else upstream_status}, '
             f'"duration_ms": {duration_ms!r}, "bytes_out": {bytes_out}, '

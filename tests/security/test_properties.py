@@ -20,6 +20,7 @@ from proxy.headers import (
     HOP_BY_HOP,
     connection_tokens,
     merge_query,
+    path_with_query,
     request_headers,
     response_headers,
     split_raw_path,
@@ -115,7 +116,7 @@ def test_path_and_query_survive_url_joining_byte_for_byte(
     raw = f"{path}?{query}" if has_query else path
     got_path, got_query = split_raw_path(raw)
     assert got_path == path
-    url = upstream_url("https://mcp.example:8443", got_path, got_query)
+    url = upstream_url("https://mcp.example:8443", path_with_query(got_path, got_query))
     assert url.raw_path_qs == (raw if query or not has_query else path)
     assert str(url) == "https://mcp.example:8443" + url.raw_path_qs
 
