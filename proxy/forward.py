@@ -203,14 +203,16 @@ class _Pump:
 
 
 class _Passthrough:
-    """Passes a chunked event stream on byte for byte, from the upstream socket callback.
+    """Passes a chunked body (an event stream or a bulk download) on byte for byte, from
+    the upstream socket callback.
 
     Past `_Pump`: aiohttp's parser and stream reader are bypassed too (about 20 Python
-    calls per event); the target's chunk framing is checked by `ChunkedPassthrough` and a
-    clean one-chunk event goes to the client as it came. A client buffer above
-    PUSH_HIGH_WATER pauses reading from the target until the client drains, so a client
-    that stops reading still stalls the target. A stream that ended cleanly on a message
-    boundary hands its connection back to the pool.
+    calls per event, and three copies of every bulk read); the target's chunk framing is
+    checked by `ChunkedPassthrough` and its bytes go to the client as they came, each
+    read in one write. A client buffer above PUSH_HIGH_WATER pauses reading from the
+    target until the client drains, so a client that stops reading still stalls the
+    target and the proxy holds at most that plus one read. A stream that ended cleanly
+    on a message boundary hands its connection back to the pool.
     """
 
     __slots__ = ("_decoder", "_transport", "_upstream", "_waiter", "outcome", "paused")
@@ -273,6 +275,13 @@ class _Passthrough:
             await self._waiter
             self._waiter = None
         return self.outcome
+
+    def unpause(self) -> None:
+        """Read from the target again (its body ended while the client was behind)."""
+        if self.paused:
+            self.paused = False
+            if not self._upstream.is_closing():
+                self._upstream.resume_reading()
 
 
 class _Progress:
@@ -637,13 +646,15 @@ class Forwarder:
                 await response.write_eof(chunk)
                 progress.bytes_out += len(chunk)
                 return response
-            if exchange.sse and rewriter is None and isinstance(upstream, LeanResponse):
+            if rewriter is None and isinstance(upstream, LeanResponse) and (
+                    exchange.sse or upstream.chunked):
                 sent = chunk or b""
                 if chunk:
                     await response.write(chunk)
                     progress.bytes_out += len(chunk)
                     chunk = None
-                if await self._push(request, upstream, response, writer, progress, sent):
+                if await self._push(request, upstream, response, writer, progress, sent,
+                                    exchange.sse):
                     return response
             elif isinstance(upstream, LeanResponse):
                 upstream.forget()
@@ -682,12 +693,13 @@ class Forwarder:
 
     async def _push(self, request: InboundRequest, upstream: LeanResponse,
                     response: Reply, writer: Any, progress: _Progress,
-                    sent: bytes) -> bool:
-        """Relay an event stream from the upstream callback: byte for byte when both sides
-        are chunked (True: the answer ended here), else until `_Pump` stops (False: the
-        awaited loop finishes it)."""
+                    sent: bytes, events: bool) -> bool:
+        """Relay a chunked body byte for byte from the upstream callback when both sides
+        are chunked (True: the answer ended here); else an event stream until `_Pump`
+        stops, and any other body not at all (False: the awaited loop finishes it)."""
         transport = request.transport
         if transport is None or transport.is_closing():
+            upstream.forget()
             return False
         chunked = bool(getattr(writer, "chunked", False))
         if chunked:
@@ -700,7 +712,8 @@ class Forwarder:
                     progress.bytes_out += decoder.payload_bytes
                 if outcome == _Passthrough.ENDED:
                     await response.write_eof()
-                    if not (decoder.trailing or sink.paused):
+                    if not decoder.trailing:
+                        sink.unpause()
                         upstream.undivert()  # reusable: its next request skips a connect
                 else:
                     # The target died or broke its framing mid-stream, or the client left:
@@ -709,6 +722,8 @@ class Forwarder:
                 return True
         else:
             upstream.forget()
+        if not events:
+            return False
         pump = _Pump(upstream, transport, chunked, progress)
         if not upstream.listen(pump):
             return False
@@ -749,6 +764,9 @@ class Forwarder:
         if decoded != sent + rest or decoder.done:
             return None
         decoder.payload_bytes = 0
+        framing = decoder.resume()
+        if framing:
+            transport.write(framing)
         sink = _Passthrough(decoder, transport, upstream_transport)
         upstream.divert(sink)
         return decoder, sink

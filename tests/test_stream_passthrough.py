@@ -1,0 +1,278 @@
+"""Chunked bulk bodies (downloads, not event streams) passed on byte for byte.
+
+The pure part: the framing checker hands the target's reads on unchanged and takes over
+cleanly from aiohttp's parser wherever that stopped. Through the proxy: the body arrives
+whole, its connection is reused, a body cut short is an error for the client, and a
+client that reads nothing stalls the target while the proxy's buffer stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.forward import PUSH_HIGH_WATER
+from proxy.upstream import ChunkedPassthrough
+
+WAIT = 10.0
+BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n")
+READ_MAX = 2**18  # the largest single read an event loop hands a protocol (256 KiB)
+BOUND = PUSH_HIGH_WATER + 2 * READ_MAX  # the proxy's buffer toward a client that reads nothing
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def unchunk(framed: bytes) -> bytes:
+    decoder = ChunkedPassthrough()
+    out = decoder.decode(framed + b"0\r\n\r\n")
+    assert decoder.done
+    return out
+
+
+def cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    pieces, pos = [], 0
+    for size in sizes:
+        if pos >= len(data):
+            break
+        pieces.append(data[pos:pos + size])
+        pos += size
+    if pos < len(data):
+        pieces.append(data[pos:])
+    return pieces
+
+
+# --- the pure framing checker ------------------------------------------------------------
+
+def test_bulk_reads_go_on_as_they_came_however_they_cut_the_chunks() -> None:
+    """No copy: a read that cuts a chunk's data (not its size line) is passed on itself."""
+    framed = b"".join(chunk(bytes([i]) * 65536) for i in range(8))
+    decoder = ChunkedPassthrough()
+    # Cuts inside chunk data and inside the CRLF after it, never inside a size line.
+    for piece in cut(framed, [1000, 70000, 65541, 2, 1, 100000]):
+        assert decoder.feed(piece) is piece
+    assert decoder.payload_bytes == 8 * 65536 and not decoder.done
+
+
+def test_a_size_line_cut_by_a_read_is_held_back_until_it_is_known() -> None:
+    """A cut "0" might start the last chunk, which the client must never get twice."""
+    decoder = ChunkedPassthrough()
+    assert decoder.feed(b"3\r\nabc\r\n1") == b"3\r\nabc\r\n"
+    assert decoder.feed(b"0\r\n" + b"x" * 16 + b"\r\n") == b"10\r\n" + b"x" * 16 + b"\r\n"
+    assert decoder.feed(b"0") == b""
+    assert decoder.feed(b"\r\n\r\n") == b""
+    assert decoder.done and not decoder.trailing
+
+
+def test_the_last_chunk_after_data_in_one_read_is_cut_off() -> None:
+    """The body and its end arrive together: only the body goes on."""
+    decoder = ChunkedPassthrough()
+    assert decoder.feed(b"c\r\nhello world!\r\n0\r\nX-T: 1\r\n\r\n") == b"c\r\nhello world!\r\n"
+    assert decoder.done and decoder.payload_bytes == 12
+
+
+@given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=6),
+       st.integers(min_value=0, max_value=2000),
+       st.lists(st.integers(min_value=1, max_value=200), max_size=30),
+       st.booleans())
+def test_a_handover_from_another_parser_anywhere_gives_the_same_body(
+    sizes: list[int], handover: int, cuts: list[int], extensions: bool
+) -> None:
+    """aiohttp's parser stops wherever a read ended; the client still gets clean framing.
+
+    The parser's payload goes on as one chunk, then `resume()`'s framing, then the
+    target's bytes as `feed` passes them.
+    """
+    payloads = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
+    framed = b"".join(
+        (b"%x;e=1\r\n%b\r\n" if extensions else b"%x\r\n%b\r\n") % (len(p), p)
+        for p in payloads
+    ) + b"0\r\nT: x\r\n\r\n"
+    handover = min(handover, len(framed) - 1)
+    decoder = ChunkedPassthrough()
+    first = decoder.decode(framed[:handover])
+    client = chunk(first) if first else b""
+    client += decoder.resume()
+    decoder.payload_bytes = 0
+    for piece in cut(framed[handover:], cuts):
+        client += decoder.feed(piece)
+    assert decoder.done and not decoder.trailing
+    assert unchunk(client) == b"".join(payloads)
+    assert decoder.payload_bytes == sum(sizes) - len(first)
+
+
+# --- through the proxy -------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def upstream(serve: Serve) -> AsyncIterator[str]:
+    """A raw target on loopback; `serve` runs once per connection."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await serve(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(run, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await server.wait_closed()
+
+
+async def read_request(reader: asyncio.StreamReader) -> None:
+    await reader.readuntil(b"\r\n\r\n")  # the tests send GETs: no body
+
+
+def odd_body(seed: int) -> tuple[bytes, bytes]:
+    """A body framed in chunks of odd sizes (some with extensions); (framed, payload)."""
+    rng = random.Random(seed)
+    payloads = [rng.randbytes(rng.choice((1, 7, 4096, 65536, 100_003))) for _ in range(60)]
+    framed = b"".join(
+        (b"%x;x=y\r\n%b\r\n" if i % 17 == 5 else b"%x\r\n%b\r\n") % (len(p), p)
+        for i, p in enumerate(payloads)
+    )
+    return framed + b"0\r\n\r\n", b"".join(payloads)
+
+
+async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_request(
+    make_proxy: Any,
+) -> None:
+    """Reads cut anywhere (size lines included); every byte arrives; one connection."""
+    connections = 0
+    framed, payload = odd_body(7)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:  # keep-alive: one download per request
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            data = BULK_HEAD + framed
+            for pos in range(0, len(data), 7001):  # 7001: cuts fall into size lines too
+                writer.write(data[pos:pos + 7001])
+                await writer.drain()
+
+    async with upstream(serve) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(proxy.url) as response:
+                    assert response.headers["Transfer-Encoding"] == "chunked"
+                    assert await asyncio.wait_for(response.read(), WAIT) == payload
+    assert connections == 1
+
+
+@pytest.mark.parametrize("ending", [b"", b"\r\nzz\r\n"], ids=["target-dies", "broken-framing"])
+async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
+    make_proxy: Any, ending: bytes
+) -> None:
+    """A truncated download never looks like a complete one."""
+    streaming = asyncio.Event()
+    block = b"x" * 65536
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(BULK_HEAD + chunk(block) * 8 + b"%x\r\n" % len(block) + block[:1000])
+        await writer.drain()
+        await asyncio.wait_for(streaming.wait(), WAIT)
+        writer.write(block[1000:] + ending if ending else b"")
+        await writer.drain()
+
+    async with upstream(serve) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
+            assert len(await asyncio.wait_for(response.content.readexactly(65536), WAIT)) \
+                == 65536
+            streaming.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(response.read(), WAIT)
+
+
+async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_proxys_buffer(
+    make_proxy: Any,
+) -> None:
+    """Bounded memory: while the client reads nothing, the proxy holds at most its high
+    water mark plus one read, the target's writes block, and the client hanging up then
+    closes the target's connection.
+
+    The target writes without waiting; its own buffer growing past 4 MiB means the
+    kernel refuses its bytes: every buffer up to the idle client is full. A proxy
+    without flow control would take all 128 MiB.
+    """
+    total = 128 * 1024 * 1024
+    piece = chunk(b"y" * READ_MAX)
+    accepted = 0  # bytes the target's kernel took
+    peak = 0  # the proxy's largest buffer toward the client, sampled between callbacks
+    stalled = asyncio.Event()
+    closed = asyncio.Event()
+    proxy: Any = None
+
+    def proxy_buffered() -> int:
+        sizes = [conn.transport.get_write_buffer_size()
+                 for conn in proxy._server.connections if conn.transport is not None]
+        return max(sizes, default=0)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted, peak
+        await read_request(reader)
+        transport = writer.transport
+        writer.write(BULK_HEAD)
+        sent = 0
+        while sent < total:
+            writer.write(piece)
+            sent += len(piece)
+            await asyncio.sleep(0)  # the proxy's callbacks run between the writes
+            peak = max(peak, proxy_buffered())
+            if peak > BOUND or transport.get_write_buffer_size() > 4 * 1024 * 1024:
+                accepted = sent - transport.get_write_buffer_size()
+                stalled.set()
+                break
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # ends when the proxy closes this connection
+        closed.set()
+
+    async with upstream(serve) as url:
+        proxy = await make_proxy(url)
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        client.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), WAIT)
+            await loop.sock_sendall(client, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await asyncio.wait_for(stalled.wait(), 60)
+            assert peak <= BOUND, f"the proxy buffered {peak} bytes"
+            assert proxy_buffered() <= BOUND
+            assert accepted < 64 * 1024 * 1024, f"{accepted >> 20} MiB left the target"
+            head = await asyncio.wait_for(loop.sock_recv(client, 64), WAIT)
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        finally:
+            client.close()
+        await asyncio.wait_for(closed.wait(), WAIT)
+
