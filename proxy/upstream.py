@@ -21,11 +21,13 @@ from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import hdrs
-from aiohttp.client_proto import ResponseHandler
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import set_exception
 from aiohttp.http import RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser
 from aiohttp.http_writer import _serialize_headers
-from aiohttp.streams import EofStream, StreamReader
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import ProxyConfig
@@ -72,8 +74,8 @@ def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
 # benchmark (building a ClientRequest, payload objects, a writer task for every body on
 # Python 3.11, tracing hooks). The forwarding path only ever sends one already-built
 # request to one origin, so for requests whose body is already in memory (or absent) it
-# writes the request itself, in one `transport.write`, on aiohttp's own connection
-# protocol (`ResponseHandler`, with aiohttp's C response parser) from a small pool.
+# writes the request itself, in one `transport.write`, on a lean connection protocol
+# (`_Connection`, aiohttp's C response parser kept for the connection's life) from a pool.
 # Streamed uploads keep using the session.
 
 _IDEMPOTENT = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS, hdrs.METH_TRACE,
@@ -86,6 +88,7 @@ READ_BUFSIZE = 2**16
 # connection: above what the parser takes in before the relay starts (its reader pauses
 # at 128 KiB, a read is up to 256 KiB), so a bulk body can be diverted too.
 RECORD_LIMIT = 2**19
+_EMPTY_BODY = frozenset({204, 304})
 MAX_IDLE = 1024  # idle keep-alive connections kept (Go's anchor keeps 1,024 too)
 _MAX_HEADER_LINE = 65536  # the target's header sizes are not ours to cap at 8 KiB
 
@@ -330,10 +333,10 @@ class LeanResponse:
 
     __slots__ = ("_chunked", "_pool", "_proto", "content", "headers", "reason", "status")
 
-    def __init__(self, pool: UpstreamPool, proto: ResponseHandler,
+    def __init__(self, pool: UpstreamPool, proto: _Connection,
                  message: RawResponseMessage, payload: StreamReader) -> None:
         self._pool = pool
-        self._proto: ResponseHandler | None = proto
+        self._proto: _Connection | None = proto
         self.status: int = message.code
         self.reason: str | None = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
@@ -369,12 +372,13 @@ class LeanResponse:
 
     def undivert(self) -> None:
         """The diverted body ended cleanly on a message boundary: hand the connection back
-        to aiohttp's protocol, its body marked ended, so `release()` can pool it (the next
+        to its protocol, its body marked ended, so `release()` can pool it (the next
         request gets a fresh parser)."""
         proto = self._proto
         if isinstance(proto, _Connection) and proto.sink is not None:
             proto.sink = None
             self.content.feed_eof()
+            proto.parser_bypassed()
 
     def forget(self) -> None:
         """Stop keeping the bytes received (the relay will not `divert`)."""
@@ -416,24 +420,100 @@ class LeanResponse:
             proto.close()
 
 
-class _Connection(ResponseHandler):
-    """aiohttp's client protocol, minus a parser pass for every `resume_reading()`.
+class _Connection(BaseProtocol):
+    """One pooled connection to the target: aiohttp's C response parser, nothing more.
 
-    aiohttp's readers call `resume_reading()` after every read, paused or not, and each
-    call feeds the parser an empty chunk: two wasted passes per request. Without
-    decompression (never on here) a parser that was not paused holds nothing to resume.
+    aiohttp's `_Connection` is a message queue with read timeouts, WebSocket
+    hand-over and a fresh parser per request; the pool needs none of that (the handler
+    keeps the one response timeout). The parser lives as long as the connection and
+    parses response after response; it is made anew only for a HEAD (whose answer has no
+    body) and after a diverted body, whose bytes it never saw.
     """
 
-    # Set while a relay pushes this connection's body on as it arrives (see `listen`).
-    listener: Callable[[], None] | None = None
-    # The bytes of the current response as received, kept (up to RECORD_LIMIT) until the
-    # relay decides whether to `divert` them; None when not kept.
-    record: list[bytes] | None = None
-    recorded = 0
-    # Takes every byte in place of aiohttp's parser once diverted.
-    sink: RawSink | None = None
+    __slots__ = ("_exception", "_fresh", "_payload", "_pending", "_should_close",
+                 "_skip_payload", "_waiter", "listener", "record", "recorded", "sink")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._skip_payload = False
+        self._fresh = True  # the next response needs a new parser
+        self._pending: deque[tuple[RawResponseMessage, StreamReader]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._exception: BaseException | None = None
+        self._payload: StreamReader | None = None
+        self._should_close = False
+        # Set while a relay pushes this connection's body on as it arrives (see `listen`).
+        self.listener: Callable[[], None] | None = None
+        # The bytes of the current response as received, kept (up to RECORD_LIMIT) until
+        # the relay decides whether to `divert` them; None when not kept.
+        self.record: list[bytes] | None = None
+        self.recorded = 0
+        # Takes every byte in place of the parser once diverted.
+        self.sink: RawSink | None = None
+
+    @property
+    def should_close(self) -> bool:
+        """Not reusable: the target said so, or a body, message or error is left over."""
+        payload = self._payload
+        return (self._should_close or self._upgraded or self._exception is not None
+                or bool(self._pending) or (payload is not None and not payload.is_eof()))
+
+    def is_connected(self) -> bool:
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
+    def close(self) -> None:
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            self.transport = None
+            self._payload = None
+
+    def expect_response(self, *, head: bool) -> None:
+        """Get ready for the answer to the request about to be written."""
+        if self._fresh or self._parser is None or head != self._skip_payload:
+            self._parser = HttpResponseParser(
+                self, self._loop, READ_BUFSIZE, payload_exception=aiohttp.ClientPayloadError,
+                response_with_body=not head, read_until_eof=False, auto_decompress=False,
+                max_line_size=_MAX_HEADER_LINE, max_field_size=_MAX_HEADER_LINE,
+            )
+            self._skip_payload = head
+            self._fresh = False
+        self.record = []
+        self.recorded = 0
+
+    def parser_bypassed(self) -> None:
+        """A diverted body ended: the parser did not see it, the next response needs a new one."""
+        self._fresh = True
+        self._payload = None
+
+    async def read(self) -> tuple[RawResponseMessage, StreamReader]:
+        """The next response's head and body stream."""
+        pending = self._pending
+        while not pending:
+            if self._exception is not None:
+                raise self._exception
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return pending.popleft()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._should_close = True
+        if self._exception is None:
+            self._exception = exc
+        self._wake()
 
     def resume_reading(self, resume_parser: bool = True) -> None:
+        # aiohttp's readers call this after every read, paused or not; each call would
+        # feed the parser an empty chunk. A parser that was not paused holds nothing.
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
 
@@ -449,12 +529,57 @@ class _Connection(ResponseHandler):
                 record.append(data)
             else:
                 self.record = None
-        super().data_received(data)
+        parser = self._parser
+        if parser is None:
+            self._should_close = True  # bytes nobody asked for: never reuse this one
+            return
+        try:
+            messages, upgraded, _tail = parser.feed_data(data)
+        except Exception as exc:
+            if self.transport is not None:
+                self.transport.close()
+            self._fail(HttpProcessingError(code=exc.code, message=exc.message)
+                       if isinstance(exc, HttpProcessingError) else HttpProcessingError())
+            return
+        if upgraded:
+            self._upgraded = True
+        if messages:
+            for message, payload in messages:
+                if message.should_close:
+                    self._should_close = True
+                self._payload = payload
+                if self._skip_payload or message.code in _EMPTY_BODY:
+                    payload = EMPTY_PAYLOAD
+                self._pending.append((message, payload))
+            self._wake()
         if self.listener is not None:
             self.listener()
 
+    def eof_received(self) -> None:
+        return None  # the transport closes; connection_lost ends the body or fails it
+
     def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
+        uncompleted = None
+        parser = self._parser
+        if parser is not None:
+            try:
+                uncompleted = parser.feed_eof()
+            except Exception as underlying:
+                if self._payload is not None:
+                    set_exception(self._payload, aiohttp.ClientPayloadError(
+                        f"Response payload is not completed: {underlying!r}"), underlying)
+        if isinstance(exc, OSError):
+            error: BaseException = aiohttp.ClientOSError(*exc.args)
+        elif exc is None:
+            error = aiohttp.ServerDisconnectedError(uncompleted)
+        else:
+            error = exc
+        self._fail(error)
+        self._parser = None
+        self._payload = None
+        self._reading_paused = False
+        self._buffer_paused = False
+        super().connection_lost(error)
         if self.sink is not None:
             self.sink.lost(exc)
         if self.listener is not None:
@@ -474,7 +599,7 @@ class UpstreamPool:
             if target.scheme == "https" else None
         self._server_hostname = target.host if self._ssl is not None else None
         self._idle_timeout = config.upstream_idle_timeout
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[_Connection, float]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -482,17 +607,17 @@ class UpstreamPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def _new_protocol(self) -> ResponseHandler:
+    def _new_protocol(self) -> _Connection:
         return _Connection(self._loop)
 
-    async def _connect(self) -> ResponseHandler:
+    async def _connect(self) -> _Connection:
         _, proto = await self._loop.create_connection(
             self._new_protocol, self._host, self._port, ssl=self._ssl,
             server_hostname=self._server_hostname,
         )
         return proto
 
-    def _take(self) -> ResponseHandler | None:
+    def _take(self) -> _Connection | None:
         while self._idle:
             proto, _ = self._idle.pop()  # the most recent: least likely to be closing
             if proto.is_connected() and not proto.should_close:
@@ -500,7 +625,7 @@ class UpstreamPool:
             proto.close()
         return None
 
-    def put(self, proto: ResponseHandler) -> None:
+    def put(self, proto: _Connection) -> None:
         """Keep a connection whose response ended cleanly; close anything else."""
         if self._closed or proto.should_close or not proto.is_connected():
             proto.close()
@@ -547,22 +672,13 @@ class UpstreamPool:
                     raise
                 retry = False
 
-    async def _roundtrip(self, proto: ResponseHandler, method: str,
+    async def _roundtrip(self, proto: _Connection, method: str,
                          data: bytes) -> LeanResponse:
         try:
-            proto.set_response_params(
-                skip_payload=method == hdrs.METH_HEAD,
-                auto_decompress=False,
-                read_bufsize=READ_BUFSIZE,
-                max_line_size=_MAX_HEADER_LINE,
-                max_field_size=_MAX_HEADER_LINE,
-            )
             transport = proto.transport
             if transport is None:
                 raise aiohttp.ServerDisconnectedError()
-            if isinstance(proto, _Connection):
-                proto.record = []
-                proto.recorded = 0
+            proto.expect_response(head=method == hdrs.METH_HEAD)
             transport.write(data)
             while True:
                 try:
@@ -570,8 +686,6 @@ class UpstreamPool:
                 except HttpProcessingError as exc:
                     raise aiohttp.ClientConnectionError(
                         f"malformed response from the target ({exc.message})") from None
-                except EofStream:
-                    raise aiohttp.ServerDisconnectedError() from None
                 # 1xx interim answers (but 101) are not the response: read on.
                 if not 100 <= message.code <= 199 or message.code == 101:
                     break

@@ -383,3 +383,27 @@ async def test_a_client_leaving_a_posted_event_stream_frees_the_target(
         await started.wait()
         resp.close()
         await ended.wait()
+
+
+async def test_one_connection_parses_answer_after_answer_of_every_shape(
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+) -> None:
+    """The pooled connection keeps one parser across answers: a HEAD's bodiless answer,
+    a 204, an interim 100 and a chunked body in between must not shift the framing."""
+    answers = [
+        ANSWER,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",  # to the HEAD: no body follows
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\ninterim",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        ANSWER,
+    ]
+    upstream, url = await raw_upstream(lambda conn, index: answers[index])
+    proxy = await make_proxy(url)
+    assert await call(client, proxy.url) == (200, b"ok")
+    assert await call(client, proxy.url, "HEAD", None) == (200, b"")
+    assert await call(client, proxy.url) == (204, b"")
+    assert await call(client, proxy.url) == (200, b"interim")
+    assert await call(client, proxy.url, "GET", None) == (200, b"abcde")
+    assert await call(client, proxy.url) == (200, b"ok")
+    assert upstream.connections == 1 and len(upstream.requests) == 6
