@@ -63,6 +63,13 @@ class CredentialSource(Protocol):
 
     async def close(self) -> None: ...
 
+    def ready(self) -> Credential | None:
+        """The credential `get()` would return at once, or None (then await `get()`).
+
+        The forwarding path asks this first: no coroutine per request when the
+        credential is at hand, as it is almost always.
+        """
+
     async def get(self) -> Credential:
         """The credential to send now. No I/O when one is cached and fresh.
 
@@ -255,6 +262,9 @@ class FileBearerSource:
         await _cancel(self._task)
         self._task = None
 
+    def ready(self) -> Credential | None:
+        return self._credential
+
     async def get(self) -> Credential:
         if self._credential is not None:
             return self._credential
@@ -328,6 +338,9 @@ class EnvBearerSource:
 
     async def close(self) -> None:
         return None
+
+    def ready(self) -> Credential | None:
+        return self._credential
 
     async def get(self) -> Credential:
         if self._credential is None:

@@ -386,7 +386,7 @@ class Forwarder:
         self._idle.clear()
         try:
             try:
-                return await self._forward(request, exchange, progress, query)
+                return await self._forward(request, exchange, progress, query, task)
             except _ProxyAnswer as answer:
                 return self._answer(request, exchange, progress, answer)
         finally:
@@ -446,8 +446,7 @@ class Forwarder:
                                close=True)
 
     async def _credential(self) -> Credential | None:
-        if self._credentials is None:
-            return None
+        assert self._credentials is not None
         try:
             return await self._credentials.get()
         except CredentialUnavailable as exc:
@@ -457,9 +456,14 @@ class Forwarder:
                                reason=exc.reason) from None
 
     async def _forward(self, request: InboundRequest, exchange: Exchange, progress: _Progress,
-                       query: str) -> Reply:
+                       query: str, task: asyncio.Task[Any]) -> Reply:
         self._check(request)
-        credential = await self._credential()
+        source = self._credentials
+        credential = None
+        if source is not None:
+            credential = source.ready()
+            if credential is None:
+                credential = await self._credential()
         if exchange.on_mcp_path:
             query = merge_query(query, self._target)
         path_qs = path_with_query(exchange.path, query)
@@ -471,7 +475,7 @@ class Forwarder:
                             keep=self._config.replay_limit)
                 if request.body_exists else None)
         upstream = await self._exchange(request.method, path_qs, headers, body, credential,
-                                        exchange)
+                                        exchange, task)
         try:
             return await self._relay(request, upstream, exchange, progress)
         finally:
@@ -483,13 +487,14 @@ class Forwarder:
                 upstream.close()
 
     async def _send(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                    data: Any, body: RequestBody | None) -> Upstream:
+                    data: Any, body: RequestBody | None, current: asyncio.Task[Any]
+                    ) -> Upstream:
         """One upstream request up to its response headers; foreign errors end here.
 
         A body already in memory (or none) goes through the lean pool, a streamed one
         through the session.
         """
-        task = self._watch() if self._timeout is not None else None
+        task = self._watch(current) if self._timeout is not None else None
         try:
             if self._pool is not None and (data is None or isinstance(data, bytes)):
                 return await self._pool.request(method, path_qs, headers, data)
@@ -521,11 +526,9 @@ class Forwarder:
                     self._timed_out.discard(task)
                     task.uncancel()
 
-    def _watch(self) -> asyncio.Task[Any]:
-        """Put the current task under the response timeout until `_send` returns."""
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
+    def _watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Put the request's task under the response timeout until `_send` returns."""
+        loop = task.get_loop()
         assert self._timeout is not None
         self._deadlines.pop(task, None)  # keep the dict in deadline order
         self._deadlines[task] = loop.time() + self._timeout
@@ -553,7 +556,7 @@ class Forwarder:
 
     async def _exchange(self, method: str, path_qs: str, headers: CIMultiDict[str],
                         body: RequestBody | None, credential: Credential | None,
-                        exchange: Exchange) -> Upstream:
+                        exchange: Exchange, task: asyncio.Task[Any]) -> Upstream:
         """Send, following same-origin redirects and one refresh-and-replay."""
         started = time.perf_counter()
         data: Any = None
@@ -566,7 +569,7 @@ class Forwarder:
         upstream: Upstream | None = None
         try:
             while True:
-                upstream = await self._send(method, path_qs, headers, data, body)
+                upstream = await self._send(method, path_qs, headers, data, body, task)
                 status = upstream.status
                 nxt = (redirect_target(status, upstream.headers.get(hdrs.LOCATION),
                                        upstream_url(self._origin, path_qs), self._origin_url)
@@ -639,11 +642,12 @@ class Forwarder:
             # (maybe quiet) stream start.
             response.send_headers_with_body()
         try:
-            writer = await response.prepare(request)
+            writer = response.start(request)
             if chunk and rewriter is None and content.at_eof() and content.exception() is None:
                 # The whole answer is here (the common small JSON-RPC one): headers, body and
-                # end of message go in one write, without the streaming loop.
-                await response.write_eof(chunk)
+                # end of message go in one write, without the streaming loop; the
+                # connection drains it before reading the next request.
+                response.send_eof(chunk)
                 progress.bytes_out += len(chunk)
                 return response
             if rewriter is None and isinstance(upstream, LeanResponse) and (

@@ -40,6 +40,27 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
     )
 
 
+# What each header name (as spelled on the wire) means for forwarding, remembered: the
+# same dozen names come with every request. Bounded, as clients choose the names.
+_DROP, _KEEP, _AUTH = 0, 1, 2
+_REQUEST_NAMES: dict[str, int] = {}
+_RESPONSE_NAMES: dict[str, bool] = {}
+_NAMES_KEPT = 512
+
+
+def _request_kind(name: str) -> int:
+    kind = _REQUEST_NAMES.get(name)
+    if kind is None:
+        low = name.lower()
+        if low in _DROP_REQUEST or low.startswith(_X_FORWARDED):
+            kind = _DROP
+        else:
+            kind = _AUTH if low == "authorization" else _KEEP
+        if len(_REQUEST_NAMES) < _NAMES_KEPT:
+            _REQUEST_NAMES[name] = kind
+    return kind
+
+
 def request_headers(
     incoming: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
@@ -55,10 +76,10 @@ def request_headers(
     named = connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        low = name.lower()
-        if low in _DROP_REQUEST or low in named or low.startswith(_X_FORWARDED):
+        kind = _request_kind(name)
+        if kind == _DROP or (named and name.lower() in named):
             continue
-        if authorization is not None and low == "authorization":
+        if kind == _AUTH and authorization is not None:
             continue
         out.add(name, value)
     if authorization is not None:
@@ -73,8 +94,12 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     named = connection_tokens(upstream)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in named:
+        hop = _RESPONSE_NAMES.get(name)
+        if hop is None:
+            hop = name.lower() in HOP_BY_HOP
+            if len(_RESPONSE_NAMES) < _NAMES_KEPT:
+                _RESPONSE_NAMES[name] = hop
+        if hop or (named and name.lower() in named):
             continue
         out.add(name, value)
     return out

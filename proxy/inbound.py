@@ -156,6 +156,10 @@ class Reply:
 
     async def prepare(self, request: InboundRequest) -> Reply:
         """Fix the framing and send the headers (or hold them for the first write)."""
+        return self.start(request)
+
+    def start(self, request: InboundRequest) -> Reply:
+        """`prepare()` without a coroutine (it never waits)."""
         if self.prepared:
             return self
         self.prepared = True
@@ -221,6 +225,12 @@ class Reply:
             await conn._drain_helper()
 
     async def write_eof(self, data: bytes = b"") -> None:
+        self.send_eof(data)
+        await self.drain()
+
+    def send_eof(self, data: bytes = b"") -> None:
+        """The rest of the body and the end of the message, without waiting for the client
+        to read it (`drain()` does)."""
         if self.finished:
             return
         self.finished = True
@@ -235,13 +245,15 @@ class Reply:
             out = head + out
         if out:
             self._send(out)
-        await self.drain()
 
     async def finish(self, request: InboundRequest) -> None:
         """Send whatever the handler left unsent: headers, the whole body, the end."""
-        if not self.prepared:
-            await self.prepare(request)
-        await self.write_eof(self.body or b"")
+        if not self.finished:
+            self.start(request)
+            self.send_eof(self.body or b"")
+        conn = self._conn
+        if conn is not None and conn.writing_paused:
+            await conn._drain_helper()
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}

@@ -162,6 +162,9 @@ class OAuthSource:
             await self._session.close()
             self._session = None
 
+    def ready(self) -> Credential | None:
+        return self._usable(self._clock())  # get()'s first answer when it has one
+
     async def get(self) -> Credential:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._config.credential_wait

@@ -660,39 +660,36 @@ class UpstreamPool:
         head = request_head(method, path_qs, self.host_header, headers, body)
         data = head + body if body else head
         retry = method in _IDEMPOTENT
+        head_only = method == hdrs.METH_HEAD
         while True:
             proto = self._take()
             reused = proto is not None
             if proto is None:
                 proto = await self._connect()
+            # One coroutine for the round trip (not one per step): it runs per request.
             try:
-                return await self._roundtrip(proto, method, data)
+                transport = proto.transport
+                if transport is None:
+                    raise aiohttp.ServerDisconnectedError()
+                proto.expect_response(head=head_only)
+                transport.write(data)
+                while True:
+                    try:
+                        message, payload = await proto.read()
+                    except HttpProcessingError as exc:
+                        raise aiohttp.ClientConnectionError(
+                            f"malformed response from the target ({exc.message})") from None
+                    # 1xx interim answers (but 101) are not the response: read on.
+                    if not 100 <= message.code <= 199 or message.code == 101:
+                        return LeanResponse(self, proto, message, payload)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                proto.close()
                 if not (reused and retry):
                     raise
                 retry = False
-
-    async def _roundtrip(self, proto: _Connection, method: str,
-                         data: bytes) -> LeanResponse:
-        try:
-            transport = proto.transport
-            if transport is None:
-                raise aiohttp.ServerDisconnectedError()
-            proto.expect_response(head=method == hdrs.METH_HEAD)
-            transport.write(data)
-            while True:
-                try:
-                    message, payload = await proto.read()
-                except HttpProcessingError as exc:
-                    raise aiohttp.ClientConnectionError(
-                        f"malformed response from the target ({exc.message})") from None
-                # 1xx interim answers (but 101) are not the response: read on.
-                if not 100 <= message.code <= 199 or message.code == 101:
-                    break
-        except BaseException:
-            proto.close()
-            raise
-        return LeanResponse(self, proto, message, payload)
+            except BaseException:
+                proto.close()
+                raise
 
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their responses end."""

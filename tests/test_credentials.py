@@ -71,6 +71,7 @@ async def test_token_file_is_sent_stripped(tmp_path: Path) -> None:
     try:
         credential = await source.get()
         assert credential.authorization == "Bearer s3cret-token"
+        assert source.ready() is credential  # the forwarding path's no-await answer
         assert source.current_version == credential.version
         assert reports.calls == [(True, "TokenLoaded", f"token file {token} loaded", False)]
         assert source.can_refresh is False
@@ -88,6 +89,7 @@ async def test_missing_file_heals_when_it_appears(tmp_path: Path) -> None:
     try:
         assert reports.calls == [
             (False, "TokenFileMissing", f"token file {token} does not exist", True)]
+        assert source.ready() is None  # nothing at hand: the caller awaits get()
         with pytest.raises(CredentialInvalid) as raised:
             await source.get()
         assert raised.value.reason == "TokenFileMissing"
@@ -227,6 +229,7 @@ async def test_env_source_reads_the_variable_once(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("MCP_TEST_TOKEN", "changed")
     credential = await source.get()
     assert credential.authorization == "Bearer env-token"
+    assert source.ready() is credential
     assert await source.after_unauthorized(credential) is None
     assert reports.calls == [
         (True, "TokenLoaded", "token read from environment variable MCP_TEST_TOKEN", False)]
@@ -240,6 +243,7 @@ async def test_env_source_without_value_is_invalid() -> None:
     reports = Reports()
     await source.start(reports)
     assert reports.calls[0][:2] == (False, "TokenEnvMissing")
+    assert source.ready() is None
     with pytest.raises(CredentialInvalid):
         await source.get()
 

@@ -37,6 +37,9 @@ class StaticBearer:
     async def close(self) -> None:
         return None
 
+    def ready(self) -> Credential | None:
+        return None  # always through get(): the awaited path stays covered
+
     async def get(self) -> Credential:
         return self.credential
 

@@ -178,6 +178,9 @@ class Credentials:
     async def close(self) -> None:
         return None
 
+    def ready(self) -> Credential | None:
+        return Credential(f"Bearer {self.token}", 1) if self.token else None
+
     async def get(self) -> Credential:
         if self.token is None:
             raise CredentialInvalid("TokenFileMissing", "token file /x is missing")

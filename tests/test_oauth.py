@@ -343,7 +343,9 @@ async def test_hundred_waiters_share_one_refresh(
     source = make_source(endpoint.url, tunables={"clock": lambda: now[0]})
     await source.start(Reports())
     assert (await source.get()).authorization == "Bearer access-1"
+    assert source.ready() is not None and source.ready() == await source.get()
     now[0] += 120  # expired
+    assert source.ready() is None  # an expired token is never handed out without waiting
     waiters = [asyncio.ensure_future(source.get()) for _ in range(100)]
     await endpoint.next_request(2)
     await asyncio.sleep(0)
