@@ -162,6 +162,14 @@ class ChunkedPassthrough:
         if self.done:
             self.trailing = self.trailing or bool(data)
             return b""
+        if self._state == self._SIZE and not self._line:
+            # Fast path, the usual event: exactly one whole chunk with a bare hex size.
+            cut = data.find(b"\r\n")
+            if 0 < cut <= 16 and _HEX.fullmatch(data, 0, cut) is not None:
+                size = int(data[:cut], 16)
+                if size and len(data) == cut + size + 4 and data.endswith(b"\r\n"):
+                    self.payload_bytes += size
+                    return data
         if self._line:
             data = self._line + data  # rare: only a read that cut a size line
             self._line = b""
