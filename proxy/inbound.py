@@ -39,7 +39,7 @@ from .headers import error_body
 # connection and could destroy the answer before the client read it.
 LINGERING_TIME = 1.0
 # Pipelined requests parsed ahead of the one being served; above this the socket is not
-# read until the queue drains (aiohttp's own bound).
+# read until the queue drains (what one read holds is parsed: at most one buffer's worth).
 MAX_QUEUED = 32
 READ_LIMIT = 2**16
 MAX_LINE = 65536  # large cookies and tokens are the target's to judge, not 8 KiB-capped
@@ -277,7 +277,6 @@ class ClientConnection(BaseProtocol):
         parser = HttpRequestParser(
             self, loop, READ_LIMIT, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
             payload_exception=RequestPayloadError, auto_decompress=False,
-            max_msg_queue_size=MAX_QUEUED,
         )
         super().__init__(loop, parser)
         self._server = server
@@ -386,15 +385,11 @@ class ClientConnection(BaseProtocol):
 
     def _next(self) -> None:
         message, payload = self._queue.popleft()
-        parser = self._parser
-        if parser is not None:
-            parser.message_consumed()
         request = self._request = InboundRequest(self, message, payload)
         self.answered = False
         self._task = self._loop.create_task(self._serve(request))
         if self._buffer_paused and len(self._queue) < MAX_QUEUED:
             self._resume_reading_for_buffer()
-            self.data_received(b"")  # parse what the pause left in the parser
 
     async def _serve(self, request: InboundRequest) -> None:
         reply: Reply | None = None

@@ -183,3 +183,28 @@ async def test_request_after_a_malformed_one_is_not_served(
     finally:
         writer.close()
     assert seen == ["/mcp?n=1"]
+
+
+async def test_a_flood_of_pipelined_requests_is_served_in_order(
+    make_upstream: Any, make_proxy: Any
+) -> None:
+    """More pipelined requests than the parse-ahead queue holds: reading pauses, resumes,
+    and every request is answered once, in order."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=f"n={request.query['n']}".encode())
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    count = 200
+    raw = b"".join(b"GET /mcp?n=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % i
+                   for i in range(count))
+    reader, writer = await _exchange(proxy.port, raw)
+    try:
+        for i in range(count):
+            _, headers = await _read_head(reader)
+            body = await asyncio.wait_for(
+                reader.readexactly(int(headers["content-length"])), WAIT)
+            assert body == f"n={i}".encode()
+    finally:
+        writer.close()
