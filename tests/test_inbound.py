@@ -208,3 +208,44 @@ async def test_a_flood_of_pipelined_requests_is_served_in_order(
             assert body == f"n={i}".encode()
     finally:
         writer.close()
+
+
+async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
+    make_upstream: Any, make_proxy: Any, monkeypatch: Any
+) -> None:
+    """A bug in the handler: the client gets a short JSON 500 (no traceback, nothing of
+    the request), the connection closes, and the proxy keeps serving others."""
+    from proxy.forward import Forwarder
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"ok")
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    real = Forwarder.__call__
+    calls = 0
+
+    async def broken_once(self: Forwarder, request: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug with Bearer secret-in-message")
+        return await real(self, request)
+
+    monkeypatch.setattr(Forwarder, "__call__", broken_once)
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer abc\r\n\r\n")
+    try:
+        status, headers = await _read_head(reader)
+        assert status.startswith("HTTP/1.1 500") and headers["connection"] == "close"
+        rest = await asyncio.wait_for(reader.read(), WAIT)
+        assert b"internal_error" in rest and b"secret" not in rest and b"abc" not in rest
+    finally:
+        writer.close()
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    try:
+        status, _ = await _read_head(reader)
+        assert status.startswith("HTTP/1.1 200")
+    finally:
+        writer.close()
