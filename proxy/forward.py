@@ -624,7 +624,6 @@ class Forwarder:
         exchange.upstream_headers = upstream.headers
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
         exchange.sse = content_type.startswith("text/event-stream")
-        self._respond(exchange)
         headers = response_headers(upstream.headers)
         rewriter = None
         if exchange.sse and request.method == hdrs.METH_GET:
@@ -641,15 +640,19 @@ class Forwarder:
             # (and for every event stream) headers go at once, so a client sees its
             # (maybe quiet) stream start.
             response.send_headers_with_body()
+        responded = False  # the observers heard of the answer (exactly once, below)
         try:
             writer = response.start(request)
             if chunk and rewriter is None and content.at_eof() and content.exception() is None:
                 # The whole answer is here (the common small JSON-RPC one): headers, body and
                 # end of message go in one write, without the streaming loop; the
-                # connection drains it before reading the next request.
+                # connection drains it before reading the next request. The observers
+                # hear of it right after (`finally`), in the same step: off the latency.
                 response.send_eof(chunk)
                 progress.bytes_out += len(chunk)
                 return response
+            self._respond(exchange)  # a stream is counted open before it streams
+            responded = True
             if rewriter is None and isinstance(upstream, LeanResponse) and (
                     exchange.sse or upstream.chunked):
                 sent = chunk or b""
@@ -689,10 +692,12 @@ class Forwarder:
                     progress.bytes_out += len(tail)
             await response.write_eof()
         except ConnectionError:
-            # The client hung up while we wrote to it: end quietly. aiohttp then counts it
-            # as the premature disconnection it is, instead of logging an "Error handling
-            # request" traceback for every client that leaves mid-answer.
+            # The client hung up while we wrote to it: end quietly (counted as the
+            # premature disconnection it is, no traceback for every client that leaves).
             request.protocol.force_close()
+        finally:
+            if not responded:
+                self._respond(exchange)
         return response
 
     async def _push(self, request: InboundRequest, upstream: LeanResponse,
