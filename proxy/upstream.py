@@ -93,6 +93,9 @@ MAX_IDLE = 1024  # idle keep-alive connections kept (Go's anchor keeps 1,024 too
 _MAX_HEADER_LINE = 65536  # the target's header sizes are not ours to cap at 8 KiB
 
 
+EarlyAnswer = Callable[[RawResponseMessage, StreamReader], None]
+
+
 class Upstream(Protocol):
     """A target's response as the forwarding handler uses it (ClientResponse fits)."""
 
@@ -439,7 +442,8 @@ class _Connection(BaseProtocol):
     """
 
     __slots__ = ("_exception", "_fresh", "_payload", "_pending", "_should_close",
-                 "_skip_payload", "_waiter", "listener", "record", "recorded", "sink")
+                 "_skip_payload", "_waiter", "early", "listener", "record", "recorded",
+                 "sink")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -452,6 +456,9 @@ class _Connection(BaseProtocol):
         self._should_close = False
         # Set while a relay pushes this connection's body on as it arrives (see `listen`).
         self.listener: Callable[[], None] | None = None
+        # Offered the final answer from the socket callback before the waiting task
+        # resumes (see `UpstreamPool.request`); cleared once offered.
+        self.early: EarlyAnswer | None = None
         # The bytes of the current response as received, kept (up to RECORD_LIMIT) until
         # the relay decides whether to `divert` them; None when not kept.
         self.record: list[bytes] | None = None
@@ -559,6 +566,10 @@ class _Connection(BaseProtocol):
                 if self._skip_payload or message.code in _EMPTY_BODY:
                     payload = EMPTY_PAYLOAD
                 self._pending.append((message, payload))
+                early = self.early
+                if early is not None and not 100 <= message.code <= 199:
+                    self.early = None
+                    early(message, payload)
             self._wake()
         if self.listener is not None:
             self.listener()
@@ -656,12 +667,13 @@ class UpstreamPool:
             self._sweeper = self._loop.call_at(idle[0][1] + self._idle_timeout, self._sweep)
 
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                      body: bytes | None) -> LeanResponse:
+                      body: bytes | None, early: EarlyAnswer | None = None) -> LeanResponse:
         """Send one request and wait for its response headers.
 
         A kept-alive connection the target closed meanwhile is retried once on a new one
         for idempotent methods (as aiohttp's client does); other errors propagate as
-        aiohttp.ClientError or OSError.
+        aiohttp.ClientError or OSError. `early` is offered the final answer from the
+        socket callback, before this coroutine resumes (it must not raise).
         """
         if self._closed:
             raise aiohttp.ClientConnectionError("the upstream pool is closed")
@@ -680,6 +692,7 @@ class UpstreamPool:
                 if transport is None:
                     raise aiohttp.ServerDisconnectedError()
                 proto.expect_response(head=head_only)
+                proto.early = early
                 transport.write(data)
                 while True:
                     try:
@@ -698,6 +711,8 @@ class UpstreamPool:
             except BaseException:
                 proto.close()
                 raise
+            finally:
+                proto.early = None
 
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their responses end."""
