@@ -412,7 +412,7 @@ def start_proxy(procs: Procs, cpus: set[int] | None, upstream: str,
     port = free_port()
     argv = [*proxy_command(), "run", "--target-url", f"{upstream}/mcp", "--port", str(port),
             "--health-interval", "0", "--bearer-token-env", "BENCH_TOKEN",
-            "--log-level", "warning", "--state-dir", str(state_dir)]
+            "--state-dir", str(state_dir)]  # the shipped log level: one access event per request
     # A fresh random token per run unless a test supplies one to look for in the output;
     # either way it never appears there.
     token = os.environ.get("MCP_AUTHPROXY_BENCH_TOKEN") or secrets.token_urlsafe(24)
