@@ -1,5 +1,6 @@
-"""The streaming forwarding handler, and the pure header/URL helpers it is built from.
+"""The streaming forwarding handler: checks, credential, upstream exchange, relay.
 
+Its pure header/URL rules are in `headers.py`, the ways bodies cross in `relay.py`.
 One request in, one request out (plus at most ten same-origin redirects and one
 refresh-and-replay), bodies streamed both ways. This module is the one boundary where
 foreign client errors (`aiohttp.ClientError`, `OSError`, timeouts) become the proxy's
@@ -13,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
 
+from .chunked import ChunkedPassthrough, body_start
 from .config import ProxyConfig
 from .credentials import Credential, CredentialSource
 from .errors import CredentialUnavailable
@@ -40,258 +42,21 @@ from .headers import (
 from .inbound import InboundRequest, Reply
 from .log import AccessLog, get_logger
 from .observe import Exchange, ForwardObserver
+from .relay import (
+    BodyTooLarge,
+    EarlyReply,
+    Passthrough,
+    Progress,
+    Pump,
+    RequestBody,
+)
 from .sse import EndpointRewriter
-from .upstream import ChunkedPassthrough, LeanResponse, Upstream, UpstreamPool, body_start
+from .upstream import LeanResponse, Upstream, UpstreamPool
 
 _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
                  hdrs.CONTENT_ENCODING)
 MAX_REDIRECTS = 10
 _CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
-
-
-# --- the request body ---------------------------------------------------------------
-
-class BodyTooLarge(Exception):
-    """The client's chunked body crossed `max_request_bytes` while streaming."""
-
-
-class RequestBody:
-    """Streams the client's body to the target once, keeping a bounded copy for replay."""
-
-    __slots__ = ("_content", "_eof", "_expect", "_keep", "_kept", "_limit", "_not_reading",
-                 "_request", "_size", "_task", "too_large")
-
-    def __init__(self, request: InboundRequest, *, limit: int, keep: int) -> None:
-        self._request = request
-        self._content = request.content
-        self._limit = limit
-        self._keep = keep
-        self._kept: list[bytes] | None = []
-        self._size = 0
-        self._eof = False
-        self.too_large = False
-        # The task streaming the body upstream (aiohttp's writer) and whether it is inside
-        # a read: a replay must stop it first, as a stream allows only one reader.
-        self._task: asyncio.Task[Any] | None = None
-        # Made by `stream()` only: a body sent whole from memory has no concurrent reader.
-        self._not_reading: asyncio.Event | None = None
-        self._expect = request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
-
-    async def _read(self) -> bytes:
-        if self._expect:
-            # We took the client's Expect off the upstream request, so answer it ourselves.
-            self._expect = False
-            self._request.send_continue()
-        not_reading = self._not_reading
-        if not_reading is None:
-            chunk = await self._content.readany()
-        else:
-            not_reading.clear()
-            try:
-                chunk = await self._content.readany()
-            finally:
-                not_reading.set()
-        if not chunk:
-            self._eof = True
-            return chunk
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self.too_large = True
-            self._kept = None
-            raise BodyTooLarge
-        if self._kept is not None:
-            if self._size <= self._keep:
-                self._kept.append(chunk)
-            else:
-                self._kept = None  # too big to replay: stop keeping, keep streaming
-        return chunk
-
-    def complete(self) -> bytes | None:
-        """The whole body when it has already arrived, else None (then `stream()` it).
-
-        The common case (a small JSON-RPC POST arrives with its headers) then goes out
-        as one write with the upstream request's headers, and is trivially replayable.
-        """
-        content = self._content
-        if self._expect or not content.is_eof() or content.total_bytes > self._limit:
-            return None
-        data = content.read_nowait(-1)
-        self._size = len(data)
-        self._eof = True
-        self._kept = [data] if self._size <= self._keep else None
-        return data
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        """The body as the client sends it; each chunk goes on as soon as it arrives."""
-        self._task = asyncio.current_task()
-        self._not_reading = asyncio.Event()
-        self._not_reading.set()
-        while True:
-            chunk = await self._read()
-            if not chunk:
-                return
-            yield chunk
-
-    async def replay(self) -> bytes | None:
-        """The whole body for a second request, or None when it was too large to keep.
-
-        The first upload is abandoned (its answer is already here): if it is waiting for
-        the client, it is cancelled, and the rest of the body is read here instead.
-        """
-        if self._kept is None:
-            return None
-        not_reading = self._not_reading
-        if not_reading is not None and not not_reading.is_set() and self._task is not None:
-            self._task.cancel()
-            await not_reading.wait()
-        while not self._eof and self._kept is not None:
-            await self._read()
-        return b"".join(self._kept) if self._kept is not None else None
-
-    def drop(self) -> None:
-        """The response headers arrived: no replay from now on, free the copy."""
-        self._kept = None
-
-
-# Client-side write buffer above which an event stream goes back to the awaited loop,
-# whose writes wait for the client to drain (a client that stops reading stalls the target).
-PUSH_HIGH_WATER = 2**16
-
-
-class _Pump:
-    """Passes an event stream on from the upstream protocol's callback, event by event.
-
-    The awaited loop costs a task wake-up and a coroutine-chain resumption per event; on
-    a burst of events from many streams at once those add up to the tail latency. This
-    writes each piece to the client the moment the upstream parser hands it over. It stops
-    (and the awaited loop takes over, to drain, end or fail the response as usual) at the
-    end of the body, on an upstream error, a closing client, or a full client buffer.
-    """
-
-    __slots__ = ("_chunked", "_content", "_progress", "_transport", "_upstream", "done")
-
-    def __init__(self, upstream: LeanResponse, transport: asyncio.Transport, chunked: bool,
-                 progress: _Progress) -> None:
-        self._upstream = upstream
-        self._content = upstream.content
-        self._transport = transport
-        self._chunked = chunked
-        self._progress = progress
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def __call__(self) -> None:
-        content = self._content
-        transport = self._transport
-        if content.exception() is not None or transport.is_closing():
-            self.stop()
-            return
-        data = content.read_nowait(-1)
-        if data:
-            size = len(data)
-            transport.write(b"%x\r\n%b\r\n" % (size, data) if self._chunked else data)
-            self._progress.bytes_out += size
-            if transport.get_write_buffer_size() > PUSH_HIGH_WATER:
-                self.stop()
-                return
-        if content.at_eof():
-            self.stop()
-
-    def stop(self) -> None:
-        self._upstream.listen(None)
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-class _Passthrough:
-    """Passes a chunked body (an event stream or a bulk download) on byte for byte, from
-    the upstream socket callback.
-
-    Past `_Pump`: aiohttp's parser and stream reader are bypassed too (about 20 Python
-    calls per event, and three copies of every bulk read); the target's chunk framing is
-    checked by `ChunkedPassthrough` and its bytes go to the client as they came, each
-    read in one write. A client buffer above PUSH_HIGH_WATER pauses reading from the
-    target until the client drains, so a client that stops reading still stalls the
-    target and the proxy holds at most that plus one read. A stream that ended cleanly
-    on a message boundary hands its connection back to the pool.
-    """
-
-    __slots__ = ("_decoder", "_transport", "_upstream", "_waiter", "outcome", "paused")
-
-    ENDED, FAILED, GONE = "ended", "failed", "gone"
-
-    def __init__(self, decoder: ChunkedPassthrough, transport: asyncio.Transport,
-                 upstream: asyncio.Transport) -> None:
-        self._decoder = decoder
-        self._transport = transport
-        self._upstream = upstream
-        self._waiter: asyncio.Future[None] | None = None
-        self.outcome: str | None = None
-        self.paused = False
-
-    def feed(self, data: bytes) -> None:
-        decoder = self._decoder
-        try:
-            out = decoder.feed(data)
-        except ValueError:
-            self._finish(self.FAILED)
-            return
-        if out:
-            transport = self._transport
-            if transport.is_closing():
-                self._finish(self.GONE)
-                return
-            transport.write(out)
-            if transport.get_write_buffer_size() > PUSH_HIGH_WATER and not self.paused:
-                self.paused = True
-                self._upstream.pause_reading()
-                self._wake()
-        if decoder.done:
-            self._finish(self.ENDED)
-
-    def lost(self, exc: BaseException | None) -> None:
-        self._finish(self.FAILED)
-
-    def _finish(self, outcome: str) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def run(self, writer: Any) -> str:
-        """Wait for the end (draining the client whenever it fell behind)."""
-        loop = asyncio.get_running_loop()
-        while self.outcome is None:
-            if self.paused:
-                await writer.drain()
-                self.paused = False
-                if not self._upstream.is_closing():
-                    self._upstream.resume_reading()
-                continue
-            self._waiter = loop.create_future()
-            await self._waiter
-            self._waiter = None
-        return self.outcome
-
-    def unpause(self) -> None:
-        """Read from the target again (its body ended while the client was behind)."""
-        if self.paused:
-            self.paused = False
-            if not self._upstream.is_closing():
-                self._upstream.resume_reading()
-
-
-class _Progress:
-    """What the access log and `on_complete` need, filled in as the request goes."""
-
-    __slots__ = ("bytes_out", "upstream_status")
-
-    def __init__(self) -> None:
-        self.bytes_out = 0
-        self.upstream_status: int | None = None
 
 
 class _ProxyAnswer(Exception):
@@ -305,46 +70,6 @@ class _ProxyAnswer(Exception):
         self.body = error_body(code, message, **extra)
         self.headers = headers or {}
         self.close = close
-
-
-class _EarlyReply:
-    """Answers the client from the upstream socket callback, when the target's answer
-    arrived whole and goes to the client as it is (the common small JSON-RPC answer).
-
-    The waiting request task would resume through its coroutine frames first; the
-    client's latency no longer waits for that. The task does everything else after
-    (observers, pooling, the access event) as for any answer. Answers the handler may
-    still act on (a redirect to follow, a 401 to refresh and replay, an event stream,
-    a body still coming) are left to it.
-    """
-
-    __slots__ = ("_refreshable", "_request", "reply", "sent")
-
-    def __init__(self, request: InboundRequest, refreshable: bool) -> None:
-        self._request = request
-        self._refreshable = refreshable
-        self.reply: Reply | None = None
-        self.sent = 0
-
-    def __call__(self, message: Any, payload: Any) -> None:
-        status = message.code
-        if status in REDIRECT_STATUSES or (status == 401 and self._refreshable):
-            return
-        if not payload.is_eof() or payload.exception() is not None:
-            return
-        headers = message.headers
-        if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
-            return
-        chunk = payload.read_nowait(-1)
-        reply = Reply(status, message.reason, response_headers(headers))
-        reply.send_headers_with_body()
-        self.reply = reply
-        self.sent = len(chunk)
-        try:
-            reply.start(self._request)
-            reply.send_eof(chunk)
-        except ConnectionError:
-            self._request.protocol.force_close()  # the client left: nothing more to send
 
 
 # --- the handler --------------------------------------------------------------------
@@ -419,7 +144,7 @@ class Forwarder:
         started = time.perf_counter()
         path, query = split_raw_path(request.raw_path)
         exchange = Exchange(method=request.method, path=path, on_mcp_path=path == self._mcp_path)
-        progress = _Progress()
+        progress = Progress()
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -438,7 +163,7 @@ class Forwarder:
             self._access(request.method, path, exchange.status, progress.upstream_status,
                          round(duration * 1000, 1), progress.bytes_out, request.remote)
 
-    def _answer(self, request: InboundRequest, exchange: Exchange, progress: _Progress,
+    def _answer(self, request: InboundRequest, exchange: Exchange, progress: Progress,
                 answer: _ProxyAnswer) -> Reply:
         exchange.status = answer.status
         exchange.upstream_headers = None
@@ -495,7 +220,7 @@ class Forwarder:
                                headers={hdrs.RETRY_AFTER: str(retry)},
                                reason=exc.reason) from None
 
-    async def _forward(self, request: InboundRequest, exchange: Exchange, progress: _Progress,
+    async def _forward(self, request: InboundRequest, exchange: Exchange, progress: Progress,
                        query: str, task: asyncio.Task[Any]) -> Reply:
         self._check(request)
         source = self._credentials
@@ -514,7 +239,7 @@ class Forwarder:
         body = (RequestBody(request, limit=self._config.max_request_bytes,
                             keep=self._config.replay_limit)
                 if request.body_exists else None)
-        early = (_EarlyReply(request, source is not None and source.can_refresh)
+        early = (EarlyReply(request, source is not None and source.can_refresh)
                  if self._pool is not None else None)
         upstream = await self._exchange(request.method, path_qs, headers, body, credential,
                                         exchange, task, early)
@@ -532,7 +257,7 @@ class Forwarder:
 
     async def _send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                     data: Any, body: RequestBody | None, current: asyncio.Task[Any],
-                    early: _EarlyReply | None) -> Upstream:
+                    early: EarlyReply | None) -> Upstream:
         """One upstream request up to its response headers; foreign errors end here.
 
         A body already in memory (or none) goes through the lean pool, a streamed one
@@ -601,7 +326,7 @@ class Forwarder:
     async def _exchange(self, method: str, path_qs: str, headers: CIMultiDict[str],
                         body: RequestBody | None, credential: Credential | None,
                         exchange: Exchange, task: asyncio.Task[Any],
-                        early: _EarlyReply | None = None) -> Upstream:
+                        early: EarlyReply | None = None) -> Upstream:
         """Send, following same-origin redirects and one refresh-and-replay."""
         started = time.perf_counter()
         data: Any = None
@@ -662,9 +387,9 @@ class Forwarder:
         exchange.upstream_seconds = time.perf_counter() - started
         return upstream
 
-    def _relayed_early(self, upstream: Upstream, exchange: Exchange, progress: _Progress,
-                       early: _EarlyReply) -> Reply:
-        """The bookkeeping of an answer `_EarlyReply` already sent."""
+    def _relayed_early(self, upstream: Upstream, exchange: Exchange, progress: Progress,
+                       early: EarlyReply) -> Reply:
+        """The bookkeeping of an answer `EarlyReply` already sent."""
         status = upstream.status
         progress.upstream_status = status
         exchange.status = status
@@ -675,7 +400,7 @@ class Forwarder:
         return early.reply
 
     async def _relay(self, request: InboundRequest, upstream: Upstream,
-                     exchange: Exchange, progress: _Progress) -> Reply:
+                     exchange: Exchange, progress: Progress) -> Reply:
         """Stream the target's answer to the client, chunk by chunk as it arrives."""
         status = upstream.status
         progress.upstream_status = status
@@ -760,10 +485,10 @@ class Forwarder:
         return response
 
     async def _push(self, request: InboundRequest, upstream: LeanResponse,
-                    response: Reply, writer: Any, progress: _Progress,
+                    response: Reply, writer: Any, progress: Progress,
                     sent: bytes, events: bool) -> bool:
         """Relay a chunked body byte for byte from the upstream callback when both sides
-        are chunked (True: the answer ended here); else an event stream until `_Pump`
+        are chunked (True: the answer ended here); else an event stream until `Pump`
         stops, and any other body not at all (False: the awaited loop finishes it)."""
         transport = request.transport
         if transport is None or transport.is_closing():
@@ -778,7 +503,7 @@ class Forwarder:
                     outcome = await sink.run(writer)
                 finally:
                     progress.bytes_out += decoder.payload_bytes
-                if outcome == _Passthrough.ENDED:
+                if outcome == Passthrough.ENDED:
                     await response.write_eof()
                     if not decoder.trailing:
                         sink.unpause()
@@ -792,7 +517,7 @@ class Forwarder:
             upstream.forget()
         if not events:
             return False
-        pump = _Pump(upstream, transport, chunked, progress)
+        pump = Pump(upstream, transport, chunked, progress)
         if not upstream.listen(pump):
             return False
         try:
@@ -804,9 +529,9 @@ class Forwarder:
 
     @staticmethod
     def _passthrough(upstream: LeanResponse, transport: asyncio.Transport,
-                     progress: _Progress, sent: bytes
-                     ) -> tuple[ChunkedPassthrough, _Passthrough] | None:
-        """Divert the upstream connection to a `_Passthrough`, or None when it cannot be.
+                     progress: Progress, sent: bytes
+                     ) -> tuple[ChunkedPassthrough, Passthrough] | None:
+        """Divert the upstream connection to a `Passthrough`, or None when it cannot be.
 
         aiohttp's parser has already read part of the body: the bytes received so far are
         parsed again here, and the diversion happens only if that gives the same payload
@@ -835,7 +560,7 @@ class Forwarder:
         framing = decoder.resume()
         if framing:
             transport.write(framing)
-        sink = _Passthrough(decoder, transport, upstream_transport)
+        sink = Passthrough(decoder, transport, upstream_transport)
         upstream.divert(sink)
         return decoder, sink
 
@@ -847,7 +572,7 @@ class Forwarder:
             except Exception:
                 self._log.exception("observer_failed", observer=type(observer).__name__)
 
-    def _complete(self, exchange: Exchange, duration: float, progress: _Progress) -> None:
+    def _complete(self, exchange: Exchange, duration: float, progress: Progress) -> None:
         for observer in self._observers:
             try:
                 observer.on_complete(exchange, duration, progress.bytes_out)
