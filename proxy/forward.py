@@ -419,10 +419,11 @@ class Forwarder:
             chunk: bytes | None = content.read_nowait(-1)
         except (aiohttp.ClientError, OSError):
             chunk = None  # reported by the loop below
-        if chunk and not exchange.sse:
-            # The body is already here: send it with the headers in one write. Otherwise
-            # (and for every event stream) headers go at once, so a client sees its
-            # (maybe quiet) stream start.
+        if chunk and rewriter is None:
+            # Body bytes are already here and go on unchanged: send them with the headers
+            # in one write (for an event stream, its first event: one send per stream
+            # start, not two). Otherwise headers go at once, so a client sees its (maybe
+            # quiet) stream start.
             response.send_headers_with_body()
         responded = False  # the observers heard of the answer (exactly once, below)
         try:
