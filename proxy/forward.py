@@ -245,6 +245,8 @@ class Forwarder:
                                         exchange, task, early)
         try:
             if early is not None and early.reply is not None:
+                if early.streaming:
+                    return await self._relay(request, upstream, exchange, progress, early)
                 return self._relayed_early(upstream, exchange, progress, early)
             return await self._relay(request, upstream, exchange, progress)
         finally:
@@ -400,25 +402,34 @@ class Forwarder:
         return early.reply
 
     async def _relay(self, request: InboundRequest, upstream: Upstream,
-                     exchange: Exchange, progress: Progress) -> Reply:
-        """Stream the target's answer to the client, chunk by chunk as it arrives."""
+                     exchange: Exchange, progress: Progress,
+                     early: EarlyReply | None = None) -> Reply:
+        """Stream the target's answer to the client, chunk by chunk as it arrives
+        (carrying on a stream `early` started, when given)."""
         status = upstream.status
         progress.upstream_status = status
         exchange.status = status
         exchange.upstream_headers = upstream.headers
         content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
         exchange.sse = content_type.startswith("text/event-stream")
-        headers = response_headers(upstream.headers)
-        rewriter = None
-        if exchange.sse and request.method == hdrs.METH_GET:
-            rewriter = EndpointRewriter(self._origin_url, f"http://{request.host}")
-            headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
-        response = Reply(status, upstream.reason, headers)
         content = upstream.content
-        try:
-            chunk: bytes | None = content.read_nowait(-1)
-        except (aiohttp.ClientError, OSError):
-            chunk = None  # reported by the loop below
+        rewriter = None
+        chunk: bytes | None = None
+        started = b""  # body bytes `early` already sent
+        if early is not None and early.reply is not None:
+            response = early.reply
+            started = early.data
+            progress.bytes_out += len(started)
+        else:
+            headers = response_headers(upstream.headers)
+            if exchange.sse and request.method == hdrs.METH_GET:
+                rewriter = EndpointRewriter(self._origin_url, f"http://{request.host}")
+                headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
+            response = Reply(status, upstream.reason, headers)
+            try:
+                chunk = content.read_nowait(-1)
+            except (aiohttp.ClientError, OSError):
+                chunk = None  # reported by the loop below
         if chunk and rewriter is None:
             # Body bytes are already here and go on unchanged: send them with the headers
             # in one write (for an event stream, its first event: one send per stream
@@ -440,7 +451,7 @@ class Forwarder:
             responded = True
             if rewriter is None and isinstance(upstream, LeanResponse) and (
                     exchange.sse or upstream.chunked):
-                sent = chunk or b""
+                sent = started + (chunk or b"")
                 if chunk:
                     await response.write(chunk)
                     progress.bytes_out += len(chunk)

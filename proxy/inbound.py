@@ -212,12 +212,17 @@ class Reply:
         return data
 
     async def write(self, data: bytes) -> None:
+        self.send_now(data)
+        await self.drain()
+
+    def send_now(self, data: bytes) -> None:
+        """`write()` without waiting for the client to take it (for a caller that cannot
+        wait: the bytes are buffered by the transport)."""
         if not data or self._no_body:
             return
         self.output_size += len(data)
         head, self._head = self._head, None
         self._send(head + self._framed(data) if head is not None else self._framed(data))
-        await self.drain()
 
     async def drain(self) -> None:
         conn = self._conn

@@ -267,32 +267,43 @@ class Progress:
 
 
 class EarlyReply:
-    """Answers the client from the upstream socket callback, when the target's answer
-    arrived whole and goes to the client as it is (the common small JSON-RPC answer).
+    """Answers the client from the upstream socket callback, before the waiting request
+    task resumes through its coroutine frames: the client's latency no longer waits.
 
-    The waiting request task would resume through its coroutine frames first; the
-    client's latency no longer waits for that. The task does everything else after
-    (observers, pooling, the access event) as for any answer. Answers the handler may
-    still act on (a redirect to follow, a 401 to refresh and replay, an event stream,
-    a body still coming) are left to it.
+    Two cases. A whole answer that goes to the client as it is (the common small
+    JSON-RPC one) is sent complete; the task does everything else after (observers,
+    pooling, the access event). An event stream answering a POST (MCP's Streamable HTTP)
+    is started: its head and whatever events came with it go out at once, and the task
+    carries the stream on from there (`streaming`, `data`). When 100 streams start
+    together, a stream's first events then wait for no other stream's setup. Answers the
+    handler may still act on (a redirect to follow, a 401 to refresh and replay, a GET
+    event stream whose `endpoint` may need rewriting, any other body still coming) are
+    left to it.
     """
 
-    __slots__ = ("_refreshable", "_request", "reply", "sent")
+    __slots__ = ("_refreshable", "_request", "data", "reply", "sent", "streaming")
 
     def __init__(self, request: InboundRequest, refreshable: bool) -> None:
         self._request = request
         self._refreshable = refreshable
         self.reply: Reply | None = None
         self.sent = 0
+        self.streaming = False  # the stream was started here; the task carries it on
+        self.data = b""  # the stream's body bytes sent here
 
     def __call__(self, message: Any, payload: Any) -> None:
         status = message.code
         if status in REDIRECT_STATUSES or (status == 401 and self._refreshable):
             return
-        if not payload.is_eof() or payload.exception() is not None:
+        if payload.exception() is not None:
             return
         headers = message.headers
         if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+            if payload.is_eof() or self._request.method != hdrs.METH_POST:
+                return
+            self._start_stream(message, payload)
+            return
+        if not payload.is_eof():
             return
         chunk = payload.read_nowait(-1)
         reply = Reply(status, message.reason, response_headers(headers))
@@ -304,3 +315,17 @@ class EarlyReply:
             reply.send_eof(chunk)
         except ConnectionError:
             self._request.protocol.force_close()  # the client left: nothing more to send
+
+    def _start_stream(self, message: Any, payload: Any) -> None:
+        chunk = payload.read_nowait(-1)
+        reply = Reply(message.code, message.reason, response_headers(message.headers))
+        if chunk:
+            reply.send_headers_with_body()  # the head and the first events in one send
+        self.reply = reply
+        self.streaming = True
+        self.data = chunk
+        try:
+            reply.start(self._request)
+            reply.send_now(chunk)
+        except ConnectionError:
+            self._request.protocol.force_close()

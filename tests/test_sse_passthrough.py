@@ -291,3 +291,48 @@ async def test_an_ended_event_stream_leaves_its_connection_for_the_next_call(
         for task in tasks:
             task.cancel()
         await server.wait_closed()
+
+
+async def test_a_stream_whose_first_events_came_with_its_head_is_carried_on_whole(
+    make_proxy: Any
+) -> None:
+    """Head and first events in one read are sent from the socket callback; the rest of
+    the stream follows them in order, byte for byte, and the clean end leaves the target
+    connection reusable (the hand-over to the passthrough took the events sent early
+    into account)."""
+    first = [b"data: early-%d\n\n" % i for i in range(3)]
+    later = [b"data: later-%d\n\n" % i for i in range(5)]
+    connections = 0
+    release = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            writer.write(SSE_HEAD + b"".join(chunk(event) for event in first))
+            await writer.drain()
+            await asyncio.wait_for(release.wait(), WAIT)
+            for event in later:
+                writer.write(chunk(event))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            release.clear()
+            head = await reader.readuntil(b"\r\n\r\n")  # the next call on this connection
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    await reader.readexactly(int(line.split(b":")[1]))
+
+    async with raw_upstream(script) as url:
+        proxy = await make_proxy(url)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.post(proxy.url, data=b"{}") as response:
+                    body = b""
+                    while not body.endswith(first[-1]):
+                        body += await asyncio.wait_for(response.content.readany(), WAIT)
+                    assert body == b"".join(first)  # before the target sent anything more
+                    release.set()
+                    body += await asyncio.wait_for(response.content.read(), WAIT)
+                    assert body == b"".join(first + later)
+    assert connections == 1
