@@ -396,7 +396,7 @@ class Forwarder:
         progress.upstream_status = status
         exchange.status = status
         exchange.upstream_headers = upstream.headers
-        progress.bytes_out += early.sent
+        progress.bytes_out += len(early.data)
         self._respond(exchange)
         assert early.reply is not None
         return early.reply

@@ -114,14 +114,14 @@ class InboundRequest:
 class Reply:
     """The answer to one request: status line, headers, then the body as it comes.
 
-    `body` set: sent whole with a Content-Length by `finish()`. Otherwise `prepare()`
+    `body` set: sent whole with a Content-Length by `finish()`. Otherwise `start()`
     frames it: the headers' Content-Length as given, chunked for an HTTP/1.1 client,
     else until the connection closes. Returned by the handler; the connection finishes
     whatever the handler did not.
     """
 
     __slots__ = ("_chunked", "_close", "_conn", "_head", "_hold", "_no_body", "body",
-                 "finished", "headers", "output_size", "prepared", "reason", "status")
+                 "finished", "headers", "prepared", "reason", "status")
 
     def __init__(self, status: int, reason: str | None = None,
                  headers: CIMultiDict[str] | None = None, body: bytes | None = None,
@@ -134,7 +134,6 @@ class Reply:
         self.body = body
         self.prepared = False
         self.finished = False
-        self.output_size = 0
         self._conn: ClientConnection | None = None
         self._head: bytes | None = None  # headers not yet written
         self._hold = False
@@ -154,12 +153,8 @@ class Reply:
         """Hold the headers back until the first body write (one packet, not two)."""
         self._hold = True
 
-    async def prepare(self, request: InboundRequest) -> Reply:
-        """Fix the framing and send the headers (or hold them for the first write)."""
-        return self.start(request)
-
     def start(self, request: InboundRequest) -> Reply:
-        """`prepare()` without a coroutine (it never waits)."""
+        """Fix the framing and send the headers (or hold them for the first write)."""
         if self.prepared:
             return self
         self.prepared = True
@@ -220,7 +215,6 @@ class Reply:
         wait: the bytes are buffered by the transport)."""
         if not data or self._no_body:
             return
-        self.output_size += len(data)
         head, self._head = self._head, None
         self._send(head + self._framed(data) if head is not None else self._framed(data))
 
@@ -241,7 +235,6 @@ class Reply:
         self.finished = True
         out = b""
         if data and not self._no_body:
-            self.output_size += len(data)
             out = self._framed(data)
         if self._chunked:
             out += b"0\r\n\r\n"
@@ -508,10 +501,6 @@ class InboundServer:
         self.log = log
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
-
-    @property
-    def connection_count(self) -> int:
-        return len(self.connections)
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)

@@ -281,15 +281,14 @@ class EarlyReply:
     left to it.
     """
 
-    __slots__ = ("_refreshable", "_request", "data", "reply", "sent", "streaming")
+    __slots__ = ("_refreshable", "_request", "data", "reply", "streaming")
 
     def __init__(self, request: InboundRequest, refreshable: bool) -> None:
         self._request = request
         self._refreshable = refreshable
         self.reply: Reply | None = None
-        self.sent = 0
         self.streaming = False  # the stream was started here; the task carries it on
-        self.data = b""  # the stream's body bytes sent here
+        self.data = b""  # the body bytes sent here
 
     def __call__(self, message: Any, payload: Any) -> None:
         status = message.code
@@ -309,7 +308,7 @@ class EarlyReply:
         reply = Reply(status, message.reason, response_headers(headers))
         reply.send_headers_with_body()
         self.reply = reply
-        self.sent = len(chunk)
+        self.data = chunk
         try:
             reply.start(self._request)
             reply.send_eof(chunk)
