@@ -6,6 +6,8 @@ Kept generic on purpose: an upstream is any catch-all aiohttp handler, the proxy
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,39 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
     ) as session:
         yield session
+
+
+RawServe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@pytest.fixture
+def raw_target() -> Callable[[RawServe], contextlib.AbstractAsyncContextManager[str]]:
+    """A loopback target on raw streams: `async with raw_target(serve) as url`, where
+    `serve` runs once per connection (and writes exactly what the test wants)."""
+
+    @contextlib.asynccontextmanager
+    async def start(serve: RawServe) -> AsyncIterator[str]:
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.add(task)
+            try:
+                await serve(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(run, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}/mcp"
+        finally:
+            server.close()
+            for task in tasks:
+                task.cancel()
+            await server.wait_closed()
+
+    return start

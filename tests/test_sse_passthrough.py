@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -92,38 +92,22 @@ def test_the_body_starts_after_the_head() -> None:
 
 # --- through the proxy ------------------------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def raw_upstream(script: Script) -> AsyncIterator[str]:
-    """A target that writes exactly the bytes `script` writes, after reading a request."""
-    tasks: set[asyncio.Task[None]] = set()
+def reading_the_request(script: Script) -> Script:
+    """`script`, run once the request (head and any Content-Length body) was read."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    await reader.readexactly(int(line.split(b":")[1]))
-            await script(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+        head = await reader.readuntil(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                await reader.readexactly(int(line.split(b":")[1]))
+        await script(reader, writer)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await server.wait_closed()
+    return serve
 
 
-async def test_each_event_reaches_the_client_before_the_next_is_sent(make_proxy: Any) -> None:
+async def test_each_event_reaches_the_client_before_the_next_is_sent(
+    raw_target: Any, make_proxy: Any
+) -> None:
     """Events are not held back: the target sends the next only once the client has this one."""
     got = asyncio.Queue[bytes]()
     events = [b"data: %d\n\n" % i for i in range(20)]
@@ -137,7 +121,7 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(make_proxy:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session, \
                 session.post(proxy.url, data=b"{}") as response:
@@ -151,7 +135,9 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(make_proxy:
             assert body == b"".join(events)
 
 
-async def test_odd_framing_reaches_the_client_as_the_same_events(make_proxy: Any) -> None:
+async def test_odd_framing_reaches_the_client_as_the_same_events(
+    raw_target: Any, make_proxy: Any
+) -> None:
     """Split chunks, chunk extensions and trailers from the target still give clean events."""
     framed = (chunk(b"data: first\n\n") + b"e;ext=1\r\ndata: second\n\n\r\n"
               + chunk(b"data: third\n\n") + b"0\r\nX-Trailer: t\r\n\r\n")
@@ -164,7 +150,7 @@ async def test_odd_framing_reaches_the_client_as_the_same_events(make_proxy: Any
             await writer.drain()
             await asyncio.sleep(0)  # let the pieces arrive one by one
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session, \
                 session.post(proxy.url, data=b"{}") as response:
@@ -174,7 +160,7 @@ async def test_odd_framing_reaches_the_client_as_the_same_events(make_proxy: Any
 
 @pytest.mark.parametrize("ending", [b"", b"zz\r\n"], ids=["target-dies", "broken-framing"])
 async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
-    make_proxy: Any, ending: bytes
+    raw_target: Any, make_proxy: Any, ending: bytes
 ) -> None:
     """A client never mistakes a target that died mid-stream for a clean end."""
     streaming = asyncio.Event()
@@ -186,7 +172,7 @@ async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
         writer.write(ending)
         await writer.drain()
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session, \
                 session.post(proxy.url, data=b"{}") as response:
@@ -197,7 +183,9 @@ async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
                 await asyncio.wait_for(response.read(), WAIT)
 
 
-async def test_a_client_hanging_up_closes_the_targets_stream(make_proxy: Any) -> None:
+async def test_a_client_hanging_up_closes_the_targets_stream(
+    raw_target: Any, make_proxy: Any
+) -> None:
     """An abandoned stream does not keep the target's connection open."""
     closed = asyncio.Event()
 
@@ -207,7 +195,7 @@ async def test_a_client_hanging_up_closes_the_targets_stream(make_proxy: Any) ->
         await reader.read()  # the proxy's side closing ends this
         closed.set()
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session:
             async with session.post(proxy.url, data=b"{}") as response:
@@ -215,7 +203,9 @@ async def test_a_client_hanging_up_closes_the_targets_stream(make_proxy: Any) ->
             await asyncio.wait_for(closed.wait(), WAIT)
 
 
-async def test_a_client_that_stops_reading_stalls_an_event_stream(make_proxy: Any) -> None:
+async def test_a_client_that_stops_reading_stalls_an_event_stream(
+    raw_target: Any, make_proxy: Any
+) -> None:
     """A slow SSE reader costs the proxy a bounded buffer, not the whole stream."""
     sent = 0
     stalled = asyncio.Event()
@@ -235,7 +225,7 @@ async def test_a_client_that_stops_reading_stalls_an_event_stream(make_proxy: An
                 await asyncio.sleep(3600)
             sent += len(event)
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         try:
@@ -294,7 +284,7 @@ async def test_an_ended_event_stream_leaves_its_connection_for_the_next_call(
 
 
 async def test_a_stream_whose_first_events_came_with_its_head_is_carried_on_whole(
-    make_proxy: Any
+    raw_target: Any, make_proxy: Any
 ) -> None:
     """Head and first events in one read are sent from the socket callback; the rest of
     the stream follows them in order, byte for byte, and the clean end leaves the target
@@ -323,7 +313,7 @@ async def test_a_stream_whose_first_events_came_with_its_head_is_carried_on_whol
                 if line.lower().startswith(b"content-length:"):
                     await reader.readexactly(int(line.split(b":")[1]))
 
-    async with raw_upstream(script) as url:
+    async with raw_target(reading_the_request(script)) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session:
             for _ in range(2):

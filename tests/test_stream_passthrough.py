@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -116,33 +116,6 @@ def test_a_handover_from_another_parser_anywhere_gives_the_same_body(
 
 # --- through the proxy -------------------------------------------------------------------
 
-@contextlib.asynccontextmanager
-async def upstream(serve: Serve) -> AsyncIterator[str]:
-    """A raw target on loopback; `serve` runs once per connection."""
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            await serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(run, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        server.close()
-        for task in tasks:
-            task.cancel()
-        await server.wait_closed()
-
-
 async def read_request(reader: asyncio.StreamReader) -> None:
     await reader.readuntil(b"\r\n\r\n")  # the tests send GETs: no body
 
@@ -159,7 +132,7 @@ def odd_body(seed: int) -> tuple[bytes, bytes]:
 
 
 async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_request(
-    make_proxy: Any,
+    raw_target: Any, make_proxy: Any,
 ) -> None:
     """Reads cut anywhere (size lines included); every byte arrives; one connection."""
     connections = 0
@@ -178,7 +151,7 @@ async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_
                 writer.write(data[pos:pos + 7001])
                 await writer.drain()
 
-    async with upstream(serve) as url:
+    async with raw_target(serve) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session:
             for _ in range(3):
@@ -190,7 +163,7 @@ async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_
 
 @pytest.mark.parametrize("ending", [b"", b"\r\nzz\r\n"], ids=["target-dies", "broken-framing"])
 async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
-    make_proxy: Any, ending: bytes
+    raw_target: Any, make_proxy: Any, ending: bytes
 ) -> None:
     """A truncated download never looks like a complete one."""
     streaming = asyncio.Event()
@@ -204,7 +177,7 @@ async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
         writer.write(block[1000:] + ending if ending else b"")
         await writer.drain()
 
-    async with upstream(serve) as url:
+    async with raw_target(serve) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
             assert len(await asyncio.wait_for(response.content.readexactly(65536), WAIT)) \
@@ -215,7 +188,7 @@ async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
 
 
 async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_proxys_buffer(
-    make_proxy: Any,
+    raw_target: Any, make_proxy: Any,
 ) -> None:
     """Bounded memory: while the client reads nothing, the proxy holds at most its high
     water mark plus one read, the target's writes block, and the client hanging up then
@@ -257,7 +230,7 @@ async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_prox
             await reader.read()  # ends when the proxy closes this connection
         closed.set()
 
-    async with upstream(serve) as url:
+    async with raw_target(serve) as url:
         proxy = await make_proxy(url)
         client = socket.socket()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
