@@ -6,8 +6,8 @@ records the workload as `unauthenticated` when the target starts answering 401.
 
 from .app import AuthProxy
 from .config import ProxyConfig
-from .hooks import ReauthorizedEvent, UnauthorizedEvent
-from .status import WorkloadRecord, WorkloadStatus
+from .monitor.auth import ReauthorizedEvent, UnauthorizedEvent
+from .status.model import WorkloadRecord, WorkloadStatus
 
 __all__ = [
     "AuthProxy",

@@ -1,5 +1,5 @@
 """`python -m proxy` is the `mcp-authproxy` program."""
 
-from .cli import main_entry
+from .cli.main import main_entry
 
 main_entry()

@@ -13,26 +13,23 @@ import os
 from types import TracebackType
 from typing import Any
 
-from . import status as st
-from .admin import AdminServer
 from .config import ProxyConfig
-from .credentials import (
-    CredentialSource,
-    build_credential_source,
-)
-from .health import HealthProber
-from .hooks import (
+from .credentials import build_credential_source
+from .credentials.base import CredentialSource
+from .forwarding.listener import ForwardingServer
+from .log import get_logger, redact_url
+from .monitor.admin import AdminServer
+from .monitor.auth import (
     AuthMonitor,
     ReauthorizedCallback,
     UnauthorizedCallback,
     UnauthorizedEvent,
 )
-from .log import get_logger, redact_url
-from .metrics import Metrics
-from .oauth import OAuthSource
-from .server import ForwardingServer
-from .store import FileStore, StatusStore
-from .workload import Workload
+from .monitor.health import HealthProber
+from .monitor.metrics import Metrics
+from .status import model as st
+from .status.store import FileStore, StatusStore
+from .status.workload import Workload
 
 
 class _Reporter:
@@ -76,10 +73,9 @@ class AuthProxy:
         self._workload = Workload(self._store, logger=self._logger)
         self.metrics = Metrics()
         self._user_on_unauthorized = on_unauthorized
-        source = build_credential_source(config)
-        self._credentials: CredentialSource | None = source
-        if isinstance(self._credentials, OAuthSource):
-            self._credentials.refresh_listener = self._on_token_refresh
+        self._credentials: CredentialSource | None = build_credential_source(
+            config, refresh_listener=self._on_token_refresh
+        )
         self._reporter = _Reporter()
         self._monitor = AuthMonitor(
             self._workload,

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.config import ProxyConfig
-from proxy.server import ForwardingServer
+from proxy.forwarding.listener import ForwardingServer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UpstreamFactory = Callable[..., Awaitable[TestServer]]

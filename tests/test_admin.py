@@ -12,10 +12,10 @@ import structlog
 from aiohttp import hdrs
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.admin import AdminServer
 from proxy.config import ProxyConfig
-from proxy.metrics import Metrics
-from proxy.status import WorkloadStatus
+from proxy.monitor.admin import AdminServer
+from proxy.monitor.metrics import Metrics
+from proxy.status.model import WorkloadStatus
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 

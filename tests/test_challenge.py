@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from proxy.challenge import BearerError, Challenge, bearer_error, parse_challenges
+from proxy.credentials.challenge import BearerError, Challenge, bearer_error, parse_challenges
 
 
 def test_rfc9110_example_with_two_challenges_and_escapes() -> None:

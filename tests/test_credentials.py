@@ -11,15 +11,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.config import ProxyConfig
-from proxy.credentials import (
-    Credential,
-    EnvBearerSource,
-    FileBearerSource,
-    build_credential_source,
-    check_secret_text,
-)
+from proxy.credentials import build_credential_source
+from proxy.credentials.base import Credential
+from proxy.credentials.bearer import EnvBearerSource, FileBearerSource
+from proxy.credentials.files import check_secret_text
+from proxy.credentials.oauth import OAuthSource
 from proxy.errors import CredentialInvalid
-from proxy.oauth import OAuthSource
 
 POLL = 0.02
 

@@ -13,7 +13,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 from yarl import URL
 
-from proxy.observe import Exchange
+from proxy.forwarding.observe import Exchange
 
 WAIT = 5.0  # bound for every wait on an event; never reached when things work
 

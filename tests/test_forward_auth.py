@@ -10,9 +10,9 @@ import aiohttp
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from proxy.credentials import Credential, CredentialReporter
+from proxy.credentials.base import Credential, CredentialReporter
 from proxy.errors import CredentialRetrying
-from proxy.observe import Exchange
+from proxy.forwarding.observe import Exchange
 
 WAIT = 5.0
 

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import ProxyConfig
-from proxy.server import ForwardingServer, display_host
+from proxy.forwarding.listener import ForwardingServer, display_host
 
 WAIT = 5.0
 

@@ -16,17 +16,17 @@ import structlog
 from aiohttp import hdrs, web
 
 from proxy.config import ProxyConfig
-from proxy.credentials import Credential, CredentialReporter
+from proxy.credentials.base import Credential, CredentialReporter
 from proxy.errors import CredentialInvalid
-from proxy.health import (
+from proxy.forwarding.observe import Exchange
+from proxy.monitor.health import (
     PROBE_BODY,
     HealthProber,
     ProbeOutcome,
     ProbeResult,
     classify_probe,
 )
-from proxy.observe import Exchange
-from proxy.status import ConditionType, Serving, Started, WorkloadStatus
+from proxy.status.model import ConditionType, Serving, Started, WorkloadStatus
 
 TOKEN = "s3cr3t-probe-token"
 WAIT = 5.0  # bound on every wait; the happy path takes milliseconds
@@ -464,9 +464,9 @@ async def test_probe_opens_and_ends_an_episode_with_the_real_monitor(
     upstream: Upstream, session: aiohttp.ClientSession
 ) -> None:
     """A revoked token is noticed by probes alone, and a probe's 200 ends the episode again."""
-    from proxy.hooks import AuthMonitor, UnauthorizedEvent
-    from proxy.store import MemoryStore
-    from proxy.workload import Workload
+    from proxy.monitor.auth import AuthMonitor, UnauthorizedEvent
+    from proxy.status.store import MemoryStore
+    from proxy.status.workload import Workload
 
     config = _config(upstream.port)
     workload = Workload(MemoryStore(config.workload))

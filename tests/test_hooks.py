@@ -18,14 +18,14 @@ from hypothesis import strategies as hs
 from multidict import CIMultiDict, CIMultiDictProxy
 from structlog.testing import capture_logs
 
-from proxy import status as st
-from proxy.credentials import Credential
-from proxy.hooks import AuthMonitor, ReauthorizedEvent, UnauthorizedEvent, exec_callback
-from proxy.observe import Exchange
-from proxy.status import ConditionType as C
-from proxy.status import WorkloadStatus as S
-from proxy.store import FileStore, MemoryStore
-from proxy.workload import Workload
+from proxy.credentials.base import Credential
+from proxy.forwarding.observe import Exchange
+from proxy.monitor.auth import AuthMonitor, ReauthorizedEvent, UnauthorizedEvent, exec_callback
+from proxy.status import model as st
+from proxy.status.model import ConditionType as C
+from proxy.status.model import WorkloadStatus as S
+from proxy.status.store import FileStore, MemoryStore
+from proxy.status.workload import Workload
 
 SECRET = "s3cr3t-token-value-never-stored"
 EXPIRED = ('Bearer realm="example", error="invalid_token", '

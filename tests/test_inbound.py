@@ -215,7 +215,7 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
 ) -> None:
     """A bug in the handler: the client gets a short JSON 500 (no traceback, nothing of
     the request), the connection closes, and the proxy keeps serving others."""
-    from proxy.forward import Forwarder
+    from proxy.forwarding.handler import Forwarder
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=b"ok")

@@ -10,10 +10,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.health import ProbeOutcome, ProbeResult
-from proxy.metrics import Metrics, RefreshOutcome, method_label, status_class
-from proxy.observe import Exchange
-from proxy.status import WorkloadStatus
+from proxy.forwarding.observe import Exchange
+from proxy.monitor.health import ProbeOutcome, ProbeResult
+from proxy.monitor.metrics import Metrics, RefreshOutcome, method_label, status_class
+from proxy.status.model import WorkloadStatus
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -193,7 +193,7 @@ def test_request_families_scrape_like_prometheus_client_objects() -> None:
     from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client.exposition import generate_latest
 
-    from proxy.metrics import METHODS, OTHER, UPSTREAM_BUCKETS
+    from proxy.monitor.metrics import METHODS, OTHER, UPSTREAM_BUCKETS
 
     reference = CollectorRegistry()
     requests = Counter("mcp_authproxy_requests",

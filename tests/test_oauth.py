@@ -21,9 +21,8 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from proxy.config import ProxyConfig
-from proxy.errors import CredentialInvalid, CredentialRetrying
-from proxy.oauth import OAuthSource
-from proxy.token_endpoint import (
+from proxy.credentials.oauth import OAuthSource
+from proxy.credentials.token_endpoint import (
     TokenFailure,
     backoff_delay,
     basic_client_auth,
@@ -31,6 +30,7 @@ from proxy.token_endpoint import (
     parse_retry_after,
     refresh_skew,
 )
+from proxy.errors import CredentialInvalid, CredentialRetrying
 
 TARGET = "http://127.0.0.1:9/mcp?api_key=k"
 RESOURCE = "http://127.0.0.1:9/mcp"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import status as st
-from proxy.store import FileStore
+from proxy.status import model as st
+from proxy.status.store import FileStore
 
 SERVING_WRITES = 1000
 TOGGLES = 200
@@ -25,8 +25,8 @@ TOGGLES = 200
 RACER = r"""
 import sys
 from pathlib import Path
-from proxy import status as st
-from proxy.store import FileStore
+from proxy.status import model as st
+from proxy.status.store import FileStore
 
 role, state_dir, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 store = FileStore(state_dir, "race")

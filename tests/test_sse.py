@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.sse import MAX_EVENTS_INSPECTED, EndpointRewriter, rewrite_endpoint_url
+from proxy.forwarding.sse import MAX_EVENTS_INSPECTED, EndpointRewriter, rewrite_endpoint_url
 
 TARGET = URL("https://mcp.example:8443")
 PROXY = "http://127.0.0.1:9000"

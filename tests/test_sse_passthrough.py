@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.chunked import ChunkedPassthrough, body_start
+from proxy.wire.chunked import ChunkedPassthrough, body_start
 
 WAIT = 5.0
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"

@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from proxy import status as st
-from proxy.status import ConditionType as C
-from proxy.status import Lifecycle as L
-from proxy.status import WorkloadStatus as S
+from proxy.status import model as st
+from proxy.status.model import ConditionType as C
+from proxy.status.model import Lifecycle as L
+from proxy.status.model import WorkloadStatus as S
 
 T0 = datetime(2026, 11, 22, 2, 10, tzinfo=UTC)
 

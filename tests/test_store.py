@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proxy import status as st
 from proxy.errors import NameInUse, StateError
-from proxy.status import ConditionType as C
-from proxy.status import WorkloadStatus as S
-from proxy.store import CorruptRecord, FileStore, MemoryStore, list_records, pid_alive
-from proxy.workload import Workload
+from proxy.status import model as st
+from proxy.status.model import ConditionType as C
+from proxy.status.model import WorkloadStatus as S
+from proxy.status.store import CorruptRecord, FileStore, MemoryStore, list_records, pid_alive
+from proxy.status.workload import Workload
 
 TARGET = "https://example.com/mcp"
 

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.chunked import ChunkedPassthrough
-from proxy.relay import PUSH_HIGH_WATER
+from proxy.forwarding.relay import PUSH_HIGH_WATER
+from proxy.wire.chunked import ChunkedPassthrough
 
 WAIT = 10.0
 BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"

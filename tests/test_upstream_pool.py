@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from proxy.upstream import request_head
+from proxy.wire.client import request_head
 
 WAIT = 5.0
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -262,7 +262,7 @@ def test_tune_gc_for_serving_keeps_collecting_cycles() -> None:
     import gc
     import weakref
 
-    from proxy.server import SERVING_GC_THRESHOLD, tune_gc_for_serving
+    from proxy.forwarding.listener import SERVING_GC_THRESHOLD, tune_gc_for_serving
 
     before = gc.get_threshold()
     try:

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy import status as st
+from proxy.status import model as st
 
 from .conftest import ProxyProcess, run_cli
 

@@ -15,14 +15,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.store import decode
+from proxy.status.store import decode
 
 from .conftest import WAIT
 
 WRITER = textwrap.dedent("""
     import sys
-    from proxy import status as st
-    from proxy.store import FileStore
+    from proxy.status import model as st
+    from proxy.status.store import FileStore
 
     store = FileStore(sys.argv[1], "victim")
     store.update_sync(st.Started(pid=1, target_url="http://127.0.0.1:1/mcp"))

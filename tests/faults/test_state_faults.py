@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from proxy.app import AuthProxy
 from proxy.config import ProxyConfig
-from proxy.store import FileStore
+from proxy.status.store import FileStore
 
 from .conftest import WAIT
 

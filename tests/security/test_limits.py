@@ -186,7 +186,7 @@ async def test_connections_above_the_cap_get_503_with_a_json_body(
 
 def test_the_connection_cap_fits_the_descriptor_limit() -> None:
     """A cap above what the fd limit allows is lowered so it, not accept(), says no."""
-    from proxy.server import FD_RESERVE, fitting_connection_cap
+    from proxy.forwarding.listener import FD_RESERVE, fitting_connection_cap
 
     assert fitting_connection_cap(4096, 1024) == (1024 - FD_RESERVE) // 2
     assert fitting_connection_cap(4096, 1_048_576) == 4096

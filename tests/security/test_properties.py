@@ -16,7 +16,7 @@ from hypothesis import strategies as hs
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.headers import (
+from proxy.forwarding.rules import (
     HOP_BY_HOP,
     connection_tokens,
     merge_query,
@@ -26,7 +26,7 @@ from proxy.headers import (
     split_raw_path,
     upstream_url,
 )
-from proxy.sse import EndpointRewriter
+from proxy.forwarding.sse import EndpointRewriter
 
 from .conftest import Recorder
 from .raw import request
@@ -239,7 +239,7 @@ def test_a_crlf_split_after_its_cr_does_not_count_as_an_extra_event() -> None:
 
 def test_an_endpoint_url_keeps_an_empty_query_or_fragment_byte_for_byte() -> None:
     """Only the origin of the endpoint URL changes, even where a URL parser would normalise."""
-    from proxy.sse import rewrite_endpoint_url
+    from proxy.forwarding.sse import rewrite_endpoint_url
 
     for rest in ("/?", "/m#", "/m?#", "/a%2fb?x=%20"):
         assert rewrite_endpoint_url(f"https://mcp.example:8443{rest}", TARGET, PROXY) == (

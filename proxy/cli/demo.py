@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import ClientSession, hdrs, web
 
-from .app import AuthProxy
-from .config import ProxyConfig
-from .hooks import ReauthorizedEvent, UnauthorizedEvent
+from ..app import AuthProxy
+from ..config import ProxyConfig
+from ..monitor.auth import ReauthorizedEvent, UnauthorizedEvent
 
 PROTOCOL_VERSION = "2025-06-18"
 
@@ -205,7 +205,7 @@ async def _demo(state_dir: Path) -> int:
 
 
 def run_demo() -> int:
-    from . import log
+    from .. import log
 
     log.configure("warning", None, sys.stderr)
     with tempfile.TemporaryDirectory(prefix="mcp-authproxy-demo-") as tmp:

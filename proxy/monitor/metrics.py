@@ -40,9 +40,9 @@ from prometheus_client.metrics_core import (
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
-from .challenge import bearer_error
-from .observe import Exchange
-from .status import WorkloadStatus
+from ..credentials.challenge import bearer_error
+from ..forwarding.observe import Exchange
+from ..status.model import WorkloadStatus
 
 if TYPE_CHECKING:
     from .health import ProbeResult

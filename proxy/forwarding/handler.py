@@ -21,13 +21,24 @@ import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
 
-from .chunked import ChunkedPassthrough, body_start
-from .config import ProxyConfig
-from .credentials import Credential, CredentialSource
-from .errors import CredentialUnavailable
-from .headers import (
+from ..config import ProxyConfig
+from ..credentials.base import Credential, CredentialSource
+from ..errors import CredentialUnavailable
+from ..log import AccessLog, get_logger
+from ..wire.chunked import ChunkedPassthrough, body_start
+from ..wire.client import LeanResponse, Upstream, UpstreamPool
+from ..wire.server import InboundRequest, Reply, error_body
+from .observe import Exchange, ForwardObserver
+from .relay import (
+    BodyTooLarge,
+    EarlyReply,
+    Passthrough,
+    Progress,
+    Pump,
+    RequestBody,
+)
+from .rules import (
     REDIRECT_STATUSES,
-    error_body,
     host_allowed,
     merge_query,
     origin_allowed,
@@ -39,19 +50,7 @@ from .headers import (
     split_raw_path,
     upstream_url,
 )
-from .inbound import InboundRequest, Reply
-from .log import AccessLog, get_logger
-from .observe import Exchange, ForwardObserver
-from .relay import (
-    BodyTooLarge,
-    EarlyReply,
-    Passthrough,
-    Progress,
-    Pump,
-    RequestBody,
-)
 from .sse import EndpointRewriter
-from .upstream import LeanResponse, Upstream, UpstreamPool
 
 _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
                  hdrs.CONTENT_ENCODING)

@@ -23,21 +23,12 @@ from pathlib import Path
 import aiohttp
 from yarl import URL
 
-from .config import ProxyConfig
-from .credentials import (
-    INVALID_RETRY_AFTER,
-    WATCH_INTERVAL,
-    Credential,
-    CredentialReporter,
-    FileWatch,
-    _cancel,
-    _ReportOnChange,
-    file_signature,
-    read_secret_file,
-    warn_if_shared,
-)
-from .errors import CredentialInvalid, CredentialRetrying
-from .log import get_logger, redact_url
+from ..config import ProxyConfig
+from ..errors import CredentialInvalid, CredentialRetrying
+from ..log import get_logger, redact_url
+from ..tls import client_context
+from .base import INVALID_RETRY_AFTER, Credential, CredentialReporter, ReportOnChange, cancel_task
+from .files import WATCH_INTERVAL, FileWatch, file_signature, read_secret_file, warn_if_shared
 from .token_endpoint import (
     MAX_TOKEN_RESPONSE,
     TokenFailure,
@@ -59,9 +50,7 @@ MIN_REFRESH_DELAY = 1.0  # never refresh ahead more often than this (expires_in:
 
 
 def _default_session(config: ProxyConfig, timeout: float) -> aiohttp.ClientSession:
-    context = ssl.create_default_context()
-    if config.ca_file is not None:
-        context.load_verify_locations(cafile=str(config.ca_file))
+    context = client_context(config.ca_file)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=context, limit=4),
         timeout=aiohttp.ClientTimeout(total=timeout),
@@ -109,7 +98,7 @@ class OAuthSource:
         self._clock = clock
         self._rand = rand
 
-        self._state = _ReportOnChange()
+        self._state = ReportOnChange()
         self._session: aiohttp.ClientSession | None = None
         self._secret: str | None = None
         self._refresh_token: str | None = None
@@ -156,7 +145,7 @@ class OAuthSource:
 
     async def close(self) -> None:
         for task in (*self._tasks, self._inflight):
-            await _cancel(task)
+            await cancel_task(task)
         self._tasks = []
         if self._session is not None:
             await self._session.close()

@@ -17,9 +17,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import status as st
-from .errors import NameInUse, StateError
-from .log import get_logger
+from ..errors import NameInUse, StateError
+from ..log import get_logger
+from ..status import model as st
 from .store import StatusStore
 
 _Operation = Callable[[Any], Awaitable[st.WorkloadRecord]]

@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 import filelock
 
-from . import status as st
-from .errors import NameInUse, StateError
-from .log import get_logger, mask_known_secrets
+from ..errors import NameInUse, StateError
+from ..log import get_logger, mask_known_secrets
+from ..status import model as st
 
 MAX_FILE_BYTES = 1024 * 1024  # a status file is a few hundred bytes; more is foreign
 LOCK_TIMEOUT = 10.0  # seconds; a holder only ever does one small read and write

@@ -19,8 +19,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import LOG_LEVELS, ProxyConfig, default_state_dir
-from .errors import ConfigError, NameInUse
+from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
+from ..errors import ConfigError, NameInUse
 
 PROG = "mcp-authproxy"
 
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(str(exc))
         return 2
     if args.command == "status":
-        from .status_cli import show_status
+        from .status import show_status
 
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_foreground(config: ProxyConfig) -> int:
-    from . import log
+    from .. import log
 
     log.configure(config.log_level, config.log_format)
     logger = log.get_logger()
@@ -205,9 +205,9 @@ def run_foreground(config: ProxyConfig) -> int:
 
 
 async def _serve(config: ProxyConfig) -> int:
-    from .app import AuthProxy
-    from .hooks import exec_callback
-    from .server import tune_gc_for_serving
+    from ..app import AuthProxy
+    from ..forwarding.listener import tune_gc_for_serving
+    from ..monitor.auth import exec_callback
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 from aiohttp import hdrs
 
-from . import status as st
-from .challenge import BearerError, bearer_error
-from .log import get_logger, mask_known_secrets, redact_text, register_secret
-from .observe import Exchange
-from .workload import Workload
+from ..credentials.challenge import BearerError, bearer_error
+from ..forwarding.observe import Exchange
+from ..log import get_logger, mask_known_secrets, redact_text, register_secret
+from ..status import model as st
+from ..status.workload import Workload
 
 UNAUTHORIZED_REASON = "UpstreamUnauthorized"
 INSUFFICIENT_SCOPE_REASON = "InsufficientScope"

@@ -15,7 +15,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -29,19 +28,12 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .chunked import MAX_LINE as _MAX_HEADER_LINE
-from .config import ProxyConfig
+from ..config import ProxyConfig
+from ..tls import client_context
+from .limits import MAX_HEADER_LINE
 
 # Headers aiohttp would otherwise invent; a client that sent them still has them forwarded.
 SKIP_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
-
-
-def make_ssl_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
-    """System CAs plus `ca_file` (an extra bundle, e.g. a private CA), hostname-checked."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
-    return context
 
 
 def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
@@ -51,7 +43,7 @@ def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
         limit=0,
         limit_per_host=0,
         keepalive_timeout=config.upstream_idle_timeout,
-        ssl=make_ssl_context(config.ca_file),
+        ssl=client_context(config.ca_file),
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -63,8 +55,8 @@ def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
         trust_env=False,
         raise_for_status=False,
         # The target's header sizes are the client's business, not ours to cap at 8 KiB.
-        max_line_size=65536,
-        max_field_size=65536,
+        max_line_size=MAX_HEADER_LINE,
+        max_field_size=MAX_HEADER_LINE,
     )
 
 
@@ -292,7 +284,7 @@ class _Connection(BaseProtocol):
             self._parser = HttpResponseParser(
                 self, self._loop, READ_BUFSIZE, payload_exception=aiohttp.ClientPayloadError,
                 response_with_body=not head, read_until_eof=False, auto_decompress=False,
-                max_line_size=_MAX_HEADER_LINE, max_field_size=_MAX_HEADER_LINE,
+                max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
             )
             self._skip_payload = head
             self._fresh = False
@@ -416,7 +408,7 @@ class UpstreamPool:
         self._host = target.raw_host or ""
         self._port = target.port or (443 if target.scheme == "https" else 80)
         self.host_header = target.host_port_subcomponent or self._host
-        self._ssl = (ssl_context or make_ssl_context(config.ca_file)) \
+        self._ssl = (ssl_context or client_context(config.ca_file)) \
             if target.scheme == "https" else None
         self._server_hostname = target.host if self._ssl is not None else None
         self._idle_timeout = config.upstream_idle_timeout

@@ -20,13 +20,13 @@ from typing import Any
 
 import aiohttp
 
-from .config import ProxyConfig
-from .credentials import CredentialSource
-from .forward import Forwarder
-from .inbound import InboundServer
-from .log import get_logger
+from ..config import ProxyConfig
+from ..credentials.base import CredentialSource
+from ..log import get_logger
+from ..wire.client import UpstreamPool, make_session
+from ..wire.server import InboundServer
+from .handler import Forwarder
 from .observe import ForwardObserver
-from .upstream import UpstreamPool, make_session
 
 # File descriptors kept free for everything but client connections: listeners, the
 # status file and its lock, logs, the admin port, token files.

@@ -28,13 +28,13 @@ import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 
-from .challenge import bearer_error
-from .config import ProxyConfig
-from .credentials import Credential, CredentialSource
-from .errors import CredentialUnavailable
-from .log import get_logger
-from .observe import Exchange, ForwardObserver
-from .status import ConditionType
+from ..config import ProxyConfig
+from ..credentials.base import Credential, CredentialSource
+from ..credentials.challenge import bearer_error
+from ..errors import CredentialUnavailable
+from ..forwarding.observe import Exchange, ForwardObserver
+from ..log import get_logger
+from ..status.model import ConditionType
 
 PROBE_ID = "mcp-authproxy-health"
 PROBE_BODY = b'{"jsonrpc":"2.0","id":"mcp-authproxy-health","method":"ping"}'

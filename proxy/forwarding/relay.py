@@ -16,10 +16,10 @@ from typing import Any
 
 from aiohttp import hdrs
 
-from .chunked import ChunkedPassthrough
-from .headers import REDIRECT_STATUSES, response_headers
-from .inbound import InboundRequest, Reply
-from .upstream import LeanResponse
+from ..wire.chunked import ChunkedPassthrough
+from ..wire.client import LeanResponse
+from ..wire.server import InboundRequest, Reply
+from .rules import REDIRECT_STATUSES, response_headers
 
 # --- the request body ---------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from urllib.parse import quote_plus
 import aiohttp
 from aiohttp import hdrs
 
-from .log import redact_text, redact_url
+from ..log import redact_text, redact_url
 
 RETRY_AFTER_MAX = 3600.0  # a server's Retry-After is honoured up to this
 REFRESH_SKEW_MAX = 30.0  # refresh this long before expiry at most ...

@@ -16,11 +16,11 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from .config import ProxyConfig
-from .headers import host_allowed, origin_allowed
-from .log import get_logger
+from ..config import ProxyConfig
+from ..forwarding.rules import host_allowed, origin_allowed
+from ..log import get_logger
+from ..status.model import WorkloadStatus
 from .metrics import CONTENT_TYPE, Metrics
-from .status import WorkloadStatus
 
 _NO_STORE = {hdrs.CACHE_CONTROL: "no-store"}
 

@@ -1,7 +1,7 @@
 """Chunked transfer framing, checked and passed on: pure, no I/O.
 
-Event streams and bulk downloads cross the proxy as the target framed them (see
-`forward._Passthrough`): this checks that framing by positions as the bytes come off the
+Event streams and bulk downloads cross the proxy as the target framed them
+(`ChunkedPassthrough`): this checks that framing by positions as the bytes come off the
 socket, so the bytes themselves can go on unchanged, and says where a body starts in
 what a connection received. Malformed framing raises ValueError.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-# The target's size and trailer lines are not ours to cap at 8 KiB (as for its headers).
-MAX_LINE = 65536
+from .limits import MAX_CHUNK_LINE
+
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
@@ -88,7 +88,7 @@ class ChunkedPassthrough:
             else:
                 cut = data.find(b"\n", pos)
                 if cut < 0:
-                    if end - pos > MAX_LINE:
+                    if end - pos > MAX_CHUNK_LINE:
                         raise ValueError("chunk size or trailer line too long")
                     self._line = data[pos:]
                     if state == self._SIZE:
@@ -179,7 +179,7 @@ class ChunkedPassthrough:
                 cut = data.find(b"\n", pos)
                 if cut < 0:
                     self._line += data[pos:]
-                    if len(self._line) > MAX_LINE:
+                    if len(self._line) > MAX_CHUNK_LINE:
                         raise ValueError("chunk size or trailer line too long")
                     break
                 line, self._line = self._line + data[pos:cut + 1], b""

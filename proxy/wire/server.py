@@ -16,6 +16,7 @@ It must never block the loop and never leave a socket or task behind after `shut
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -32,7 +33,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .headers import error_body
+from .limits import MAX_HEADER_LINE
 
 # After the answer, how long a client still sending an unwanted body (a 413) is read
 # and ignored before its connection is closed: closing at once would reset the
@@ -42,8 +43,12 @@ LINGERING_TIME = 1.0
 # read until the queue drains (what one read holds is parsed: at most one buffer's worth).
 MAX_QUEUED = 32
 READ_LIMIT = 2**16
-MAX_LINE = 65536  # large cookies and tokens are the target's to judge, not 8 KiB-capped
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def error_body(code: str, message: str, **extra: Any) -> bytes:
+    """The JSON body of every answer the proxy makes itself: `{"error", "message"}`."""
+    return json.dumps({"error": code, "message": message, **extra}).encode()
 
 
 def _fixed_answer(status: str, code: str, message: str, extra: str = "") -> bytes:
@@ -273,7 +278,7 @@ class ClientConnection(BaseProtocol):
     def __init__(self, server: InboundServer) -> None:
         loop = server.loop
         parser = HttpRequestParser(
-            self, loop, READ_LIMIT, max_line_size=MAX_LINE, max_field_size=MAX_LINE,
+            self, loop, READ_LIMIT, max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
             payload_exception=RequestPayloadError, auto_decompress=False,
         )
         super().__init__(loop, parser)

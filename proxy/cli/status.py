@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .status import Lifecycle, WorkloadRecord
-from .store import MAX_FILE_BYTES, decode, pid_alive
+from ..status.model import Lifecycle, WorkloadRecord
+from ..status.store import MAX_FILE_BYTES, decode, pid_alive
 
 ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
 

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from multidict import CIMultiDictProxy
 
-from .credentials import Credential
+from ..credentials.base import Credential
 
 
 @dataclass(slots=True)

@@ -8,15 +8,13 @@ add a credential to anything bound for another origin than the target's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .config import is_loopback_host
+from ..config import is_loopback_host
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset({
@@ -189,7 +187,3 @@ def redirect_method(status: int, method: str) -> tuple[str, bool]:
     if status in (301, 302) and method == hdrs.METH_POST:
         return hdrs.METH_GET, False
     return method, True
-
-
-def error_body(code: str, message: str, **extra: Any) -> bytes:
-    return json.dumps({"error": code, "message": message, **extra}).encode()

@@ -1,0 +1,6 @@
+"""The request path: checks, the credential, the exchange with the target, the relays.
+
+`handler` forwards one request, `relay` moves response bodies, `rules` holds the pure
+header, URL, guard and redirect rules, `sse` rewrites the legacy `endpoint` event,
+`listener` owns the listening socket, `observe` is what watchers of the traffic see.
+"""
