@@ -80,6 +80,7 @@ class ProxyConfig:
     oauth_client_secret_file: str | Path | None = None
     oauth_refresh_token_file: str | Path | None = None
     oauth_scopes: tuple[str, ...] = ()
+    pass_401: bool = False
     health_interval: float = 30.0
     health_timeout: float = 5.0
     health_failures: int = 3

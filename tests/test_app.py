@@ -95,7 +95,7 @@ async def test_rewriting_the_token_file_heals_the_workload_without_a_restart(
             aiohttp.ClientSession() as session:
         assert await post(session, proxy.url) == 200
         gate.token = "token-BBBB"  # the server rotated it; same length as the old one
-        assert await post(session, proxy.url) == 401
+        assert await post(session, proxy.url) == 503
         await proxy.monitor.flush()
         assert file_status(tmp_path / "state", "heal")["status"] == "unauthenticated"
         if how == "in_place":
@@ -148,11 +148,11 @@ async def test_missing_token_file_at_start_gives_503_until_it_appears(
         assert proxy.status.status is WorkloadStatus.RUNNING
 
 
-async def test_oauth_body_over_replay_limit_is_not_replayed_and_its_401_passes(
+async def test_oauth_body_over_replay_limit_is_not_replayed_and_gets_the_503(
     tmp_path: Path, make_upstream: UpstreamFactory
 ) -> None:
     """With OAuth, a small request is refreshed and replayed invisibly, but one whose body
-    exceeded replay_limit reaches the client as the target's 401; the refresh it caused
+    exceeded replay_limit gets the 503 for the target's 401; the refresh it caused
     makes the next call work, and no false episode opens for the replaced token."""
     issued: list[str] = []
 
@@ -175,7 +175,7 @@ async def test_oauth_body_over_replay_limit_is_not_replayed_and_its_401_passes(
         assert await post(session, proxy.url) == 200  # refreshed to tok-2 and replayed
         gate.token = "tok-3"
         big = b"[" + b" " * 4096 + b"]"
-        assert await post(session, proxy.url, big) == 401  # not kept, so not replayed
+        assert await post(session, proxy.url, big) == 503  # not kept, so not replayed (its 401 held back)
         assert [len_ for path, auth, len_ in gate.seen if auth == "Bearer tok-2"][-1] == len(big)
         assert [auth for _, auth, _ in gate.seen].count("Bearer tok-3") == 0
         # The refresh it triggered already made tok-3 current: the next call proves it.
@@ -265,7 +265,7 @@ async def test_metrics_count_real_traffic_streams_and_the_status(
         assert total(values, "mcp_authproxy_open_streams") == 0
 
         gate.token = "other"
-        assert await post(session, proxy.url) == 401
+        assert await post(session, proxy.url) == 503
         await proxy.monitor.flush()
         values = await scrape(session, proxy.admin_port)
         assert total(values, "mcp_authproxy_workload_status", status="unauthenticated") == 1

@@ -21,6 +21,7 @@ class StaticBearer:
     """A fixed token, like a token file that never changes."""
 
     description = "test token"
+    fix = "replace the test token"
     can_refresh = False
 
     def __init__(self, token: str = "tok-1") -> None:
@@ -135,19 +136,70 @@ async def test_no_credential_at_hand_is_a_503_with_retry_after_never_a_401(
     assert seen == []
 
 
-async def test_a_401_with_a_static_token_passes_through_unchanged(
+async def test_a_401_with_a_static_token_becomes_a_503_naming_the_fix(
     make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
 ) -> None:
-    """The client gets the target's own 401 and challenge; the source is told once."""
+    """The proxy owns the credential: the client gets 503 upstream_unauthorized with
+    Retry-After and the fix, never the target's challenge; the source is told once."""
     seen: list[tuple[str | None, bytes]] = []
     upstream = await make_upstream(guarded("Bearer other", seen))
     source = StaticBearer()
     proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=source)
     async with client.post(proxy.url, data=b"{}") as resp:
-        assert resp.status == 401
-        assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+        assert resp.status == 503
+        assert "WWW-Authenticate" not in resp.headers
+        assert int(resp.headers["Retry-After"]) >= 1
+        body = await resp.json()
+    assert body["error"] == "upstream_unauthorized"
+    assert "invalid_token" in body["message"]
+    assert "replace the test token" in body["message"]
     assert len(seen) == 1
     assert source.unauthorized == [1]
+
+
+async def test_pass_401_passes_the_targets_401_unchanged(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """With pass_401 the client gets the target's own 401 and challenge."""
+    seen: list[tuple[str | None, bytes]] = []
+    upstream = await make_upstream(guarded("Bearer other", seen))
+    proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=StaticBearer(),
+                             pass_401=True)
+    async with client.post(proxy.url, data=b"{}") as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == 'Bearer error="invalid_token"'
+
+
+async def test_a_403_insufficient_scope_becomes_json_naming_the_scope(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """The client learns which scope is missing, without a challenge that would send a
+    TypeScript-SDK client to the target's authorization server for a step-up."""
+
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.Response(status=403, headers={
+            "WWW-Authenticate": 'Bearer error="insufficient_scope", scope="tools:write"'})
+
+    upstream = await make_upstream(forbidden)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=StaticBearer())
+    async with client.post(proxy.url, data=b"{}") as resp:
+        assert resp.status == 403
+        assert "WWW-Authenticate" not in resp.headers
+        body = await resp.json()
+    assert body["error"] == "insufficient_scope"
+    assert body["scope"] == "tools:write"
+    assert "tools:write" in body["message"]
+
+
+async def test_a_401_off_the_mcp_path_passes_unchanged(
+    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+) -> None:
+    """Only the MCP path's 401 speaks about the proxy's credential."""
+    seen: list[tuple[str | None, bytes]] = []
+    upstream = await make_upstream(guarded("Bearer other", seen))
+    proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=StaticBearer())
+    async with client.post(proxy.url.replace("/mcp", "/admin"), data=b"{}") as resp:
+        assert resp.status == 401
 
 
 async def test_a_refreshing_source_gets_one_refresh_and_one_replay_with_the_same_body(
@@ -186,14 +238,14 @@ async def test_a_replayed_chunked_body_is_sent_whole_the_second_time(
 async def test_a_body_over_the_replay_limit_is_not_replayed(
     make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
 ) -> None:
-    """A large upload is sent once; its 401 reaches the client."""
+    """A large upload is sent once; its 401 reaches the client as the proxy's 503."""
     seen: list[tuple[str | None, bytes]] = []
     upstream = await make_upstream(guarded("Bearer tok-2", seen))
     record = Credentials()
     proxy = await make_proxy(str(upstream.make_url("/mcp")), credentials=RefreshingBearer(),
                              replay_limit=64, observers=[record])
     async with client.post(proxy.url, data=b"z" * 100) as resp:
-        assert resp.status == 401
+        assert resp.status == 503
     assert len(seen) == 1
     assert record.versions == [1]
 

@@ -163,6 +163,7 @@ class Credentials:
     """A fixed bearer token, or none at hand when `token` is None."""
 
     description = "test token"
+    fix = "replace the test token"
     can_refresh = False
 
     def __init__(self, token: str | None = TOKEN) -> None:

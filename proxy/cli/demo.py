@@ -164,10 +164,13 @@ async def _demo(state_dir: Path) -> int:
             story.say("4. the server revokes the token; the client calls three times")
             server.accepted_token = secrets.token_urlsafe(24)
             for ident in (3, 4, 5):
-                status, _ = await _call(client, proxy.url, "tools/call", ident,
-                                        {"name": "echo", "arguments": {"text": "again"}})
-                story.say(f"    tools/call -> HTTP {status} (passed through unchanged)")
-                story.expect("the 401 reaches the client", status == 401)
+                status, answer = await _call(client, proxy.url, "tools/call", ident,
+                                             {"name": "echo", "arguments": {"text": "again"}})
+                error = answer.get("error") if isinstance(answer, dict) else None
+                story.say(f"    tools/call -> HTTP {status} {error} (the proxy owns the "
+                          "credential: the client is told to retry, not to sign in)")
+                story.expect("the client gets 503 upstream_unauthorized",
+                             status == 503 and error == "upstream_unauthorized")
             await proxy.monitor.flush()
             story.show(proxy)
             story.expect("status is unauthenticated", proxy.status.status == "unauthenticated")

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="refresh token (refresh_token grant); else client_credentials")
     cred.add_argument("--oauth-scope", metavar="S", action="append", dest="oauth_scopes",
                       help="scope to request (repeatable)")
+    cred.add_argument("--pass-401", action="store_true", default=None,
+                      help="with a credential source, pass the target's 401 to the client "
+                      "unchanged instead of a 503 upstream_unauthorized")
     health = run.add_argument_group("health probes")
     health.add_argument("--health-interval", type=_number(float), metavar="S",
                         help="seconds between probes, 0 = off (30)")

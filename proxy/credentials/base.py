@@ -38,6 +38,7 @@ class CredentialReporter(Protocol):
 
 class CredentialSource(Protocol):
     description: str  # names the source for messages ("token file /run/token"), no secret
+    fix: str  # what a person does to repair it ("put a valid token in /run/token"), no secret
     can_refresh: bool  # a 401 can be answered with a refresh and one replay (OAuth)
 
     @property

@@ -43,6 +43,7 @@ class FileBearerSource:
     def __init__(self, path: str | Path, *, poll_interval: float = WATCH_INTERVAL) -> None:
         self.path = Path(path)
         self.description = f"token file {self.path}"
+        self.fix = f"write a valid token to {self.path}"
         self._poll_interval = poll_interval
         self._watch = FileWatch(self.path)
         self._state = ReportOnChange()
@@ -120,6 +121,7 @@ class EnvBearerSource:
     def __init__(self, variable: str, environ: Mapping[str, str] | None = None) -> None:
         self.variable = variable
         self.description = f"environment variable {variable}"
+        self.fix = f"restart the proxy with a valid token in {variable}"
         self._environ = os.environ if environ is None else environ
         self._credential: Credential | None = None
         self._reason = "TokenEnvMissing"

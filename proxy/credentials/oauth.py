@@ -89,6 +89,8 @@ class OAuthSource:
         self._refresh_path = _as_path(config.oauth_refresh_token_file)
         self._resource = str(URL(config.target_url).with_query(None).with_fragment(None))
         self.description = f"OAuth token endpoint {redact_url(self._token_url)}"
+        self.fix = ("renew the OAuth client or refresh token files "
+                    "(--oauth-client-secret-file, --oauth-refresh-token-file)")
         self._session_factory = session_factory or (
             lambda: _default_session(config, request_timeout))
         self._backoff = (backoff_base, backoff_cap, slow_backoff_cap)

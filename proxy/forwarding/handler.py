@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from ..config import ProxyConfig
 from ..credentials.base import Credential, CredentialSource
+from ..credentials.challenge import bearer_error
 from ..errors import CredentialUnavailable
 from ..log import AccessLog, get_logger
 from ..wire.chunked import ChunkedPassthrough, body_start
@@ -39,6 +40,7 @@ from .relay import (
 )
 from .rules import (
     REDIRECT_STATUSES,
+    held_auth_answer,
     host_allowed,
     merge_query,
     origin_allowed,
@@ -70,6 +72,13 @@ class _ProxyAnswer(Exception):
         self.headers = headers or {}
         self.close = close
 
+    @classmethod
+    def of(cls, status: int, body: bytes, headers: dict[str, str]) -> _ProxyAnswer:
+        """An answer whose JSON body is already built."""
+        answer = cls(status, "", "", headers)
+        answer.body = body
+        return answer
+
 
 # --- the handler --------------------------------------------------------------------
 
@@ -98,6 +107,8 @@ class Forwarder:
         self._origin_url = target.origin()
         self._origin = str(self._origin_url)
         self._scheme = target.scheme
+        # The proxy owns the credential: the target's challenge is not the client's to act on.
+        self._hold_auth = credentials is not None and not config.pass_401
         self._mcp_path = config.mcp_path
         self._allowed_origins = config.allowed_origins
         self._allowed_hosts = config.allowed_hosts
@@ -238,11 +249,15 @@ class Forwarder:
         body = (RequestBody(request, limit=self._config.max_request_bytes,
                             keep=self._config.replay_limit)
                 if request.body_exists else None)
-        early = (EarlyReply(request, source is not None and source.can_refresh)
+        early = (EarlyReply(request, refreshable=source is not None and source.can_refresh,
+                            hold_auth=self._hold_auth and exchange.on_mcp_path)
                  if self._pool is not None else None)
         upstream = await self._exchange(request.method, path_qs, headers, body, credential,
                                         exchange, task, early)
         try:
+            if source is not None and upstream.status in (401, 403) and self._hold_auth \
+                    and exchange.on_mcp_path:
+                self._hold_auth_answer(upstream, exchange, progress, source)
             if early is not None and early.reply is not None:
                 if early.streaming:
                     return await self._relay(request, upstream, exchange, progress, early)
@@ -387,6 +402,21 @@ class Forwarder:
         exchange.credential = credential
         exchange.upstream_seconds = time.perf_counter() - started
         return upstream
+
+    def _hold_auth_answer(self, upstream: Upstream, exchange: Exchange, progress: Progress,
+                          source: CredentialSource) -> None:
+        """Raise the proxy's own answer in place of the target's 401 / 403
+        `insufficient_scope` (see `held_auth_answer`); observers still hear the target's."""
+        challenge = bearer_error(upstream.headers.getall(hdrs.WWW_AUTHENTICATE, ()))
+        held = held_auth_answer(upstream.status, challenge, self._config.workload, source.fix)
+        if held is None:
+            return
+        status, headers, body = held
+        progress.upstream_status = upstream.status
+        exchange.status = upstream.status
+        exchange.upstream_headers = upstream.headers
+        self._respond(exchange)  # the auth monitor opens the episode on the target's answer
+        raise _ProxyAnswer.of(status, body, headers)
 
     def _relayed_early(self, upstream: Upstream, exchange: Exchange, progress: Progress,
                        early: EarlyReply) -> Reply:

@@ -276,23 +276,26 @@ class EarlyReply:
     is started: its head and whatever events came with it go out at once, and the task
     carries the stream on from there (`streaming`, `data`). When 100 streams start
     together, a stream's first events then wait for no other stream's setup. Answers the
-    handler may still act on (a redirect to follow, a 401 to refresh and replay, a GET
+    handler may still act on (a redirect to follow, a 401 to refresh and replay or to
+    replace, a GET
     event stream whose `endpoint` may need rewriting, any other body still coming) are
     left to it.
     """
 
-    __slots__ = ("_refreshable", "_request", "data", "reply", "streaming")
+    __slots__ = ("_hold_auth", "_refreshable", "_request", "data", "reply", "streaming")
 
-    def __init__(self, request: InboundRequest, refreshable: bool) -> None:
+    def __init__(self, request: InboundRequest, *, refreshable: bool, hold_auth: bool) -> None:
         self._request = request
         self._refreshable = refreshable
+        self._hold_auth = hold_auth  # 401 and 403 are the handler's to replace
         self.reply: Reply | None = None
         self.streaming = False  # the stream was started here; the task carries it on
         self.data = b""  # the body bytes sent here
 
     def __call__(self, message: Any, payload: Any) -> None:
         status = message.code
-        if status in REDIRECT_STATUSES or (status == 401 and self._refreshable):
+        if status in REDIRECT_STATUSES or (status == 401 and self._refreshable) or (
+                self._hold_auth and status in (401, 403)):
             return
         if payload.exception() is not None:
             return

@@ -15,6 +15,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..config import is_loopback_host
+from ..credentials.challenge import BearerError
+from ..wire.server import error_body
 
 # RFC 9110 §7.6.1 connection-specific fields, plus the legacy ones proxies still see.
 HOP_BY_HOP = frozenset({
@@ -187,3 +189,48 @@ def redirect_method(status: int, method: str) -> tuple[str, bool]:
     if status in (301, 302) and method == hdrs.METH_POST:
         return hdrs.METH_GET, False
     return method, True
+
+
+# --- answers the proxy gives instead of the target's auth challenge ---------------------
+
+# Retry-After on the 503 that replaces the target's 401: a person (or a sign-in) must act,
+# so clients should not hammer; short enough that a healed credential is used soon.
+UPSTREAM_UNAUTHORIZED_RETRY_AFTER = 10
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.")
+# RFC 6749 §3.3 scope-token characters, plus the space between tokens.
+_SCOPE_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\') | {" "}
+
+
+def _safe(text: str | None, allowed: frozenset[str], limit: int) -> str | None:
+    """The target's text only when it is short and made of `allowed` characters."""
+    if not text or len(text) > limit or not set(text) <= allowed:
+        return None
+    return text
+
+
+def held_auth_answer(status: int, challenge: BearerError, workload: str,
+                     fix: str) -> tuple[int, dict[str, str], bytes] | None:
+    """What the client gets instead of the target's 401 / 403 `insufficient_scope` when
+    the proxy owns the credential: (status, headers, JSON body), or None to pass it on.
+
+    The target's challenge never reaches the client: an OAuth-capable client would
+    follow its `resource_metadata` around the proxy to the target's authorization
+    server, where it cannot repair the proxy's credential. Nothing of the target's text
+    is quoted but its RFC 6750 error code and scope tokens, checked character by
+    character (a challenge may echo what it was sent).
+    """
+    if status == 401:
+        code = _safe(challenge.error, _TOKEN_CHARS, 64)
+        said = f" ({code})" if code else ""
+        message = (f"workload {workload}: the target rejected the proxy's credential{said}; "
+                   f"to fix: {fix}")
+        return 503, {hdrs.RETRY_AFTER: str(UPSTREAM_UNAUTHORIZED_RETRY_AFTER)}, error_body(
+            "upstream_unauthorized", message, workload=workload)
+    if status == 403 and challenge.error == "insufficient_scope":
+        scope = _safe(challenge.scope, _SCOPE_CHARS, 512)
+        asked = f"scope {scope}" if scope else "a scope it did not name"
+        message = (f"workload {workload}: the target needs {asked} that the proxy's "
+                   f"credential lacks; to fix: {fix}")
+        extra = {"scope": scope} if scope else {}
+        return 403, {}, error_body("insufficient_scope", message, workload=workload, **extra)
+    return None

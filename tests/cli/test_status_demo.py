@@ -138,7 +138,7 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
             await wait_status("running")
             accepted["token"] = "rotated"
             async with client.post(url, json={}) as resp:
-                assert resp.status == 401
+                assert resp.status == 503  # upstream_unauthorized: the proxy owns the token
             data = await wait_status("unauthenticated")
             assert "invalid_token" in str(data["message"])
             # Each set_running() rewrites the file (atomic rename, so a new inode and

@@ -57,7 +57,7 @@ async def test_status_writes_failing_are_reported_once_and_forwarding_goes_on(
                 for i in range(30):
                     authorized = i % 10 < 5
                     async with s.post(proxy.url, data=b"{}") as resp:
-                        assert resp.status == (200 if authorized else 401)
+                        assert resp.status == (200 if authorized else 503)
                 await proxy.monitor.flush()
             assert proxy.status.status in ("running", "unauthenticated")
             assert status_file.read_bytes() == before  # old content, never half-written
