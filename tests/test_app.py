@@ -175,7 +175,7 @@ async def test_oauth_body_over_replay_limit_is_not_replayed_and_gets_the_503(
         assert await post(session, proxy.url) == 200  # refreshed to tok-2 and replayed
         gate.token = "tok-3"
         big = b"[" + b" " * 4096 + b"]"
-        assert await post(session, proxy.url, big) == 503  # not kept, so not replayed (its 401 held back)
+        assert await post(session, proxy.url, big) == 503  # not kept, so not replayed
         assert [len_ for path, auth, len_ in gate.seen if auth == "Bearer tok-2"][-1] == len(big)
         assert [auth for _, auth, _ in gate.seen].count("Bearer tok-3") == 0
         # The refresh it triggered already made tok-3 current: the next call proves it.
