@@ -62,10 +62,10 @@ def _connection_cap(max_connections: int, log: Any) -> int:
     return cap
 
 
-# Young-generation threshold while serving. Python's default (700 allocations) ran a
-# collection every ~50 requests at c=64, and the older generations then walked every
-# object the imports left: 11-14 us of GC per request, 7-8 % of the proxy's CPU. With the
-# startup heap frozen and 10,000 it was under 2 us (timed with gc.callbacks).
+# Young-generation threshold while serving. Python's default (700 allocations) runs a
+# collection every few dozen requests under load, and the older generations then walk
+# every object the imports left. With the start-up heap frozen and a threshold of 10,000,
+# collections become rare and cheap (see bench/RESULTS.md for how it was measured).
 SERVING_GC_THRESHOLD = (10_000, 50, 100)
 
 

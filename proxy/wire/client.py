@@ -62,9 +62,9 @@ def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
 
 # --- the lean pool --------------------------------------------------------------------
 #
-# aiohttp's ClientSession costs about a quarter of the proxy's CPU per request on the
-# benchmark (building a ClientRequest, payload objects, a writer task for every body on
-# Python 3.11, tracing hooks). The forwarding path only ever sends one already-built
+# aiohttp's ClientSession does much per request that a proxy does not need (building a
+# ClientRequest, payload objects, a writer task for every body on Python 3.11, tracing
+# hooks). The forwarding path only ever sends one already-built
 # request to one origin, so for requests whose body is already in memory (or absent) it
 # writes the request itself, in one `transport.write`, on a lean connection protocol
 # (`_Connection`, aiohttp's C response parser kept for the connection's life) from a pool.
