@@ -43,6 +43,7 @@ from .rules import (
     held_auth_answer,
     host_allowed,
     merge_query,
+    only_chunked,
     origin_allowed,
     path_with_query,
     redirect_method,
@@ -57,6 +58,7 @@ from .sse import EndpointRewriter
 _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
                  hdrs.CONTENT_ENCODING)
 MAX_REDIRECTS = 10
+_NOT_FORWARDED = frozenset({hdrs.METH_TRACE, hdrs.METH_CONNECT})
 _CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
 
 
@@ -191,7 +193,24 @@ class Forwarder:
             # line: a line break in the target would turn into a header upstream.
             raise _ProxyAnswer(505, "http_version_not_supported",
                                "HTTP/1.0 or HTTP/1.1 required", close=True)
+        method = request.method
+        if method in _NOT_FORWARDED:
+            # TRACE would echo the injected credential back to the client; CONNECT asks
+            # for a tunnel (whatever follows its head is not HTTP: close after the answer).
+            raise _ProxyAnswer(405, "method_not_allowed", f"{method} is not forwarded",
+                               close=method == hdrs.METH_CONNECT)
         headers = request.headers
+        codings = headers.getall(hdrs.TRANSFER_ENCODING, ())
+        if codings:
+            # RFC 9112 §6.1: chunked framing in an HTTP/1.0 message is faulty framing; a
+            # coding we cannot undo must not reach the target stripped of its name.
+            if request.version == aiohttp.HttpVersion10:
+                raise _ProxyAnswer(400, "bad_request",
+                                   "Transfer-Encoding in an HTTP/1.0 request", close=True)
+            if not only_chunked(codings):
+                raise _ProxyAnswer(501, "not_implemented",
+                                   "only the chunked transfer coding is supported",
+                                   close=True)
         if self._check_host:
             host = headers.get(hdrs.HOST)
             if host is not None:

@@ -105,6 +105,14 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+def only_chunked(transfer_encodings: Sequence[str]) -> bool:
+    """Whether a request's `Transfer-Encoding` values name the chunked coding alone (the
+    only one the proxy can undo; the parser has already checked it comes last)."""
+    tokens = [token.strip().lower() for value in transfer_encodings
+              for token in value.split(",") if token.strip()]  # empty list elements
+    return bool(tokens) and all(token == "chunked" for token in tokens)
+
+
 def split_raw_path(raw: str) -> tuple[str, str]:
     """(path, query) of a request target, as sent; absolute-form targets are reduced."""
     if not raw.startswith("/"):
