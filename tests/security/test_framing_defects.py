@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
+from .conftest import LeakWatch
 from .http1 import (
     CHUNKED_POST_HEAD,
     WAIT,
@@ -185,7 +186,7 @@ CONTROL = {
 @pytest.mark.parametrize("kind", sorted(CONTROL))
 async def test_a_control_character_in_the_targets_head_gets_502(
     raw_target: RawTarget, make_authproxy: Any, connect: Connect,
-    caplog: pytest.LogCaptureFixture, kind: str, upload: str
+    caplog: pytest.LogCaptureFixture, leak_watch: LeakWatch, kind: str, upload: str
 ) -> None:
     """A target head with a control character gets the client a 502, never a hang, never
     its bytes, and a pipelined second request is never answered in the first one's place."""
@@ -209,6 +210,8 @@ async def test_a_control_character_in_the_targets_head_gets_502(
         # Nothing the client never saw is acted on: no episode, no loop-level traceback.
         assert proxy.status.status == "running"
         assert called == []
+    assert [event["status"] for event in leak_watch.logs  # the access log: what was sent
+            if event.get("event") == "request" and event.get("path") == "/mcp"] == [502]
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
 
 
@@ -592,11 +595,12 @@ async def test_the_client_receives_exactly_the_body_the_target_sent(
     scripted: tuple[Scripted, Target, int], connect: Connect, framing: str, data: Any
 ) -> None:
     """Close-delimited, Content-Length or chunked, small and whole or large and streamed,
-    to a GET or a POST: the client receives the target's body byte for byte."""
+    to a GET, a POST or a streamed upload: the client receives the target's body byte
+    for byte."""
     script, target, port = scripted
     head, pieces = data.draw(answers(framing))
     trickle = data.draw(hs.booleans())
-    upload = data.draw(hs.sampled_from(["none", "memory"]))
+    upload = data.draw(hs.sampled_from(UPLOADS))
     script.cases.append((framing, head, pieces, trickle))
     conn = await connect(port)
     await send_request(conn, target, upload, path=f"/mcp?case={len(script.cases) - 1}")
