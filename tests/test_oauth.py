@@ -32,6 +32,8 @@ from proxy.credentials.token_endpoint import (
 )
 from proxy.errors import CredentialInvalid, CredentialRetrying
 
+from helpers import eventually
+
 TARGET = "http://127.0.0.1:9/mcp?api_key=k"
 RESOURCE = "http://127.0.0.1:9/mcp"
 SECRET = "s3cr:et&/+ x"
@@ -322,10 +324,11 @@ async def test_token_is_refreshed_before_it_expires(
     await source.start(Reports())
     assert (await source.get()).authorization == "Bearer access-1"
     await endpoint.next_request(2)
-    async with asyncio.timeout(5):
-        # The refresh runs in the background: nothing to wait on but the answer itself.
-        while (await source.get()).authorization != "Bearer access-2":  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    async def refreshed() -> bool:
+        return (await source.get()).authorization == "Bearer access-2"
+
+    # The refresh runs in the background: nothing to wait on but the answer itself.
+    await eventually(refreshed, what="the background refresh")
 
 
 async def test_hundred_waiters_share_one_refresh(

@@ -14,22 +14,12 @@ from hypothesis import strategies as st
 
 from proxy.wire.chunked import ChunkedPassthrough, body_start
 
-WAIT = 5.0
+from helpers import WAIT, chunk, unchunk
+
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def unchunk(framed: bytes) -> bytes:
-    decoder = ChunkedPassthrough()
-    out = decoder.decode(framed + b"0\r\n\r\n")
-    assert decoder.done
-    return out
 
 
 # --- the pure framing checker ----------------------------------------------------------

@@ -23,24 +23,14 @@ from hypothesis import strategies as st
 from proxy.forwarding.relay import PUSH_HIGH_WATER
 from proxy.wire.chunked import ChunkedPassthrough
 
-WAIT = 10.0
+from helpers import LONG_WAIT, chunk, unchunk
+
 BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
 READ_MAX = 2**18  # the largest single read an event loop hands a protocol (256 KiB)
 BOUND = PUSH_HIGH_WATER + 2 * READ_MAX  # the proxy's buffer toward a client that reads nothing
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-def unchunk(framed: bytes) -> bytes:
-    decoder = ChunkedPassthrough()
-    out = decoder.decode(framed + b"0\r\n\r\n")
-    assert decoder.done
-    return out
 
 
 def cut(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -157,7 +147,7 @@ async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_
             for _ in range(3):
                 async with session.get(proxy.url) as response:
                     assert response.headers["Transfer-Encoding"] == "chunked"
-                    assert await asyncio.wait_for(response.read(), WAIT) == payload
+                    assert await asyncio.wait_for(response.read(), LONG_WAIT) == payload
     assert connections == 1
 
 
@@ -173,18 +163,18 @@ async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
         await read_request(reader)
         writer.write(BULK_HEAD + chunk(block) * 8 + b"%x\r\n" % len(block) + block[:1000])
         await writer.drain()
-        await asyncio.wait_for(streaming.wait(), WAIT)
+        await asyncio.wait_for(streaming.wait(), LONG_WAIT)
         writer.write(block[1000:] + ending if ending else b"")
         await writer.drain()
 
     async with raw_target(serve) as url:
         proxy = await make_proxy(url)
         async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
-            assert len(await asyncio.wait_for(response.content.readexactly(65536), WAIT)) \
+            assert len(await asyncio.wait_for(response.content.readexactly(65536), LONG_WAIT)) \
                 == 65536
             streaming.set()
             with pytest.raises(aiohttp.ClientPayloadError):
-                await asyncio.wait_for(response.read(), WAIT)
+                await asyncio.wait_for(response.read(), LONG_WAIT)
 
 
 async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_proxys_buffer(
@@ -237,15 +227,15 @@ async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_prox
         client.setblocking(False)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), WAIT)
+            await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), LONG_WAIT)
             await loop.sock_sendall(client, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             await asyncio.wait_for(stalled.wait(), 60)
             assert peak <= BOUND, f"the proxy buffered {peak} bytes"
             assert proxy_buffered() <= BOUND
             assert accepted < 64 * 1024 * 1024, f"{accepted >> 20} MiB left the target"
-            head = await asyncio.wait_for(loop.sock_recv(client, 64), WAIT)
+            head = await asyncio.wait_for(loop.sock_recv(client, 64), LONG_WAIT)
             assert head.startswith(b"HTTP/1.1 200 OK\r\n")
         finally:
             client.close()
-        await asyncio.wait_for(closed.wait(), WAIT)
+        await asyncio.wait_for(closed.wait(), LONG_WAIT)
 

@@ -13,7 +13,8 @@ from multidict import CIMultiDict
 
 from proxy.wire.client import request_head
 
-WAIT = 5.0
+from helpers import WAIT, chunk
+
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -332,7 +333,7 @@ async def test_a_target_dying_mid_event_stream_ends_the_clients_stream_with_an_e
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         event = b"data: 1\n\n"
-        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+        writer.write(chunk(event))
         await writer.drain()
         await cut.wait()
         writer.transport.abort()

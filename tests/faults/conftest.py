@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-WAIT = 5.0
+from helpers import WAIT
 
 Behaviour = Callable[["Conn"], Awaitable[None]]
 

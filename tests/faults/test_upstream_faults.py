@@ -10,14 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import WAIT, Conn
+from .conftest import Conn
+from helpers import WAIT, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
-
-
-def sse_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def still_serving(client: aiohttp.ClientSession, proxy: Any) -> None:
@@ -92,7 +89,7 @@ async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
 
 async def truncated_chunked(conn: Conn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n" + sse_chunk(b'{"partial":'))
+                    b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b'{"partial":'))
     await asyncio.sleep(0)  # let the first chunk leave before the close
     conn.writer.close()
 
@@ -105,14 +102,14 @@ async def truncated_length(conn: Conn) -> None:
 
 
 async def reset_mid_stream(conn: Conn) -> None:
-    await conn.send(SSE_HEAD + sse_chunk(b"data: one\n\n"))
+    await conn.send(SSE_HEAD + chunk(b"data: one\n\n"))
     await asyncio.sleep(0)
     conn.reset()
 
 
 async def bad_chunk_size(conn: Conn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    + sse_chunk(b"abc") + b"zzzz\r\nnot a chunk\r\n")
+                    + chunk(b"abc") + b"zzzz\r\nnot a chunk\r\n")
 
 
 @pytest.mark.parametrize("behaviour", [truncated_chunked, truncated_length, reset_mid_stream,
@@ -144,7 +141,7 @@ async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
     released = asyncio.Event()
 
     async def hang_mid_stream(conn: Conn) -> None:
-        await conn.send(SSE_HEAD + sse_chunk(b"data: first\n\n"))
+        await conn.send(SSE_HEAD + chunk(b"data: first\n\n"))
         hanging.set()
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
@@ -178,7 +175,7 @@ async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
     proxy = await make_proxy(upstream.url())
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + sse_chunk(b"x" * 1000))
+                 + chunk(b"x" * 1000))
     await writer.drain()
     await asyncio.wait_for(receiving.wait(), WAIT)
     writer.close()
@@ -196,7 +193,7 @@ async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
     released = asyncio.Event()
 
     async def stream(conn: Conn) -> None:
-        await conn.send(SSE_HEAD + sse_chunk(b"data: hello\n\n"))
+        await conn.send(SSE_HEAD + chunk(b"data: hello\n\n"))
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
