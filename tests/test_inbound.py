@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from helpers import LONG_WAIT
+from helpers import LONG_WAIT, RawConn
 
 
 async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -131,30 +131,26 @@ async def test_pipelined_requests_are_answered_in_order(
     assert seen == ["0", "1", "2"]
 
 
-async def test_only_a_date_is_added_to_the_targets_headers(make_proxy: Any) -> None:
-    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
-        writer.close()
+async def test_only_a_date_is_added_to_the_targets_headers(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """A bare answer reaches the client with a Date added and no header of the proxy's own."""
 
-    target = await asyncio.start_server(bare, "127.0.0.1", 0)
-    port = target.sockets[0].getsockname()[1]
+    async def bare(conn: RawConn) -> None:
+        await conn.read_head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    proxy = await make_proxy((await raw_upstream(bare)).url())
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     try:
-        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
-        reader, writer = await _exchange(
-            proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        try:
-            status, headers = await _read_head(reader)
-            assert status == "HTTP/1.1 200 OK"
-            # No Content-Type or Server of the proxy's own: only a Date, and the close.
-            assert set(headers) == {"content-length", "date", "connection"}
-            assert await asyncio.wait_for(reader.read(), LONG_WAIT) == b"{}"
-        finally:
-            writer.close()
+        status, headers = await _read_head(reader)
+        assert status == "HTTP/1.1 200 OK"
+        # No Content-Type or Server of the proxy's own: only a Date, and the close.
+        assert set(headers) == {"content-length", "date", "connection"}
+        assert await asyncio.wait_for(reader.read(), LONG_WAIT) == b"{}"
     finally:
-        target.close()
-        await target.wait_closed()
+        writer.close()
 
 
 async def test_request_after_a_malformed_one_is_not_served(
