@@ -1,4 +1,4 @@
-"""The client-facing HTTP/1.1 server (`proxy.inbound`), spoken to over raw sockets.
+"""The client-facing HTTP/1.1 server (`proxy.wire.server`), spoken to over raw sockets.
 
 What aiohttp's server used to decide for the proxy, the lean protocol decides now:
 framing for HTTP/1.0 and HTTP/1.1 clients, HEAD, pipelining order, keep-alive, and
