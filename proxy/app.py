@@ -8,6 +8,7 @@ out say `stopping`, drain, close everything, say `stopped` (rule 8).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from types import TracebackType
@@ -30,6 +31,23 @@ from .monitor.metrics import Metrics
 from .status import model as st
 from .status.store import FileStore, StatusStore
 from .status.workload import Workload
+
+
+def _store_display(config: ProxyConfig) -> str:
+    from .status.location import redact_store_url
+
+    return redact_store_url(config.store)
+
+
+def _build_store(config: ProxyConfig, logger: Any) -> StatusStore:
+    """The file under --state-dir, or the shared record in Redis (`--store redis://`)."""
+    if not config.shared_store:
+        return FileStore(config.state_path, config.workload)
+    from .status.location import parse_store
+    from .status.redis import RedisStore
+
+    return RedisStore(parse_store(config.store), config.workload,
+                      replica_ttl=config.replica_ttl, logger=logger)
 
 
 class _Reporter:
@@ -69,7 +87,7 @@ class AuthProxy:
     ) -> None:
         self.config = config
         self._logger = get_logger().bind(workload=config.workload)
-        self._store: StatusStore = store or FileStore(config.state_path, config.workload)
+        self._store: StatusStore = store or _build_store(config, self._logger)
         self._workload = Workload(self._store, logger=self._logger)
         self.metrics = Metrics()
         self._user_on_unauthorized = on_unauthorized
@@ -137,6 +155,8 @@ class AuthProxy:
             await self._workload.apply(st.Serving(proxy_url=self._server.url))
             self._reporter.attach(self._monitor)
             self.metrics.set_status(self._workload.record.status)
+            if self._workload.shared:
+                self._workload.start_sync(min(1.0, config.replica_ttl / 3))
             if config.health_interval > 0:
                 self._health = HealthProber(
                     config,
@@ -163,7 +183,8 @@ class AuthProxy:
                 await self._workload.apply(st.Failed(message=f"start failed: {exc}"))
             raise
         self._started = True
-        self._logger.info("listening", url=self.url, target=redact_url(config.target))
+        self._logger.info("listening", url=self.url, target=redact_url(config.target),
+                          store=_store_display(config))
 
     async def stop(self) -> None:
         if self._stopping:
@@ -172,8 +193,18 @@ class AuthProxy:
         with contextlib.suppress(Exception):
             await self._workload.apply(st.Stopping())
         await self._close_parts(drain=True)
-        await self._monitor.flush()
+        if self._workload.shared:
+            # A store that is down must not keep the process from exiting: what it has
+            # not taken by now is lost with this replica, whose entry expires anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._monitor.flush(), self.config.drain_timeout)
+        else:
+            await self._monitor.flush()
         await self._workload.apply(st.Stopped())
+        await self._workload.close()
+        close = getattr(self._store, "close", None)
+        if close is not None:
+            await close()
         self._logger.info("stopped")
 
     async def __aenter__(self) -> AuthProxy:

@@ -91,6 +91,8 @@ class ProxyConfig:
     response_timeout: float = 300.0
     admin_port: int | None = None
     on_unauthorized_exec: str | None = None
+    store: str = "file"
+    store_key_file: str | Path | None = None
     log_format: Literal["console", "json"] | None = None
     log_level: str = "info"
     # Tunables without a flag (float seconds / bytes / counts).
@@ -100,6 +102,7 @@ class ProxyConfig:
     auth_give_up_after: float = 24 * 3600.0
     replay_limit: int = 1024 * 1024
     drain_timeout: float = 10.0
+    replica_ttl: float = 15.0
     max_connections: int = 4096
     keepalive_timeout: float = 75.0
     upstream_idle_timeout: float = 30.0
@@ -120,6 +123,7 @@ class ProxyConfig:
             "oauth_client_secret_file",
             "oauth_refresh_token_file",
             "ca_file",
+            "store_key_file",
         ):
             value = getattr(self, path_field)
             if value is not None:
@@ -134,6 +138,7 @@ class ProxyConfig:
         self._validate_numbers()
         self._validate_credentials()
         self._validate_network()
+        self._validate_store()
         if self.log_format not in (None, "console", "json"):
             raise _fail("log_format", "must be 'console' or 'json'")
         if str(self.log_level).lower() not in LOG_LEVELS:
@@ -202,6 +207,7 @@ class ProxyConfig:
         number("auth_give_up_after", minimum=0)
         number("replay_limit", minimum=0, integer=True)
         number("drain_timeout", minimum=0)
+        number("replica_ttl", minimum=0, strict=True)
         number("max_connections", minimum=1, integer=True)
         number("keepalive_timeout", minimum=0, strict=True)
         number("upstream_idle_timeout", minimum=0, strict=True)
@@ -262,6 +268,26 @@ class ProxyConfig:
             hosts.append(host.lower())
         object.__setattr__(self, "allowed_hosts", tuple(hosts))
 
+    def _validate_store(self) -> None:
+        from .status.location import parse_store
+
+        try:
+            parse_store(self.store)
+        except ValueError as exc:
+            raise _fail("store", str(exc)) from None
+        if self.store == "file":
+            return
+        if self.store_key_file is not None:
+            from .status.location import check_key_file
+
+            try:
+                check_key_file(Path(self.store_key_file))
+            except ValueError as exc:
+                raise _fail("store_key_file", str(exc)) from None
+        elif self.credential_kind == "oauth" or getattr(self, "oauth", False):
+            raise _fail("store_key_file", "is required with --store redis:// and an OAuth "
+                        "source (the tokens kept in the store are encrypted with it)")
+
     # Derived views -----------------------------------------------------------------
 
     @property
@@ -278,6 +304,11 @@ class ProxyConfig:
     def mcp_path(self) -> str:
         """The target's MCP path: the only path whose answers can prove a credential."""
         return self.target.raw_path or "/"
+
+    @property
+    def shared_store(self) -> bool:
+        """True when replicas share the workload through a store other than the file."""
+        return self.store != "file"
 
     @property
     def credential_kind(self) -> CredentialKind:

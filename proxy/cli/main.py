@@ -31,6 +31,7 @@ ENV_FALLBACKS = {
     "port": "MCP_AUTHPROXY_PORT",
     "name": "MCP_AUTHPROXY_NAME",
     "state_dir": "MCP_AUTHPROXY_STATE_DIR",
+    "store": "MCP_AUTHPROXY_STORE",
 }
 
 
@@ -74,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "[env MCP_AUTHPROXY_NAME] (the target's host name)")
     run.add_argument("--state-dir", metavar="DIR", help="where status files live "
                      "[env MCP_AUTHPROXY_STATE_DIR] ($XDG_STATE_HOME/mcp-authproxy)")
+    run.add_argument("--store", metavar="URL", help="where the workload record lives: 'file' "
+                     "(under --state-dir) or redis:// / rediss://, shared by replicas "
+                     "[env MCP_AUTHPROXY_STORE] (file)")
+    run.add_argument("--store-key-file", metavar="PATH", help="Fernet key encrypting the "
+                     "tokens kept in a shared store (required with OAuth and redis://)")
     cred = run.add_argument_group("outgoing credential (at most one source)")
     cred.add_argument("--bearer-token-file", metavar="PATH",
                       help="send 'Authorization: Bearer <file contents>'; re-read on change")
@@ -122,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME")
     status.add_argument("--json", action="store_true", help="print the status file contents")
     status.add_argument("--state-dir", metavar="DIR")
+    status.add_argument("--store", metavar="URL", help="read the shared record from this "
+                        "store (redis:// or rediss://) instead of the status files "
+                        "[env MCP_AUTHPROXY_STORE]")
 
     sub.add_parser("demo", help="walk through a revoked and restored token against a local "
                    "MCP server")
@@ -164,6 +173,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from .status import show_status
 
+        store = args.store or os.environ.get("MCP_AUTHPROXY_STORE") or "file"
+        if store != "file":
+            from ..status.location import parse_store
+            from .status import show_shared_status
+
+            try:
+                location = parse_store(store)
+            except ValueError as exc:
+                _print_error(f"--store: {exc}")
+                return 2
+            return show_shared_status(location, args.name, as_json=args.json)
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
         return show_status(state_dir, args.name, as_json=args.json)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..status.location import StoreLocation
 from ..status.model import Lifecycle, WorkloadRecord
 from ..status.store import MAX_FILE_BYTES, decode, pid_alive
 
@@ -60,23 +62,70 @@ def show_status(state_dir: Path, name: str | None, *, as_json: bool) -> int:
         else:
             print(json.dumps(objects, indent=2))
         return 0
-    rows = [("NAME", "STATUS", "SINCE", "REASON", "PROXY URL")]
+    rows: list[tuple[str, ...]] = [("NAME", "STATUS", "SINCE", "REASON", "PROXY URL")]
     for path, _, record in loaded:
         if record is None:
             rows.append((path.stem, "corrupt", "-", "-", "-"))
             continue
-        decided = [c for c in record.conditions if not c.status]
-        since = decided[0].last_transition_time if decided else record.updated_at
-        rows.append((record.name, shown_status(record), _since(since), record.reason,
-                     record.proxy_url or "-"))
+        rows.append(_row(record, shown_status(record)))
     if len(rows) == 1:
         print(f"no workloads in {folder}")
         return 0
+    _print_table(rows)
+    for _, _, record in loaded:
+        if name and record is not None:
+            print(f"\n{record.message}")
+    return 0
+
+
+def _row(record: WorkloadRecord, status: str) -> tuple[str, ...]:
+    _, conditions = record.shown()
+    decided = [c for c in conditions if not c.status]
+    since = decided[0].last_transition_time if decided else record.updated_at
+    return (record.name, status, _since(since), record.reason, record.proxy_url or "-")
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
-    for _, _, record in loaded:
-        if name and record is not None:
+
+
+def show_shared_status(location: StoreLocation, name: str | None, *, as_json: bool) -> int:
+    """`status --store URL`: the shared records in a store, each listing its replicas."""
+    import asyncio
+
+    from ..errors import StateError
+    from ..status.redis import read_shared
+
+    try:
+        records = asyncio.run(read_shared(location, name))
+    except StateError as exc:
+        print(f"mcp-authproxy: error: --store: {exc}", file=sys.stderr)
+        return 1
+    if name and not records:
+        print(f"mcp-authproxy: error: no workload named {name!r} in {location.display}",
+              file=sys.stderr)
+        return 1
+    if as_json:
+        objects = [r.to_dict() for r in records]
+        print(json.dumps(objects[0] if name else objects, indent=2))
+        return 0
+    if not records:
+        print(f"no workloads in {location.display}")
+        return 0
+    rows: list[tuple[str, ...]] = [("NAME", "STATUS", "SINCE", "REASON", "PROXY URL")]
+    rows += [_row(record, str(record.status)) for record in records]
+    _print_table(rows)
+    for record in records:
+        replicas = record.replicas or ()
+        print(f"\n{record.name}: {len(replicas)} replica(s) in {location.display}")
+        table = [("  REPLICA", "HOST", "PID", "LIFECYCLE", "REACHABLE", "PROXY URL")]
+        table += [(f"  {r.id}", r.host, str(r.pid), str(r.lifecycle),
+                   "yes" if r.reachable else "no", r.proxy_url or "-") for r in replicas]
+        if replicas:
+            _print_table(table)
+        if name:
             print(f"\n{record.message}")
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import os
 import shlex
@@ -161,6 +162,11 @@ class AuthMonitor:
         self._tasks: set[asyncio.Task[None]] = set()
         # The workload view in which a good MCP answer changes nothing (`_note_settled`).
         self._settled: st.WorkloadRecord | None = None
+        # Each open/close decision carries a token; the store's answer says whose flip
+        # landed. With a shared store another replica may have decided first.
+        self._tokens = (f"{os.getpid()}-{id(self):x}-{n}" for n in itertools.count())
+        if workload.shared:
+            workload.listeners.append(self._adopt)
 
     # --- ForwardObserver ----------------------------------------------------------
 
@@ -241,6 +247,20 @@ class AuthMonitor:
                 and authenticated.reason == _ACCEPTED[0]):
             self._settled = view
 
+    def _adopt(self, view: st.WorkloadRecord) -> None:
+        """A shared store: take up episodes other replicas opened or ended (no callback)."""
+        condition = view.condition(st.ConditionType.AUTHENTICATED)
+        shared_open = condition is not None and not condition.status
+        if shared_open and not self.episode_open:
+            self.episode_open = True
+            self._settled = None
+            assert condition is not None
+            self.unauthorized_since = condition.last_transition_time
+            self._announced = None
+        elif not shared_open and self.episode_open:
+            self.episode_open = False
+            self.unauthorized_since = None
+
     def _proves(self, ex: Exchange) -> bool:
         """Rule 4: a good answer on the MCP path to the *current* credential."""
         if not self._credentials_configured:
@@ -257,6 +277,8 @@ class AuthMonitor:
     def _unauthorized(self, ex: Exchange) -> None:
         if ex.probe and not self._credentials_configured:
             return  # the client authenticates itself; the probe only shows reachability
+        # With a shared store an episode another replica ended counts as open here until
+        # the next sync (at most a second): a 401 meanwhile may tell of the old episode.
         if self.episode_open or self._stale(ex):
             return
         assert ex.upstream_headers is not None
@@ -290,14 +312,20 @@ class AuthMonitor:
         self.episode_open = True
         self._settled = None
         self.unauthorized_since = event.at
+        token = next(self._tokens)
         write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, False,
-                                             event.reason, event.message)
+                                             event.reason, event.message, token,
+                                             force=self._workload.shared)
+        if not self._workload.shared:
+            self._warn_unauthorized(event)
+        announced = asyncio.Event()
+        self._announced = announced
+        self._spawn(self._announce_unauthorized(write, event, announced, token))
+
+    def _warn_unauthorized(self, event: UnauthorizedEvent) -> None:
         self._logger.warning("unauthorized", workload=event.workload, error=event.error,
                              reason=event.reason, status_code=event.status_code,
                              method=event.method, path=event.path)
-        announced = asyncio.Event()
-        self._announced = announced
-        self._spawn(self._announce_unauthorized(write, event, announced))
 
     def _close_episode(self) -> None:
         if not self.episode_open:
@@ -307,11 +335,13 @@ class AuthMonitor:
         self.episode_open = False
         since = self.unauthorized_since or datetime.now(UTC)
         self.unauthorized_since = None
-        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, True, *_ACCEPTED)
+        token = next(self._tokens)
+        write = self._workload.set_condition(st.ConditionType.AUTHENTICATED, True,
+                                             *_ACCEPTED, token)
         event = ReauthorizedEvent(workload=self._workload.name, at=datetime.now(UTC),
                                   unauthorized_since=since)
         self._logger.info("reauthorized", workload=event.workload)
-        self._spawn(self._announce_reauthorized(write, event, self._announced))
+        self._spawn(self._announce_reauthorized(write, event, self._announced, token))
 
     # --- off the request path -----------------------------------------------------
 
@@ -320,28 +350,40 @@ class AuthMonitor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _written(self, write: asyncio.Future[st.WorkloadRecord] | None) -> None:
-        # None: nothing new was queued (the view already said so); wait for what is.
+    async def _written(self, write: asyncio.Future[st.WorkloadRecord] | None,
+                       token: str) -> bool:
+        """Wait until the store holds the change; True when this decision flipped it.
+
+        With a shared store, another replica's flip may have landed first: then the
+        episode (and its callback) is that replica's.
+        """
         if write is None:
+            # Nothing new was queued (the view already said so); wait for what is.
             await self._workload.flush()
-        else:
-            await asyncio.shield(write)
+            return not self._workload.shared
+        record = await asyncio.shield(write)
+        return record.episode_token == token or self._workload.detached
 
     async def _announce_unauthorized(self, write: asyncio.Future[st.WorkloadRecord] | None,
-                                     event: UnauthorizedEvent, announced: asyncio.Event) -> None:
+                                     event: UnauthorizedEvent, announced: asyncio.Event,
+                                     token: str) -> None:
         try:
-            await self._written(write)
-            await self._call("on_unauthorized", self._on_unauthorized, event, announced)
+            if await self._written(write, token):
+                if self._workload.shared:
+                    # Logged by the replica that opened the episode, once it is recorded.
+                    self._warn_unauthorized(event)
+                await self._call("on_unauthorized", self._on_unauthorized, event, announced)
         finally:
             announced.set()
 
     async def _announce_reauthorized(self, write: asyncio.Future[st.WorkloadRecord] | None,
                                      event: ReauthorizedEvent,
-                                     announced: asyncio.Event | None) -> None:
-        await self._written(write)
+                                     announced: asyncio.Event | None, token: str) -> None:
+        mine = await self._written(write, token)
         if announced is not None:
             await announced.wait()
-        await self._call("on_reauthorized", self._on_reauthorized, event, None)
+        if mine:
+            await self._call("on_reauthorized", self._on_reauthorized, event, None)
 
     async def _call(self, name: str, callback: Callable[[Any], Any] | None, event: Any,
                     announced: asyncio.Event | None) -> None:

@@ -138,6 +138,60 @@ _LIFECYCLE_MESSAGES = {
 }
 
 
+# --- Replicas: one workload served by several processes sharing a store ----------------
+
+# The conditions that belong to the workload; lifecycle and Reachable are each replica's.
+WORKLOAD_CONDITIONS = frozenset({ConditionType.AUTHENTICATED,
+                                 ConditionType.CREDENTIAL_AVAILABLE,
+                                 ConditionType.AUTHORIZED})
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One live replica of a workload in a shared store (contract: Replicas)."""
+
+    id: str
+    host: str
+    pid: int
+    proxy_url: str | None
+    lifecycle: Lifecycle
+    updated_at: datetime
+    # The replica's own Reachable condition (None before its first probe verdict).
+    reachable_condition: Condition | None = None
+
+    @property
+    def reachable(self) -> bool:
+        c = self.reachable_condition
+        return c is None or c.status
+
+    def to_dict(self) -> dict[str, Any]:
+        """Exactly the contract's keys."""
+        return {"id": self.id, "host": self.host, "pid": self.pid,
+                "proxy_url": self.proxy_url, "lifecycle": str(self.lifecycle),
+                "reachable": self.reachable, "updated_at": format_time(self.updated_at)}
+
+
+def shared_lifecycle(replicas: tuple[Replica, ...]) -> Lifecycle:
+    """The workload's lifecycle from its live replicas: serving when any one serves."""
+    kinds = {r.lifecycle for r in replicas}
+    for lifecycle in (Lifecycle.SERVING, Lifecycle.STARTING, Lifecycle.STOPPING):
+        if lifecycle in kinds:
+            return lifecycle
+    if kinds == {Lifecycle.FAILED}:
+        return Lifecycle.FAILED
+    return Lifecycle.STOPPED  # no live replica
+
+
+def shared_reachable(replicas: tuple[Replica, ...]) -> Condition | None:
+    """Reachable for the workload: False only when every serving replica's target is not."""
+    serving = [r for r in replicas if r.lifecycle is Lifecycle.SERVING]
+    known = [r.reachable_condition for r in serving if r.reachable_condition is not None]
+    if serving and len(known) == len(serving) and not any(c.status for c in known):
+        return known[0]
+    good = [c for c in known if c.status]
+    return good[0] if good else None
+
+
 # --- The record --------------------------------------------------------------------
 
 
@@ -153,10 +207,35 @@ class WorkloadRecord:
     target_url: str | None = None
     updated_at: datetime = field(default_factory=now)
     lifecycle_message: str | None = None
+    lifecycle_reason: str | None = None
+    # The token of the SetCondition that last flipped Authenticated: a writer learns
+    # from the store's answer whether *its* write opened (or ended) the episode.
+    episode_token: str | None = None
+    # With a shared store: every live replica (None with a file store). Then
+    # `lifecycle` and the Reachable in `conditions` are this replica's own, and the
+    # status is derived from the replicas (contract: Replicas).
+    replicas: tuple[Replica, ...] | None = None
 
     @property
     def condition_map(self) -> dict[ConditionType, Condition]:
         return {c.type: c for c in self.conditions}
+
+    def shown(self) -> tuple[Lifecycle, tuple[Condition, ...]]:
+        """The lifecycle and conditions the status derives from (shared or not)."""
+        if self.replicas is None:
+            return self.lifecycle, self.conditions
+        reachable = shared_reachable(self.replicas)
+        conditions = [c for c in self.conditions if c.type in WORKLOAD_CONDITIONS]
+        if reachable is not None:
+            conditions.append(reachable)
+        conditions.sort(key=lambda c: list(ConditionType).index(c.type))
+        return shared_lifecycle(self.replicas), tuple(conditions)
+
+    def _derived(self) -> tuple[WorkloadStatus, Condition | None]:
+        if self.replicas is None:
+            return derive(self.lifecycle, self.condition_map)
+        lifecycle, conditions = self.shown()
+        return derive(lifecycle, {c.type: c for c in conditions})
 
     def condition(self, kind: ConditionType) -> Condition | None:
         # A scan of at most four: the request path asks this on every good answer.
@@ -167,16 +246,20 @@ class WorkloadRecord:
 
     @property
     def status(self) -> WorkloadStatus:
-        return derive(self.lifecycle, self.condition_map)[0]
+        return self._derived()[0]
 
     @property
     def reason(self) -> str:
-        status, decider = derive(self.lifecycle, self.condition_map)
-        return decider.reason if decider else _LIFECYCLE_MESSAGES[status][0]
+        status, decider = self._derived()
+        if decider:
+            return decider.reason
+        if status is WorkloadStatus.ERROR and self.lifecycle_reason:
+            return self.lifecycle_reason
+        return _LIFECYCLE_MESSAGES[status][0]
 
     @property
     def message(self) -> str:
-        status, decider = derive(self.lifecycle, self.condition_map)
+        status, decider = self._derived()
         if decider:
             return decider.message
         if status is WorkloadStatus.ERROR and self.lifecycle_message:
@@ -195,7 +278,8 @@ class WorkloadRecord:
         return dataclasses.replace(self, conditions=tuple(ordered), updated_at=at)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        lifecycle, conditions = self.shown()
+        data: dict[str, Any] = {
             "name": self.name,
             "status": str(self.status),
             "reason": self.reason,
@@ -204,9 +288,12 @@ class WorkloadRecord:
             "pid": self.pid,
             "proxy_url": self.proxy_url,
             "target_url": self.target_url,
-            "lifecycle": str(self.lifecycle),
-            "conditions": [c.to_dict() for c in self.conditions],
+            "lifecycle": str(lifecycle),
+            "conditions": [c.to_dict() for c in conditions],
         }
+        if self.replicas is not None:
+            data["replicas"] = [r.to_dict() for r in self.replicas]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkloadRecord:
@@ -243,6 +330,10 @@ class WorkloadRecord:
             lifecycle_message=(
                 str(data["message"]) if lifecycle is Lifecycle.FAILED else None
             ),
+            lifecycle_reason=(
+                str(data["reason"]) if lifecycle is Lifecycle.FAILED and "reason" in data
+                else None
+            ),
         )
 
 
@@ -278,6 +369,7 @@ class Stopped:
 @dataclass(frozen=True, slots=True)
 class Failed:
     message: str
+    reason: str = "StartFailed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +380,8 @@ class SetCondition:
     status: bool
     reason: str
     message: str
+    # Who decided this change (an episode's opener or closer); see `episode_token`.
+    token: str | None = None
 
 
 Event = Started | Serving | Stopping | Stopped | Failed | SetCondition
@@ -316,9 +410,15 @@ def apply(record: WorkloadRecord | None, event: Event, *, name: str,
             # Stopping ends everything: no condition outlives its process.
             return dataclasses.replace(base, lifecycle=Lifecycle.STOPPED, conditions=(),
                                        updated_at=at)
-        case Failed(message=message):
+        case Failed(message=message, reason=reason):
             return dataclasses.replace(base, lifecycle=Lifecycle.FAILED, updated_at=at,
-                                       lifecycle_message=message)
-        case SetCondition(kind=kind, status=status, reason=reason, message=message):
-            return base.with_condition(kind, status, reason, message, at)
+                                       lifecycle_message=message, lifecycle_reason=reason)
+        case SetCondition(kind=kind, status=status, reason=reason, message=message,
+                          token=token):
+            record = base.with_condition(kind, status, reason, message, at)
+            if kind is ConditionType.AUTHENTICATED:
+                old = base.condition(kind)
+                if (old.status if old is not None else True) != status:
+                    record = dataclasses.replace(record, episode_token=token)
+            return record
     raise TypeError(f"not a status event: {event!r}")  # pragma: no cover

@@ -1,0 +1,125 @@
+"""Three replica processes, one Redis, one 401-gating target: one workload, one episode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.status.location import parse_store
+from proxy.status.redis import read_shared
+
+from .conftest import WAIT, GatedUpstream, RedisServer, Replica, start_replica
+
+
+def _flags(redis: RedisServer, upstream: GatedUpstream, token_file: Path,
+           *extra: str) -> list[str]:
+    return ["--target-url", upstream.target, "--name", "shared", "--store", redis.url,
+            "--bearer-token-file", str(token_file), "--health-interval", "0",
+            "--log-format", "json", *extra]
+
+
+async def shared_record(redis: RedisServer, name: str = "shared") -> dict[str, Any]:
+    records = await read_shared(parse_store(redis.url), name)
+    return records[0].to_dict() if records else {}
+
+
+async def wait_record(redis: RedisServer, predicate: Any) -> dict[str, Any]:
+    """Poll the shared record (bounded) until `predicate(record)` holds."""
+    async with asyncio.timeout(WAIT):
+        # Another process's record: no event crosses that boundary, so it is polled.
+        while not predicate(record := await shared_record(redis)):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return record
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def wait_lines(path: Path, count: int) -> list[dict[str, Any]]:
+    """The callback lines replicas appended to `path`, once there are `count` of them."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            lines = await asyncio.to_thread(read_lines, path)
+            if len(lines) >= count:
+                return [json.loads(line) for line in lines]
+            await asyncio.sleep(0.05)
+
+
+async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def refused(status: int, body: dict[str, Any]) -> bool:
+    """The contract's answer during an episode with a credential source: 503 naming it.
+
+    (A main without the 503 of "Auth episodes" yet passes the target's 401 through.)
+    """
+    return (status == 503 and body.get("error") == "upstream_unauthorized") or status == 401
+
+
+async def test_three_replicas_share_one_episode_and_one_callback(
+    redis_server: RedisServer, gated_upstream: GatedUpstream, tmp_path: Path,
+    replicas: list[Replica],
+) -> None:
+    """A revoked token seen by three replicas at once fires one callback in all; a proof
+    through another replica ends the episode; the next episode fires exactly one more."""
+    token = tmp_path / "token"
+    token.write_text(gated_upstream.good)
+    token.chmod(0o600)
+    events = tmp_path / "events.jsonl"
+    for _ in range(3):
+        replicas.append(await start_replica(
+            _flags(redis_server, gated_upstream, token), events=events,
+            tunables={"replica_ttl": 1.5}))
+    record = await wait_record(redis_server, lambda r: len(r.get("replicas", ())) == 3 and all(
+        x["lifecycle"] == "serving" for x in r["replicas"]))
+    assert record["status"] == "running"
+    assert {x["pid"] for x in record["replicas"]} == {r.pid for r in replicas}
+    assert all(set(x) == {"id", "host", "pid", "proxy_url", "lifecycle", "reachable",
+                          "updated_at"} for x in record["replicas"])
+
+    gated_upstream.good = "token-two-0123456789"  # the target revokes the token
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(*(post(session, r.url) for r in replicas
+                                         for _ in range(4)))
+        # The proxy owns the credential: clients get 503 naming the workload, never 401.
+        assert all(refused(status, body) for status, body in answers)
+        lines = await wait_lines(events, 1)
+        record = await wait_record(redis_server, lambda r: r["status"] == "unauthenticated")
+        assert record["reason"] == "UpstreamUnauthorized"
+        opener = lines[0]["pid"]
+        assert lines[0]["kind"] == "unauthorized" and opener in {r.pid for r in replicas}
+
+        # The target takes the token again; a request through a replica that did not
+        # open the episode proves it and ends it for the workload.
+        gated_upstream.good = "token-one-0123456789"
+        other = next(r for r in replicas if r.pid != opener)
+        assert (await post(session, other.url))[0] == 200
+        record = await wait_record(redis_server, lambda r: r["status"] == "running")
+        lines = await wait_lines(events, 2)
+        assert lines[1]["kind"] == "reauthorized" and lines[1]["pid"] == other.pid
+
+        gated_upstream.good = "token-two-0123456789"  # a second episode
+        third = replicas[2]
+        # A replica learns of an episode another one ended within a sync interval
+        # (replica_ttl / 3 here); until then a 401 may belong to the old episode.
+        async with asyncio.timeout(WAIT):
+            while len(lines := await wait_lines(events, 2)) < 3:
+                assert refused(*await post(session, third.url))
+                await asyncio.sleep(0.1)
+        assert lines[2]["kind"] == "unauthorized"
+
+    for replica in replicas:
+        assert await replica.stop(signal.SIGTERM) == 0
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["unauthorized", "reauthorized", "unauthorized"]
+    # Every replica gone: the shared record says so.
+    record = await shared_record(redis_server)
+    assert record["status"] == "stopped" and record["replicas"] == []
