@@ -64,6 +64,7 @@ class Workload:
         self._failing: set[str] = set()  # kinds of write failure logged, until a success
         self._writes = 0  # writes that landed: a sync read older than one is dropped
         self.detached = False  # stopped writing to the store for good (`detach`)
+        self._down = False  # a shared store failed the last write: callers do not wait
         # Told of every new view that came from the store (a shared store's other writers).
         self.listeners: list[Callable[[st.WorkloadRecord], None]] = []
 
@@ -164,6 +165,8 @@ class Workload:
             return write
         self._queue.append(write)
         self.view = st.apply(self.view, event, name=self.name)
+        if self._down:
+            write.settled.set_result(self.view)  # kept for the store; the caller moves on
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain(), name=f"status-writer:{self.name}")
         return write
@@ -186,10 +189,13 @@ class Workload:
                 raise
             except Exception as exc:  # StateError, or a store bug: neither stops the writer
                 if self.shared:
-                    # Kept, in order, until the store takes it; the caller moves on.
-                    if not write.settled.done():
-                        write.settled.set_result(
-                            st.apply(self.record, write.event, name=self.name))
+                    # Kept, in order, until the store takes it; the callers move on.
+                    self._down = True
+                    view = self.record
+                    for queued in self._queue:
+                        view = st.apply(view, queued.event, name=self.name)
+                        if not queued.settled.done():
+                            queued.settled.set_result(view)
                     if not isinstance(exc, StateError):
                         self._failed(exc)
                     await asyncio.sleep(delay)
@@ -198,6 +204,7 @@ class Workload:
                 self._failed(exc)
                 record = st.apply(self.record, write.event, name=self.name)
             else:
+                self._down = False
                 self._succeeded()
                 self._writes += 1
                 delay = RETRY_FIRST
