@@ -17,6 +17,7 @@ from typing import Any
 from .config import ProxyConfig
 from .credentials import build_credential_source
 from .credentials.base import CredentialSource
+from .credentials.token_store import TokenStore
 from .forwarding.listener import ForwardingServer
 from .log import get_logger, redact_url
 from .monitor.admin import AdminServer
@@ -50,6 +51,23 @@ def _build_store(config: ProxyConfig, logger: Any) -> StatusStore:
                       replica_ttl=config.replica_ttl, logger=logger)
 
 
+def _build_token_store(config: ProxyConfig, store: StatusStore) -> TokenStore | None:
+    """With a redis store and an OAuth source: the tokens live in the store, encrypted."""
+    if not config.shared_store or config.credential_kind != "oauth":
+        return None
+    from .credentials.token_store import RedisTokenStore, read_key
+
+    assert config.store_key_file is not None and config.oauth_token_url is not None
+    return RedisTokenStore(
+        getattr(store, "client"), workload=config.workload,  # noqa: B009 - a RedisStore
+        origin=str(config.target.origin()), issuer=config.oauth_token_url,
+        key=read_key(config.store_key_file), lease=config.credential_wait,
+        display=_store_display(config))
+
+
+STORE_KEY_MISMATCH = "StoreKeyMismatch"
+
+
 class _Reporter:
     """Buffers credential-source reports until the auth monitor may act on them.
 
@@ -57,11 +75,17 @@ class _Reporter:
     episode it opens must begin after the status file can say `unauthenticated`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, workload: Workload) -> None:
+        self._workload = workload
         self._monitor: AuthMonitor | None = None
         self._last: tuple[bool, str, str, bool] | None = None
 
     def __call__(self, available: bool, reason: str, message: str, permanent: bool) -> None:
+        if reason == STORE_KEY_MISMATCH:
+            # Not this replica's tokens, or not its key: it writes nothing more to the
+            # shared store (no episode, no status) and says `error` itself.
+            self._workload.detach(st.Failed(message=message, reason=reason))
+            return
         if self._monitor is None:
             self._last = (available, reason, message, permanent)
         else:
@@ -92,9 +116,10 @@ class AuthProxy:
         self.metrics = Metrics()
         self._user_on_unauthorized = on_unauthorized
         self._credentials: CredentialSource | None = build_credential_source(
-            config, refresh_listener=self._on_token_refresh
+            config, refresh_listener=self._on_token_refresh,
+            token_store=_build_token_store(config, self._store),
         )
-        self._reporter = _Reporter()
+        self._reporter = _Reporter(self._workload)
         self._monitor = AuthMonitor(
             self._workload,
             mcp_path=config.mcp_path,

@@ -4,6 +4,8 @@
     ├── ConfigError (ValueError)        bad flag or configuration -> exit 2
     ├── StateError                      status store problems
     │   └── NameInUse                   another live process owns the workload name
+    ├── StoreKeyMismatch                a shared store's tokens are not this key's or
+    │                                   this workload's -> that replica `error`
     └── CredentialUnavailable           no credential at hand -> 503 + Retry-After
         ├── CredentialInvalid           permanent: the source must heal first
         └── CredentialRetrying          transient: a refresh is failing or in flight
@@ -35,6 +37,10 @@ class NameInUse(StateError):
         super().__init__(f"workload {name!r} is already run by live process {pid}")
         self.name = name
         self.pid = pid
+
+
+class StoreKeyMismatch(ProxyError):
+    """Tokens in a shared store do not decrypt with our key, or belong elsewhere."""
 
 
 class CredentialUnavailable(ProxyError):

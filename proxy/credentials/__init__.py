@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .base import Credential, CredentialReporter, CredentialSource, RefreshListener
 from .bearer import EnvBearerSource, FileBearerSource
 from .oauth import OAuthSource
+from .token_store import TokenStore
 
 if TYPE_CHECKING:
     import aiohttp
@@ -26,6 +27,7 @@ __all__ = [
     "FileBearerSource",
     "OAuthSource",
     "RefreshListener",
+    "TokenStore",
     "build_credential_source",
 ]
 
@@ -35,10 +37,12 @@ def build_credential_source(
     *,
     session_factory: Callable[[], aiohttp.ClientSession] | None = None,
     refresh_listener: RefreshListener | None = None,
+    token_store: TokenStore | None = None,
 ) -> CredentialSource | None:
     """The source the configuration asks for; None when no credential is configured.
 
-    `refresh_listener` hears how each token refresh ended (sources that refresh only).
+    `refresh_listener` hears how each token refresh ended (sources that refresh only);
+    `token_store` is where replicas sharing a store keep an OAuth source's tokens.
     """
     kind = config.credential_kind
     if kind == "bearer_file":
@@ -48,7 +52,8 @@ def build_credential_source(
         assert config.bearer_token_env is not None
         return EnvBearerSource(config.bearer_token_env)
     if kind == "oauth":
-        source = OAuthSource(config, session_factory=session_factory)
+        source = OAuthSource(config, session_factory=session_factory,
+                             token_store=token_store)
         source.refresh_listener = refresh_listener
         return source
     return None

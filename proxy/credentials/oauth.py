@@ -24,7 +24,7 @@ import aiohttp
 from yarl import URL
 
 from ..config import ProxyConfig
-from ..errors import CredentialInvalid, CredentialRetrying
+from ..errors import CredentialInvalid, CredentialRetrying, StateError, StoreKeyMismatch
 from ..log import get_logger, redact_url
 from ..tls import client_context
 from .base import INVALID_RETRY_AFTER, Credential, CredentialReporter, ReportOnChange, cancel_task
@@ -40,6 +40,7 @@ from .token_endpoint import (
     token_request,
     write_secret_atomically,
 )
+from .token_store import TokenSet, TokenStore, seed_digest
 
 # Defaults, overridable per source (tests shorten them).
 BACKOFF_BASE = 1.0  # first retry waits up to this long (full jitter)
@@ -80,6 +81,7 @@ class OAuthSource:
         watch_interval: float = WATCH_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        token_store: TokenStore | None = None,
     ) -> None:
         assert config.oauth_token_url is not None and config.oauth_client_id is not None
         self._config = config
@@ -99,6 +101,10 @@ class OAuthSource:
         self._watch_interval = watch_interval
         self._clock = clock
         self._rand = rand
+        # Replicas sharing a store: it holds the tokens (files only seed it), one refresh
+        # at a time under its lock, and a rotated refresh token is saved before use.
+        self._token_store = token_store
+        self._shared_refresh: str | None = None
 
         self._state = ReportOnChange()
         self._session: aiohttp.ClientSession | None = None
@@ -294,17 +300,74 @@ class OAuthSource:
         self._wake.set()
 
     async def _request_token(self) -> TokenResponse | TokenFailure:
+        if self._token_store is not None:
+            return await self._shared_request(self._token_store)
+        return await self._grant(self._refresh_token if self._refresh_path else None,
+                                 self._request_timeout)
+
+    async def _shared_request(self, store: TokenStore) -> TokenResponse | TokenFailure:
+        """Under the store's lock: adopt a token another replica got, else refresh and
+        save the answer (a rotated refresh token included) before anyone uses it."""
+        wait = self._config.credential_wait
+        try:
+            async with store.lock(wait):
+                stored = await store.load()
+                seed = seed_digest(self._refresh_token) if self._refresh_token else None
+                if seed is not None and (stored is None or stored.seed != seed):
+                    # The file seeds the store: it holds nothing yet, or the user changed
+                    # the file since it was seeded.
+                    stored = TokenSet(None, self._refresh_token, None, seed)
+                    await store.save(stored)
+                adopted = self._adoptable(stored)
+                if adopted is not None:
+                    return adopted
+                refresh = stored.refresh_token if stored and self._refresh_path else None
+                # The lease is `credential_wait`: the request must end within it.
+                outcome = await self._grant(refresh, min(self._request_timeout, wait * 0.9))
+                if isinstance(outcome, TokenFailure):
+                    return outcome
+                expires_at = (time.time() + outcome.expires_in
+                              if outcome.expires_in is not None else None)
+                kept = outcome.refresh_token or refresh
+                await store.save(TokenSet(outcome.access_token, kept, expires_at,
+                                          stored.seed if stored else seed))
+                self._shared_refresh = kept
+                # The refresh token is saved in the store, not written back to the file.
+                return TokenResponse(outcome.access_token, outcome.expires_in, None)
+        except StoreKeyMismatch as exc:
+            return TokenFailure(True, "StoreKeyMismatch", str(exc))
+        except StateError as exc:
+            # Never refresh without the store: the held token serves until it expires.
+            return TokenFailure(False, "store_unavailable", str(exc))
+
+    def _adoptable(self, stored: TokenSet | None) -> TokenResponse | None:
+        """The stored access token, when it is not the one held and still fresh."""
+        if stored is None or not stored.access_token:
+            return None
+        held = self._credential.authorization.removeprefix("Bearer ") if (
+            self._credential) else None
+        if stored.access_token == held:
+            return None  # ours: expiring, or the target refused it; refresh it
+        if stored.expires_at is None:
+            return TokenResponse(stored.access_token, None, None)
+        remaining = stored.expires_at - time.time()
+        if remaining <= refresh_skew(remaining) or remaining < self._min_refresh_delay:
+            return None
+        return TokenResponse(stored.access_token, remaining, None)
+
+    async def _grant(self, refresh_token: str | None, timeout: float
+                     ) -> TokenResponse | TokenFailure:
         assert self._session is not None
         headers, form = token_request(
             client_id=self._client_id, secret=self._secret,
-            refresh_token=self._refresh_token if self._refresh_path else None,
+            refresh_token=refresh_token,
             resource=self._resource, scopes=self._config.oauth_scopes,
         )
         status: int | None = None
         answer_headers: Mapping[str, str] | None = None
         body: bytes | None = None
         try:
-            async with asyncio.timeout(self._request_timeout):
+            async with asyncio.timeout(timeout):
                 async with self._session.post(self._token_url, data=form, headers=headers,
                                               allow_redirects=False) as response:
                     status, answer_headers = response.status, response.headers
@@ -363,6 +426,11 @@ class OAuthSource:
         self._last_ok = False
         self._last_failure = failure
         self._tell("refused" if failure.permanent else "transient_error", None)
+        if failure.code == "StoreKeyMismatch":
+            self._give_up("StoreKeyMismatch", failure.description or failure.code)
+            get_logger().error("store_key_mismatch", endpoint=self.description,
+                               problem=failure.description)
+            return
         if failure.permanent:
             self._give_up("TokenRefreshFailed", failure.message())
             get_logger().warning("token_refresh_failed", endpoint=self.description,
@@ -419,7 +487,7 @@ class OAuthSource:
 
     def _scrub(self, text: str) -> str:
         """Belt and braces: a server may echo what it was sent into its description."""
-        for secret in (self._secret, self._refresh_token):
+        for secret in (self._secret, self._refresh_token, self._shared_refresh):
             if secret:
                 text = text.replace(secret, "<redacted>")
         if self._credential is not None:

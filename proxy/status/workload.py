@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -114,7 +115,9 @@ class Workload:
             self._sync.cancel()
         if self._writer is not None:
             self._writer.cancel()
-        self.record = st.apply(self.record, failure, name=self.name)
+        # Its own record only: the shared one is not this replica's to speak for now.
+        own = dataclasses.replace(self.record, replicas=None)
+        self.record = st.apply(own, failure, name=self.name)
         self.view = self.record
         while self._queue:
             write = self._queue.popleft()

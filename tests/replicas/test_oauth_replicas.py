@@ -1,0 +1,209 @@
+"""OAuth across replicas: one refresh per expiry, rotation never broken, tokens encrypted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.credentials.token_store import RedisTokenStore, TokenSet
+from proxy.errors import StoreKeyMismatch
+
+from .conftest import RedisServer, Replica, free_port, start_replica
+
+LIFETIME = 2.0  # seconds an access token lives: several expiry cycles in one test
+
+
+def fernet_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+@dataclass
+class RotatingAuth:
+    """A token endpoint with refresh-token rotation and reuse detection, and the MCP
+    target it protects (accepting only access tokens it issued that have not expired)."""
+
+    refresh: str = field(default_factory=lambda: f"RT-0-{secrets.token_hex(8)}")
+    access: dict[str, float] = field(default_factory=dict)  # token -> expiry (monotonic)
+    grants: list[float] = field(default_factory=list)
+    stale: int = 0  # refresh tokens presented after they were rotated out
+    issued: list[str] = field(default_factory=list)
+
+    async def token(self, request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != (
+                self.refresh):
+            self.stale += 1
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        n = len(self.grants) + 1
+        self.grants.append(time.monotonic())
+        access = f"AT-{n}-{secrets.token_hex(8)}"
+        self.refresh = f"RT-{n}-{secrets.token_hex(8)}"
+        self.access[access] = time.monotonic() + LIFETIME
+        self.issued += [access, self.refresh]
+        return web.json_response({"access_token": access, "token_type": "Bearer",
+                                  "expires_in": LIFETIME, "refresh_token": self.refresh})
+
+    async def mcp(self, request: web.Request) -> web.StreamResponse:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.access.get(token, 0) <= time.monotonic():
+            return web.json_response({"error": "invalid_token"}, status=401, headers={
+                "WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
+
+
+@pytest.fixture
+async def auth() -> AsyncIterator[tuple[RotatingAuth, TestServer]]:
+    state = RotatingAuth()
+    app = web.Application()
+    app.router.add_post("/token", state.token)
+    app.router.add_route("*", "/mcp", state.mcp)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield state, server
+    await server.close()
+
+
+def secret_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def oauth_flags(redis: RedisServer, server: TestServer, refresh: Path, key: Path,
+                *extra: str) -> list[str]:
+    return ["--target-url", str(server.make_url("/mcp")), "--name", "oauthed",
+            "--store", redis.url, "--store-key-file", str(key),
+            "--oauth-token-url", str(server.make_url("/token")), "--oauth-client-id", "cli",
+            "--oauth-refresh-token-file", str(refresh), "--health-interval", "0",
+            "--log-format", "json", *extra]
+
+
+async def every_key(redis: RedisServer) -> list[bytes]:
+    """Every value Redis holds, whatever its type."""
+    client = redis.client()
+    values: list[bytes] = []
+    try:
+        async for key in client.scan_iter():
+            values.append(key)
+            kind = (await client.type(key)).decode()
+            if kind == "string":
+                values.append(await client.get(key))
+            elif kind == "set":
+                values += list(await client.smembers(key))
+            else:
+                values.append(repr(await client.dump(key)).encode())
+    finally:
+        await client.aclose()
+    return values
+
+
+async def test_replicas_refresh_once_per_expiry_and_never_reuse_a_rotated_token(
+    redis_server: RedisServer, auth: tuple[RotatingAuth, TestServer], tmp_path: Path,
+    replicas: list[Replica],
+) -> None:
+    """Three replicas over several token lifetimes: one refresh per expiry in all, never
+    a rotated-out refresh token, every request answered — and Redis never holds a
+    token in plaintext."""
+    state, server = auth
+    refresh = secret_file(tmp_path / "refresh", state.refresh)
+    key = secret_file(tmp_path / "key", fernet_key())
+    for _ in range(3):
+        replicas.append(await start_replica(oauth_flags(redis_server, server, refresh, key),
+                                            tunables={"replica_ttl": 1.5}))
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        # Requests through every replica across about four token lifetimes.
+        while time.monotonic() - started < 4 * LIFETIME:
+            for replica in replicas:
+                async with session.post(replica.url, json={}) as resp:
+                    assert resp.status == 200, await resp.text()
+            await asyncio.sleep(0.1)
+    elapsed = time.monotonic() - state.grants[0]
+    assert state.stale == 0  # no replica ever presented a rotated-out refresh token
+    # The first grant at start, then one per lifetime (refreshed 10 % ahead of expiry),
+    # whichever replica got there first: never two for one expiry.
+    assert 4 <= len(state.grants) <= 1 + int(elapsed / (LIFETIME * 0.9))
+    gaps = [b - a for a, b in zip(state.grants, state.grants[1:], strict=False)]
+    assert min(gaps) > LIFETIME * 0.8
+    stored = b"\n".join(await every_key(redis_server))
+    for token in state.issued:
+        assert token.encode() not in stored
+    assert state.refresh.encode() not in stored
+    for replica in replicas:
+        assert await replica.stop() == 0
+
+
+async def test_a_value_copied_to_another_workload_or_read_with_another_key_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    """An encrypted token value is bound to its workload, origin and issuer: copied to
+    another workload's key, or read with another key, it is StoreKeyMismatch."""
+    client = redis_server.client()
+    key = fernet_key().encode()
+    common = {"origin": "https://mcp.example", "issuer": "https://as.example/token",
+              "lease": 5.0, "display": "redis://test"}
+    one = RedisTokenStore(client, workload="one", key=key, **common)  # type: ignore[arg-type]
+    two = RedisTokenStore(client, workload="two", key=key, **common)  # type: ignore[arg-type]
+    try:
+        await one.save(TokenSet("access-secret", "refresh-secret", None, None))
+        assert (await one.load()) is not None
+        raw = await client.get("mcp-authproxy:{one}:tokens")
+        assert b"access-secret" not in raw
+        await client.set("mcp-authproxy:{two}:tokens", raw)  # copied across workloads
+        with pytest.raises(StoreKeyMismatch, match="workload"):
+            await two.load()
+        other_key = RedisTokenStore(client, workload="one", key=fernet_key().encode(),
+                                    **common)  # type: ignore[arg-type]
+        with pytest.raises(StoreKeyMismatch, match="decrypt"):
+            await other_key.load()
+        elsewhere = RedisTokenStore(client, workload="one", key=key,
+                                    **{**common, "issuer": "https://evil.example/token"}
+                                    )  # type: ignore[arg-type]
+        with pytest.raises(StoreKeyMismatch, match="issuer"):
+            await elsewhere.load()
+    finally:
+        await client.aclose()
+
+
+async def test_a_replica_with_the_wrong_key_file_is_in_error_and_writes_nothing(
+    redis_server: RedisServer, auth: tuple[RotatingAuth, TestServer], tmp_path: Path,
+    replicas: list[Replica],
+) -> None:
+    """A replica whose key does not open the stored tokens says `error`
+    (StoreKeyMismatch), answers 503, and leaves the stored tokens alone."""
+    state, server = auth
+    refresh = secret_file(tmp_path / "refresh", state.refresh)
+    good = secret_file(tmp_path / "key", fernet_key())
+    replicas.append(await start_replica(oauth_flags(redis_server, server, refresh, good),
+                                        tunables={"replica_ttl": 1.5}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(replicas[0].url, json={}) as resp:
+            assert resp.status == 200
+        client = redis_server.client()
+        before = await client.get("mcp-authproxy:{oauthed}:tokens")
+        wrong = secret_file(tmp_path / "wrong-key", fernet_key())
+        admin = free_port()
+        intruder = await start_replica(
+            oauth_flags(redis_server, server, refresh, wrong, "--admin-port", str(admin)),
+            tunables={"replica_ttl": 1.5})
+        replicas.append(intruder)
+        await intruder.wait_log("store_key_mismatch")
+        async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+            record = await resp.json()
+        assert record["status"] == "error" and record["reason"] == "StoreKeyMismatch"
+        async with session.post(intruder.url, json={}) as resp:
+            assert resp.status == 503
+        assert await client.get("mcp-authproxy:{oauthed}:tokens") == before
+        await client.aclose()
+    assert len(state.grants) == 1 and state.stale == 0
