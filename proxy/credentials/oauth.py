@@ -313,7 +313,12 @@ class OAuthSource:
             async with store.lock(wait):
                 stored = await store.load()
                 seed = seed_digest(self._refresh_token) if self._refresh_token else None
-                if seed is not None and (stored is None or stored.seed != seed):
+                if stored is None and self._shared_refresh is not None:
+                    # The store lost what it held (restarted without persistence): what
+                    # this replica saved last is newer than any file.
+                    stored = TokenSet(None, self._shared_refresh, None, seed)
+                    await store.save(stored)
+                elif seed is not None and (stored is None or stored.seed != seed):
                     # The file seeds the store: it holds nothing yet, or the user changed
                     # the file since it was seeded.
                     stored = TokenSet(None, self._refresh_token, None, seed)
@@ -351,7 +356,7 @@ class OAuthSource:
         if stored.expires_at is None:
             return TokenResponse(stored.access_token, None, None)
         remaining = stored.expires_at - time.time()
-        if remaining <= refresh_skew(remaining) or remaining < self._min_refresh_delay:
+        if remaining <= 0:
             return None
         return TokenResponse(stored.access_token, remaining, None)
 

@@ -340,7 +340,8 @@ class AuthMonitor:
                                              *_ACCEPTED, token)
         event = ReauthorizedEvent(workload=self._workload.name, at=datetime.now(UTC),
                                   unauthorized_since=since)
-        self._logger.info("reauthorized", workload=event.workload)
+        if not self._workload.shared:
+            self._logger.info("reauthorized", workload=event.workload)
         self._spawn(self._announce_reauthorized(write, event, self._announced, token))
 
     # --- off the request path -----------------------------------------------------
@@ -383,6 +384,8 @@ class AuthMonitor:
         if announced is not None:
             await announced.wait()
         if mine:
+            if self._workload.shared:  # logged by the replica whose proof ended it
+                self._logger.info("reauthorized", workload=event.workload)
             await self._call("on_reauthorized", self._on_reauthorized, event, None)
 
     async def _call(self, name: str, callback: Callable[[Any], Any] | None, event: Any,

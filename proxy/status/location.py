@@ -52,7 +52,10 @@ def redact_store_url(value: str) -> str:
     host = url.raw_host if ":" not in url.raw_host else f"[{url.raw_host}]"
     port = f":{url.explicit_port}" if url.explicit_port is not None else ""
     query = ("?" + "&".join(f"{k}={REDACTED}" for k in url.query)) if url.query else ""
-    return f"{url.scheme}://{auth}{host}{port}{url.raw_path}{query}"
+    path = url.raw_path
+    if path == "/" and not value.partition("?")[0].endswith("/"):
+        path = ""  # yarl adds the root path; show what was typed
+    return f"{url.scheme}://{auth}{host}{port}{path}{query}"
 
 
 def parse_store(value: object) -> StoreLocation:

@@ -210,7 +210,8 @@ class RedisStore:
 
     # --- operations (each runs inside `_io`) ----------------------------------------------
 
-    async def _live(self) -> tuple[st.Replica, ...]:
+    async def live(self) -> tuple[st.Replica, ...]:
+        """The replicas whose heartbeat has not expired (ids of expired ones pruned)."""
         ids = sorted(_text(i) for i in await self.client.smembers(self._skey))
         if not ids:
             return ()
@@ -224,7 +225,7 @@ class RedisStore:
     async def _snapshot(self) -> st.WorkloadRecord:
         """The record from this replica's side: its lifecycle and Reachable, all replicas."""
         workload = _parse_workload(self.name, await self.client.get(self._wkey))
-        replicas = await self._live()
+        replicas = await self.live()
         if workload is not None:
             self._workload = workload
         return self._perspective(workload, replicas)
@@ -265,7 +266,7 @@ class RedisStore:
                 except WatchError:
                     continue  # another replica changed it meanwhile: derive again
         self._workload = changed
-        return self._perspective(changed, await self._live())
+        return self._perspective(changed, await self.live())
 
     async def _join(self, started: st.Started) -> st.WorkloadRecord:
         assert self._replica is not None
@@ -274,7 +275,7 @@ class RedisStore:
                 try:
                     await pipe.watch(self._wkey, self._skey)
                     current = _parse_workload(self.name, await pipe.get(self._wkey))
-                    others = await self._live()
+                    others = await self.live()
                     if current is None or not others:
                         # No live replica: nothing outlives the last one (rule 4: stopping
                         # ends everything), so the workload starts afresh.
@@ -294,7 +295,7 @@ class RedisStore:
                 except WatchError:
                     continue
         self._workload = workload
-        return self._perspective(workload, await self._live())
+        return self._perspective(workload, await self.live())
 
     async def _change_replica(self, event: st.Event) -> st.WorkloadRecord:
         mine = self._replica
@@ -341,7 +342,7 @@ class RedisStore:
             pipe.srem(self._skey, self.replica_id)
             await pipe.execute()
         self._replica = None
-        replicas = await self._live()
+        replicas = await self.live()
         if not replicas:
             await self._change_workload_to_empty()
         record = self._perspective(self._workload, replicas)
@@ -405,7 +406,7 @@ async def read_shared(location: StoreLocation, name: str | None) -> list[st.Work
             store = RedisStore(location, each, replica_ttl=1.0, client=client,
                                replica_id="status-reader")
             workload = _parse_workload(each, await client.get(workload_key(each)))
-            replicas = await store._live()
+            replicas = await store.live()
             if workload is None and not replicas:
                 continue
             record = store._perspective(workload, replicas)
