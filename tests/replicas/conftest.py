@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 
 HERE = Path(__file__).parent
 WAIT = 20.0  # every wait in these tests is bounded by this (seconds)
+REQUIRE_REDIS = "MCP_AUTHPROXY_TESTS_REQUIRE_REDIS"
 
 
 def free_port() -> int:
@@ -53,7 +54,11 @@ class RedisServer:
     async def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.fail("redis-server is missing: run scripts/install-redis")
+            # CI installs it (scripts/install-redis) and sets REQUIRE_REDIS: never skipped there.
+            message = "redis-server is missing: run scripts/install-redis (as root)"
+            if os.environ.get(REQUIRE_REDIS):
+                pytest.fail(message)
+            pytest.skip(message)
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "notice"]
         if self.password:
