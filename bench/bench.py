@@ -407,17 +407,38 @@ def proxy_command() -> list[str]:
     return [str(exe)]
 
 
+def start_redis(procs: Procs, cpus: set[int] | None, directory: Path) -> str:
+    """A redis-server of the run's own (loopback, persistence off), for `--store-redis`."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (scripts/install-redis installs it)")
+    port = free_port()
+    proc = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", str(directory)],
+                       cpus)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = read_line(proc.stdout, proc, deadline - time.monotonic())
+        if "Ready to accept connections" in line:
+            return f"redis://127.0.0.1:{port}/0"
+    raise RuntimeError("redis-server did not become ready")
+
+
 def start_proxy(procs: Procs, cpus: set[int] | None, upstream: str,
-                state_dir: Path) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+                state_dir: Path, *, name: str = "proxy", store: str | None = None,
+                ) -> tuple[subprocess.Popen[bytes], str, list[str]]:
     port = free_port()
     argv = [*proxy_command(), "run", "--target-url", f"{upstream}/mcp", "--port", str(port),
             "--health-interval", "0", "--bearer-token-env", "BENCH_TOKEN",
             "--state-dir", str(state_dir)]  # the shipped log level: one access event per request
+    if store is not None:
+        argv[-2:-2] = ["--store", store]
     # A fresh random token per run unless a test supplies one to look for in the output;
     # either way it never appears there.
     token = os.environ.get("MCP_AUTHPROXY_BENCH_TOKEN") or secrets.token_urlsafe(24)
     env = dict(os.environ, BENCH_TOKEN=token)
-    proc = procs.start("proxy", argv, cpus, env=env)
+    proc = procs.start(name, argv, cpus, env=env)
     assert proc.stdout is not None
     url = read_line(proc.stdout, proc, 30)
     return proc, url, argv
@@ -559,7 +580,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where the markdown table goes (raw JSON beside it)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-wrk", action="store_true", help="use loadgen.py even if wrk exists")
+    parser.add_argument("--store-redis", action="store_true",
+                        help="also run the proxy with --store redis:// (a redis-server of its "
+                        "own) and compare c=64 throughput and c=1 latency with the file store, "
+                        "alternating rounds; the other scenarios are skipped")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per scenario with --store-redis (the median is shown)")
     return parser.parse_args(argv)
+
+
+def compare_stores(ctx: Ctx, targets: Sequence[Target], rounds: int, quiet: float) -> None:
+    """c=64 and c=1 for every column, `rounds` times in alternating order; the median."""
+    for key, fn, metric in (("tp", scen_tp, "rps"), ("c1", scen_c1, "p50_us")):
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        for r in range(rounds):
+            order = list(targets) if r % 2 == 0 else list(reversed(targets))
+            run_scenario(key, lambda t, fn=fn: fn(ctx, t), order, quiet)  # type: ignore[misc]
+            for t in targets:
+                if key in t.raw:
+                    runs[t.name].append(t.raw.pop(key))
+        for t in targets:
+            if runs[t.name]:
+                ordered = sorted(runs[t.name], key=lambda res: res.get(metric) or 0)
+                t.raw[key] = {**ordered[len(ordered) // 2],
+                              "rounds": [round(res.get(metric) or 0) for res in runs[t.name]]}
+
+
+def store_ratios(targets: Sequence[Target]) -> list[str]:
+    """redis / file: throughput ratio, and file / redis for c=1 latency (>= 1 is better)."""
+    by_name = {t.name: t.raw for t in targets}
+    file_, redis_ = by_name.get("proxy", {}), by_name.get("proxy-redis", {})
+    tp_f, tp_r = g(file_, "tp", "rps"), g(redis_, "tp", "rps")
+    c1_f, c1_r = g(file_, "c1", "p50_us"), g(redis_, "c1", "p50_us")
+    lines = ["", "Store comparison, medians of alternating rounds (>= 0.95 is the target):", ""]
+    if tp_f and tp_r:
+        lines.append(f"- c=64 throughput, redis / file: {tp_r / tp_f:.3f} "
+                     f"(rounds: file {g(file_, 'tp', 'rounds')}, "
+                     f"redis {g(redis_, 'tp', 'rounds')})")
+    if c1_f and c1_r:
+        lines.append(f"- c=1 latency p50, file / redis: {c1_f / c1_r:.3f} "
+                     f"(rounds µs: file {g(file_, 'c1', 'rounds')}, "
+                     f"redis {g(redis_, 'c1', 'rounds')})")
+    return lines
 
 
 def _exit_on_signal(signum: int, _frame: object) -> NoReturn:
@@ -601,6 +663,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as exc:
             log = (tmp / "proxy.log").read_text(errors="replace")[-600:]
             print(f"proxy did not start: {exc}; log tail:\n{log}", file=sys.stderr)
+        if args.store_redis:
+            redis_dir = tmp / "redis"
+            redis_dir.mkdir()
+            store = start_redis(procs, load_cpus, redis_dir)
+            proc, url, _ = start_proxy(procs, proxy_cpus, upstream, tmp / "state-redis",
+                                       name="proxy-redis", store=store)
+            shared = Target("proxy-redis", url, proc)
+            targets.append(shared)
+            sanity(shared, "bearer")
         print(f"upstream {upstream}; proxy {targets[-1].url if len(targets) > 1 else '-'}; "
               f"mode {mode}; fds {nofile[0]}; load generator {wrk or 'loadgen.py'}", flush=True)
         ctx = Ctx(settings, load_cpus, upstream, wrk)
@@ -608,12 +679,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 load_run(ctx, t.url, 16, settings.warm_s)
         quiet = settings.quiet_wait_s
-        run_scenario("tp", lambda t: scen_tp(ctx, t), targets, quiet)
-        run_scenario("c1", lambda t: scen_c1(ctx, t), targets, quiet)
-        run_scenario("sse1", lambda t: scen_sse(ctx, t, 1), targets, quiet)
-        run_scenario("sseN", lambda t: scen_sse(ctx, t, settings.sse_streams), targets, quiet)
-        run_scenario("big", lambda t: scen_big(ctx, t), targets, quiet)
-        run_scenario("hold", lambda t: scen_hold(ctx, t), targets, quiet)
+        if args.store_redis:
+            compare_stores(ctx, targets, max(1, args.rounds), quiet)
+        else:
+            run_all(ctx, targets, settings, quiet)
         for t in targets:
             if t.proc and t.proc.poll() is not None:
                 t.note("run", f"process exited during the run (code {t.proc.returncode})")
@@ -622,12 +691,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxy_log = (tmp / "proxy.log").read_text(errors="replace") \
             if (tmp / "proxy.log").exists() else ""
         shutil.rmtree(tmp, ignore_errors=True)
+    return finish(args, mode, settings, started, pin, wrk, proxy_argv, procs, targets,
+                  proxy_log)
 
+
+def run_all(ctx: Ctx, targets: Sequence[Target], settings: Settings, quiet: float) -> None:
+    """Every scenario, each for every column back to back."""
+    run_scenario("tp", lambda t: scen_tp(ctx, t), targets, quiet)
+    run_scenario("c1", lambda t: scen_c1(ctx, t), targets, quiet)
+    run_scenario("sse1", lambda t: scen_sse(ctx, t, 1), targets, quiet)
+    run_scenario("sseN", lambda t: scen_sse(ctx, t, settings.sse_streams), targets, quiet)
+    run_scenario("big", lambda t: scen_big(ctx, t), targets, quiet)
+    run_scenario("hold", lambda t: scen_hold(ctx, t), targets, quiet)
+
+
+def finish(args: argparse.Namespace, mode: str, settings: Settings, started: float, pin: bool,
+           wrk: str | None, proxy_argv: list[str], procs: Procs, targets: list[Target],
+           proxy_log: str) -> int:
     if len(targets) < 2:
         targets.append(Target("proxy", "-", errors=["did not start (see stderr)"]))
     meta = run_meta(mode, settings, started, pin, wrk, proxy_argv)
     meta["pids"] = procs.pids
     report = render(targets, meta)
+    if args.store_redis:
+        report += "\n".join(store_ratios(targets)) + "\n"
     write_results(args.out, report, meta, targets, proxy_log)
     print()
     print(report)
