@@ -221,15 +221,13 @@ class AuthProxy:
         if self._workload.shared:
             # A store that is down must not keep the process from exiting: what it has
             # not taken by now is lost with this replica, whose entry expires anyway.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._monitor.flush(), self.config.drain_timeout)
+            if not self._workload.store_down:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._monitor.flush(), self.config.drain_timeout)
         else:
             await self._monitor.flush()
         await self._workload.apply(st.Stopped())
         await self._workload.close()
-        close = getattr(self._store, "close", None)
-        if close is not None:
-            await close()
         self._logger.info("stopped")
 
     async def __aenter__(self) -> AuthProxy:

@@ -49,6 +49,20 @@ class StatusStore(Protocol):
         """Take the name for a new run; `NameInUse` when a live process holds it."""
 
 
+class SharedStatusStore(StatusStore, Protocol):
+    """A store other processes write too (`shared = True`): replicas of one workload.
+
+    Its writes are never dropped (`Workload` retries them), and `heartbeat` renews this
+    process's presence and returns the record as others left it.
+    """
+
+    shared: bool
+
+    async def heartbeat(self) -> st.WorkloadRecord: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class CorruptRecord:
     """A status file that could not be read as a record (for `mcp-authproxy status`)."""

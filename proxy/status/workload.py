@@ -24,12 +24,12 @@ import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ..errors import NameInUse, StateError
 from ..log import get_logger
 from ..status import model as st
-from .store import StatusStore
+from .store import SharedStatusStore, StatusStore
 
 _Operation = Callable[[Any], Awaitable[st.WorkloadRecord]]
 RETRY_FIRST = 0.05  # seconds before retrying a shared store that failed a write
@@ -51,6 +51,7 @@ class Workload:
         self.store = store
         self.name = store.name
         self.shared = bool(getattr(store, "shared", False))
+        self._shared_store = cast(SharedStatusStore, store) if self.shared else None
         self._logger = logger if logger is not None else get_logger().bind(workload=store.name)
         # The record as the store last returned it (or as it moved on after a failed write).
         self.record = st.WorkloadRecord(name=store.name, lifecycle=st.Lifecycle.STARTING)
@@ -125,6 +126,11 @@ class Workload:
                 if not future.done():
                     future.set_result(self.record)
 
+    @property
+    def store_down(self) -> bool:
+        """A shared store failed the last write and has not taken one since."""
+        return self._down
+
     async def close(self) -> None:
         """Stop the sync and any write still retrying (a shared store that stayed down)."""
         for task in (self._sync, self._writer):
@@ -132,6 +138,8 @@ class Workload:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._shared_store is not None:
+            await self._shared_store.close()
 
     # --- a shared store: heartbeat and re-read -------------------------------------
 
@@ -142,7 +150,8 @@ class Workload:
                 self._sync_loop(interval), name=f"status-sync:{self.name}")
 
     async def _sync_loop(self, interval: float) -> None:
-        heartbeat: Callable[[], Awaitable[st.WorkloadRecord]] = self.store.heartbeat  # type: ignore[attr-defined]
+        assert self._shared_store is not None
+        heartbeat = self._shared_store.heartbeat
         while True:
             await asyncio.sleep(interval)
             if self._queue:

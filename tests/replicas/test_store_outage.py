@@ -88,6 +88,12 @@ async def test_redis_stopped_mid_run_forwarding_continues_and_the_record_comes_b
         assert len(events.read_text().splitlines()) == 1
     assert len(replica.events("store_unavailable")) == 1
     assert len(replica.events("store_recovered")) == 1
+    # Redis gone again: SIGTERM still ends the replica promptly and cleanly.
+    await redis_server.stop()
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
+    assert await replica.stop() == 0
+    assert loop.time() - asked < 5.0
 
 
 async def test_a_replica_starts_while_redis_is_down_and_joins_when_it_comes_up(
