@@ -35,7 +35,7 @@ from .status.workload import Workload
 
 
 def _store_display(config: ProxyConfig) -> str:
-    from .status.location import redact_store_url
+    from .config import redact_store_url
 
     return redact_store_url(config.store)
 
@@ -44,7 +44,7 @@ def _build_store(config: ProxyConfig, logger: Any) -> StatusStore:
     """The file under --state-dir, or the shared record in Redis (`--store redis://`)."""
     if not config.shared_store:
         return FileStore(config.state_path, config.workload)
-    from .status.location import parse_store
+    from .config import parse_store
     from .status.redis import RedisStore
 
     return RedisStore(parse_store(config.store), config.workload,

@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         store = args.store or os.environ.get("MCP_AUTHPROXY_STORE") or "file"
         if store != "file":
-            from ..status.location import parse_store
+            from ..config import parse_store
             from .status import show_shared_status
 
             try:

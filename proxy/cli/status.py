@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..status.location import StoreLocation
+from ..config import StoreLocation
 from ..status.model import Lifecycle, WorkloadRecord
 from ..status.store import MAX_FILE_BYTES, decode, pid_alive
 

@@ -37,10 +37,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
+from ..config import StoreLocation
 from ..errors import StateError
 from ..log import get_logger
 from . import model as st
-from .location import StoreLocation
 from .store import scrub
 
 PREFIX = "mcp-authproxy"

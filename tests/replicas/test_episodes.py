@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.status.location import parse_store
+from proxy.config import parse_store
 from proxy.status.redis import read_shared
 
 from .conftest import WAIT, GatedUpstream, RedisServer, Replica, start_replica

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 
 from proxy import AuthProxy, ProxyConfig, WorkloadStatus
+from proxy.config import parse_store, redact_store_url
 from proxy.status import model as st
-from proxy.status.location import parse_store, redact_store_url
 
 from .conftest import GatedUpstream, RedisServer
 
