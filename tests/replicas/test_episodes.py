@@ -14,6 +14,7 @@ from proxy.config import parse_store
 from proxy.status.redis import read_shared
 
 from .conftest import WAIT, GatedUpstream, RedisServer, Replica, start_replica
+from helpers import eventually
 
 
 def _flags(redis: RedisServer, upstream: GatedUpstream, token_file: Path,
@@ -29,26 +30,28 @@ async def shared_record(redis: RedisServer, name: str = "shared") -> dict[str, A
 
 
 async def wait_record(redis: RedisServer, predicate: Any) -> dict[str, Any]:
-    """Poll the shared record (bounded) until `predicate(record)` holds."""
-    async with asyncio.timeout(WAIT):
-        # Another process's record: no event crosses that boundary, so it is polled.
-        while not predicate(record := await shared_record(redis)):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-    return record
+    """The shared record once `predicate(record)` holds (other processes write it)."""
+    async def holds() -> dict[str, Any] | None:
+        record = await shared_record(redis)
+        return record if predicate(record) else None
+
+    found: dict[str, Any] = await eventually(holds, WAIT, what="the shared record")
+    return found
 
 
-def read_lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
 
 
 async def wait_lines(path: Path, count: int) -> list[dict[str, Any]]:
     """The callback lines replicas appended to `path`, once there are `count` of them."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            lines = await asyncio.to_thread(read_lines, path)
-            if len(lines) >= count:
-                return [json.loads(line) for line in lines]
-            await asyncio.sleep(0.05)
+    async def enough() -> list[dict[str, Any]] | None:
+        lines = await asyncio.to_thread(read_lines, path)
+        return lines if len(lines) >= count else None
+
+    found: list[dict[str, Any]] = await eventually(enough, WAIT, what=f"{count} callbacks")
+    return found
 
 
 async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
@@ -57,11 +60,8 @@ async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str,
 
 
 def refused(status: int, body: dict[str, Any]) -> bool:
-    """The contract's answer during an episode with a credential source: 503 naming it.
-
-    (A main without the 503 of "Auth episodes" yet passes the target's 401 through.)
-    """
-    return (status == 503 and body.get("error") == "upstream_unauthorized") or status == 401
+    """The contract's answer during an episode with a credential source: 503 naming it."""
+    return status == 503 and body.get("error") == "upstream_unauthorized"
 
 
 async def test_three_replicas_share_one_episode_and_one_callback(
@@ -110,15 +110,17 @@ async def test_three_replicas_share_one_episode_and_one_callback(
         third = replicas[2]
         # A replica learns of an episode another one ended within a sync interval
         # (replica_ttl / 3 here); until then a 401 may belong to the old episode.
-        async with asyncio.timeout(WAIT):
-            while len(lines := await wait_lines(events, 2)) < 3:
-                assert refused(*await post(session, third.url))
-                await asyncio.sleep(0.1)
+        async def reopened() -> list[dict[str, Any]] | None:
+            assert refused(*await post(session, third.url))
+            lines = await asyncio.to_thread(read_lines, events)
+            return lines if len(lines) >= 3 else None
+
+        lines = await eventually(reopened, WAIT, every=0.1, what="a second episode")
         assert lines[2]["kind"] == "unauthorized"
 
     for replica in replicas:
         assert await replica.stop(signal.SIGTERM) == 0
-    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    lines = read_lines(events)
     assert [x["kind"] for x in lines] == ["unauthorized", "reauthorized", "unauthorized"]
     # Every replica gone: the shared record says so.
     record = await shared_record(redis_server)

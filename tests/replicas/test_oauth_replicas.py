@@ -21,6 +21,7 @@ from proxy.credentials.token_store import RedisTokenStore, TokenSet
 from proxy.errors import StoreKeyMismatch
 
 from .conftest import WAIT, RedisServer, Replica, free_port, start_replica
+from helpers import eventually
 
 LIFETIME = 2.0  # seconds an access token lives: several expiry cycles in one test
 
@@ -229,20 +230,20 @@ async def test_without_the_store_a_replica_keeps_its_token_but_never_refreshes(
             assert resp.status == 200
         await redis_server.stop()
         grants = len(state.grants)
-        async with asyncio.timeout(WAIT):
-            while True:
-                async with session.post(replica.url, json={}) as resp:
-                    if resp.status == 503:
-                        assert int(resp.headers["Retry-After"]) >= 1
-                        break
-                    assert resp.status == 200  # the token at hand, until it expires
-                await asyncio.sleep(0.1)
+        async def expired() -> bool:
+            async with session.post(replica.url, json={}) as resp:
+                if resp.status == 503:
+                    assert int(resp.headers["Retry-After"]) >= 1
+                    return True
+                assert resp.status == 200  # the token at hand, until it expires
+                return False
+
+        await eventually(expired, WAIT, every=0.1, what="a 503 once the token expired")
         assert len(state.grants) == grants  # nobody refreshed without the store
         await redis_server.start()  # empty: the replica puts back what it saved last
-        async with asyncio.timeout(WAIT):
-            while True:
-                async with session.post(replica.url, json={}) as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.1)
+        async def served() -> bool:
+            async with session.post(replica.url, json={}) as resp:
+                return resp.status == 200
+
+        await eventually(served, WAIT, every=0.1, what="a 200 once Redis is back")
     assert len(state.grants) == grants + 1 and state.stale == 0

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from .conftest import WAIT, GatedUpstream, RedisServer, Replica, free_port, start_replica
+from helpers import eventually
 
 PASSWORD = "s3cret-store-password"
 KEY = "u7Zx0kqmv9P4cC1m8dQ7R0bW3hY6tL2nF5sJ8aE1gKo="  # 32 bytes, URL-safe base64
@@ -92,13 +93,11 @@ async def test_a_store_password_is_redacted_in_logs_status_output_and_admin_stat
              locked_redis.url, "--bearer-token-file", str(token), "--health-interval",
              "0", "--log-format", "json", "--log-level", "debug", *extra],
             tunables={"replica_ttl": 2.0}))
-    async with asyncio.timeout(WAIT):
-        while True:
-            code, out, err = await cli("status", "shared", "--store", locked_redis.url,
-                                       "--json")
-            if code == 0 and len(json.loads(out)["replicas"]) == 2:
-                break
-            await asyncio.sleep(0.1)
+    async def both_listed() -> str | None:
+        code, out, _ = await cli("status", "shared", "--store", locked_redis.url, "--json")
+        return out if code == 0 and len(json.loads(out)["replicas"]) == 2 else None
+
+    out = await eventually(both_listed, WAIT, every=0.1, what="two replicas listed")
     record = json.loads(out)
     assert record["status"] == "running"
     assert {r["pid"] for r in record["replicas"]} == {r.pid for r in replicas}
