@@ -120,6 +120,10 @@ class AuthProxy:
             token_store=_build_token_store(config, self._store),
         )
         self._reporter = _Reporter(self._workload)
+        recovered = getattr(self._store, "recovered", None)
+        wake = getattr(self._credentials, "store_recovered", None)
+        if recovered is not None and wake is not None:
+            recovered.append(wake)
         self._monitor = AuthMonitor(
             self._workload,
             mcp_path=config.mcp_path,

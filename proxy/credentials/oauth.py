@@ -210,6 +210,13 @@ class OAuthSource:
             return current
         return None
 
+    def store_recovered(self) -> None:
+        """The shared store answers again: a refresh it held up is retried at once, not
+        after a backoff that grew while the store was away."""
+        if self._last_failure is not None and self._last_failure.code == "store_unavailable":
+            self._next_attempt_at = None
+            self._wake.set()
+
     # -- waiting and scheduling ---------------------------------------------------------
 
     def _usable(self, now: float) -> Credential | None:

@@ -66,10 +66,14 @@ def names_key() -> str:
 
 
 def connect(location: StoreLocation) -> aioredis.Redis:
-    """A client that fails fast: the callers retry with their own backoff."""
+    """A client that fails fast: the callers retry with their own backoff.
+
+    One immediate retry on a connection error: a pooled connection that died with a
+    restarted Redis is reconnected instead of failing the command that found it.
+    """
     return aioredis.Redis.from_url(
         location.url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
-        retry=Retry(NoBackoff(), 0), health_check_interval=0, client_name=PREFIX,
+        retry=Retry(NoBackoff(), 1), health_check_interval=0, client_name=PREFIX,
     )
 
 
@@ -158,6 +162,8 @@ class RedisStore:
         self._replica: st.Replica | None = None  # this replica's entry as it should be
         self._workload: st.WorkloadRecord | None = None  # last read, to re-seed a lost one
         self._available: bool | None = None  # None until the first answer (or failure)
+        # Told when the store answers again after a loss (an OAuth source waiting on it).
+        self.recovered: list[Callable[[], None]] = []
 
     # --- the I/O boundary -------------------------------------------------------------
 
@@ -174,7 +180,10 @@ class RedisStore:
             raise StateError(f"store {self.location.display} unavailable: "
                              f"{type(exc).__name__}") from exc
         if self._available is False:
+            self._available = True
             self._logger.info("store_recovered", store=self.location.display)
+            for listener in self.recovered:
+                listener()
         self._available = True
         return result
 
