@@ -9,6 +9,8 @@ Layout (keys share the hash tag `{name}`, so a transaction touches one slot):
                                           with a TTL (`replica_ttl`) its heartbeat renews
     mcp-authproxy:{name}:replicas         SET of replica ids (pruned when a key expired)
     mcp-authproxy:workloads               SET of workload names (`status --store`)
+    mcp-authproxy:{name}:changed          pub/sub channel: the workload's conditions
+                                          changed (the writer's replica id)
 
 A change to the workload's conditions is read-derive-write in a WATCH/MULTI
 transaction, through the same `model.apply` the file store uses: of two replicas
@@ -25,6 +27,8 @@ lost and one INFO when it is back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -33,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
@@ -59,6 +64,10 @@ def replicas_key(name: str) -> str:
 
 def replica_key(name: str, replica_id: str) -> str:
     return f"{PREFIX}:{{{name}}}:replica:{replica_id}"
+
+
+def changes_channel(name: str) -> str:
+    return f"{PREFIX}:{{{name}}}:changed"
 
 
 def names_key() -> str:
@@ -159,6 +168,8 @@ class RedisStore:
         self._wkey = workload_key(name)
         self._rkey = replica_key(name, self.replica_id)
         self._skey = replicas_key(name)
+        self._channel = changes_channel(name)
+        self._pubsub: PubSub | None = None  # hears other replicas' workload changes
         self._replica: st.Replica | None = None  # this replica's entry as it should be
         self._workload: st.WorkloadRecord | None = None  # last read, to re-seed a lost one
         self._available: bool | None = None  # None until the first answer (or failure)
@@ -214,7 +225,35 @@ class RedisStore:
         """Renew this replica's TTL, re-seed a record the store lost, read the record."""
         return await self._io(self._beat)
 
+    async def wait_change(self, timeout: float) -> None:
+        """Return after `timeout` s, or as soon as another replica changed the workload's
+        conditions (Redis pub/sub), so an episode opened or ended there is seen here at
+        once rather than at the next heartbeat. Never raises: errors just wait."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        mine = self.replica_id.encode()
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                await self._pubsub.subscribe(self._channel)
+            while (remaining := deadline - loop.time()) > 0:
+                message = await self._pubsub.get_message(timeout=remaining)
+                if message is not None and message.get("data") != mine:
+                    return
+        except (RedisError, OSError):
+            await self._drop_pubsub()  # subscribed again on the next call
+            remaining = deadline - loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     async def close(self) -> None:
+        await self._drop_pubsub()
         await self.client.aclose()
 
     # --- operations (each runs inside `_io`) ----------------------------------------------
@@ -270,6 +309,7 @@ class RedisStore:
                     changed = st.apply(current, event, name=self.name)
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.set(self._wkey, _workload_part(changed))
+                    pipe.publish(self._channel, self.replica_id)
                     await pipe.execute()
                     break
                 except WatchError:

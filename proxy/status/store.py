@@ -60,6 +60,9 @@ class SharedStatusStore(StatusStore, Protocol):
 
     async def heartbeat(self) -> st.WorkloadRecord: ...
 
+    async def wait_change(self, timeout: float) -> None:
+        """Return after `timeout` s, or sooner when another process changed the record."""
+
     async def close(self) -> None: ...
 
 

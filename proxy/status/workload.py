@@ -144,7 +144,8 @@ class Workload:
     # --- a shared store: heartbeat and re-read -------------------------------------
 
     def start_sync(self, interval: float) -> None:
-        """Heartbeat this replica and pick up other replicas' changes every `interval` s."""
+        """Heartbeat this replica and pick up other replicas' changes every `interval` s,
+        and at once when the store says another replica changed the workload."""
         if self.shared and self._sync is None and not self.detached:
             self._sync = asyncio.get_running_loop().create_task(
                 self._sync_loop(interval), name=f"status-sync:{self.name}")
@@ -153,7 +154,7 @@ class Workload:
         assert self._shared_store is not None
         heartbeat = self._shared_store.heartbeat
         while True:
-            await asyncio.sleep(interval)
+            await self._shared_store.wait_change(interval)
             if self._queue:
                 continue  # the writer is busy (or retrying); its answers resync us
             seen = self._writes

@@ -13,7 +13,7 @@ import aiohttp
 from proxy.config import parse_store
 from proxy.status.redis import read_shared
 
-from .conftest import WAIT, GatedUpstream, RedisServer, Replica, start_replica
+from .conftest import WAIT, GatedUpstream, RedisServer, Replica, free_port, start_replica
 from helpers import eventually
 
 
@@ -125,3 +125,37 @@ async def test_three_replicas_share_one_episode_and_one_callback(
     # Every replica gone: the shared record says so.
     record = await shared_record(redis_server)
     assert record["status"] == "stopped" and record["replicas"] == []
+
+
+async def test_a_replica_that_never_saw_the_401_ends_the_episode_with_its_proof(
+    redis_server: RedisServer, gated_upstream: GatedUpstream, tmp_path: Path,
+    replicas: list[Replica],
+) -> None:
+    """Replica A opens the episode; replica B, which never got a 401, hears of it from
+    the store (its own /status says so) and its next good answer ends it."""
+    token = tmp_path / "token"
+    token.write_text(gated_upstream.good)
+    token.chmod(0o600)
+    events = tmp_path / "events.jsonl"
+    admin = free_port()
+    a = await start_replica(_flags(redis_server, gated_upstream, token), events=events,
+                            tunables={"replica_ttl": 30.0})
+    b = await start_replica(_flags(redis_server, gated_upstream, token, "--admin-port",
+                                   str(admin)), events=events, tunables={"replica_ttl": 30.0})
+    replicas += [a, b]
+    gated_upstream.good = "token-two-0123456789"
+    async with aiohttp.ClientSession() as session:
+        assert refused(*await post(session, a.url))
+        assert (await wait_lines(events, 1))[0]["pid"] == a.pid
+        gated_upstream.good = "token-one-0123456789"
+
+        async def b_knows() -> bool:
+            async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+                return (await resp.json())["status"] == "unauthenticated"
+
+        await eventually(b_knows, WAIT, what="replica B's /status says unauthenticated")
+        assert (await post(session, b.url))[0] == 200
+        await wait_record(redis_server, lambda r: r["status"] == "running")
+        lines = await wait_lines(events, 2)
+    assert [(x["kind"], x["pid"]) for x in lines] == [("unauthorized", a.pid),
+                                                      ("reauthorized", b.pid)]
