@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx2
 import pytest
 import uvicorn
 from mcp.client import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -149,13 +149,20 @@ class ProgressGate:
 
 
 def build_mcp_server(progress_gate: ProgressGate) -> MCPServer:
-    """The SDK server the tests talk to: `echo` and a progress-reporting `count`."""
+    """The SDK server the tests talk to: `echo`, a progress-reporting `count`, `release`."""
     server = MCPServer("interop-upstream", log_level="WARNING")
 
     @server.tool()
     def echo(text: str) -> str:
         """Echoes its text back."""
         return f"echo: {text}"
+
+    @server.tool()
+    def release() -> str:
+        """Lets a running `count` go on (what a client in another process calls once it
+        has seen the first progress notification)."""
+        progress_gate.client_saw_first.set()
+        return "released"
 
     @server.tool()
     async def count(steps: int, ctx: Context) -> str:
@@ -300,7 +307,10 @@ async def connect(
         if transport == "sse":
             client = Client(sse_client(url, headers=headers), mode=mode)
         else:
-            http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+            # The MCP transports' own defaults: a held stream may stay quiet for minutes.
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            )
             client = Client(streamable_http_client(url, http_client=http), mode=mode)
         async with asyncio.timeout(LONG_WAIT):
             await stack.enter_async_context(client)
