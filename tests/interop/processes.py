@@ -236,10 +236,111 @@ async def start_proxy(
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Polls a cheap local condition (a file another process writes) until it holds."""
+    """Polls a cheap local condition until it holds: for the status file, which another
+    process writes off its request path, there is no event to wait on."""
     try:
         async with asyncio.timeout(timeout):
-            while not predicate():
+            while not predicate():  # noqa: ASYNC110 - another process's file
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+# --- the Node clients -------------------------------------------------------------------
+
+TOKEN = "node-interop-token-7d41c0"  # a test credential that must never leak
+WAIT = 20.0
+
+
+def node_env(tmp_path: Path) -> dict[str, str]:
+    """A home of its own for each Node client, so nothing reads or writes the real one."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {"HOME": str(home), "MCP_REMOTE_CONFIG_DIR": str(home / "mcp-auth"),
+            "MCP_CATALOG_PATH": str(home / "catalog.json"), "NO_COLOR": "1"}
+
+
+async def ts_client(
+    processes: Processes, url: str, *, transport: str, steps: str, oauth: bool = False,
+) -> Process:
+    """Starts the TypeScript SDK client (`node/client.mjs`) running `steps`."""
+    need_node()
+    argv: list[str | Path] = [NODE, NODE_DIR / "client.mjs", "--url", url,
+                              "--transport", transport, "--steps", steps]
+    if oauth:
+        argv.append("--oauth")
+    return await processes.start("ts-client", argv, env=node_env(processes.tmp_path))
+
+
+async def client_outcome(client: Process) -> dict[str, dict[str, Any]]:
+    """Every step the client reported, by name, once it has exited."""
+    steps: dict[str, dict[str, Any]] = {}
+    while True:
+        event = await client.json_line(WAIT)
+        steps[event["step"]] = event
+        if event["step"] in ("done", "failed") or event.get("ok") is False:
+            break
+    code = await client.wait(WAIT)
+    assert "done" in steps, (steps, client.stderr()[-2000:])
+    assert code == 0
+    return steps
+
+
+async def proxy_for(
+    processes: Processes, target_url: str, name: str, *extra: str | Path
+) -> ProxyProcess:
+    """The proxy's CLI with `TOKEN` in a token file (0600), as a user would run it."""
+    token_file = processes.tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    return await start_proxy(processes, target_url, token_file=token_file, name=name, extra=extra)
+
+
+async def mcp_remote(processes: Processes, url: str, transport: str) -> Process:
+    """mcp-remote as an app launches it: a stdio MCP server bridging to `url`."""
+    need_node()
+    mode = "sse-only" if transport == "sse" else "http-only"
+    env = node_env(processes.tmp_path)
+    env["BROWSER"] = str(browser_recorder(processes.tmp_path))
+    return await processes.start(
+        "mcp-remote", [NODE, NODE_BIN / "mcp-remote", url, "--transport", mode], env=env
+    )
+
+
+def browser_recorder(tmp_path: Path) -> Path:
+    """A `$BROWSER` that only writes down the URL it was asked to open."""
+    script = tmp_path / "browser"
+    if not script.exists():
+        script.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path / "opened"}\n')
+        script.chmod(0o755)
+    return script
+
+
+async def stdio_request(process: Process, id_: int, method: str, params: Any) -> dict[str, Any]:
+    """Sends one JSON-RPC request over stdio and returns its response (skipping any
+    notification the bridge sends meanwhile)."""
+    request = {"jsonrpc": "2.0", "id": id_, "method": method, "params": params}
+    await process.send(json.dumps(request))
+    while True:
+        message = await process.json_line(WAIT)
+        if message.get("id") == id_:
+            return message
+
+
+INITIALIZE = {
+    "protocolVersion": "2025-06-18",
+    "capabilities": {},
+    "clientInfo": {"name": "interop-stdio", "version": "1.0.0"},
+}
+
+
+async def inspector_cli(processes: Processes, url: str, transport: str, *args: str) -> Process:
+    need_node()
+    kind = "sse" if transport == "sse" else "http"
+    return await processes.start(
+        "inspector",
+        [NODE, NODE_BIN / "inspector", "--cli", url, "--transport", kind, *args],
+        env=node_env(processes.tmp_path),
+    )
+
+

@@ -10,68 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import UpstreamFactory, connect, text_of, write_secret
+from .conftest import UpstreamFactory, connect, text_of
 from .processes import (
-    NODE,
-    NODE_BIN,
-    NODE_DIR,
-    Process,
+    INITIALIZE,
+    TOKEN,
+    WAIT,
     Processes,
-    ProxyProcess,
-    TsServer,
-    need_node,
-    start_proxy,
+    client_outcome,
+    inspector_cli,
+    mcp_remote,
+    proxy_for,
     start_ts_server,
+    stdio_request,
+    ts_client,
 )
 
-TOKEN = "node-interop-token-7d41c0"  # a test credential that must never leak
-WAIT = 20.0
 TS_TOOLS = ["count", "echo", "large", "notify", "release"]
 LARGE_BYTES = 2 * 1024 * 1024
-
-
-def node_env(tmp_path: Path) -> dict[str, str]:
-    """A home of its own for each Node client, so nothing reads or writes the real one."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    return {"HOME": str(home), "MCP_REMOTE_CONFIG_DIR": str(home / "mcp-auth"),
-            "MCP_CATALOG_PATH": str(home / "catalog.json"), "NO_COLOR": "1"}
-
-
-async def ts_client(
-    processes: Processes, url: str, *, transport: str, steps: str, oauth: bool = False,
-) -> Process:
-    """Starts the TypeScript SDK client (`node/client.mjs`) running `steps`."""
-    need_node()
-    argv: list[str | Path] = [NODE, NODE_DIR / "client.mjs", "--url", url,
-                              "--transport", transport, "--steps", steps]
-    if oauth:
-        argv.append("--oauth")
-    return await processes.start("ts-client", argv, env=node_env(processes.tmp_path))
-
-
-async def client_outcome(client: Process) -> dict[str, dict[str, Any]]:
-    """Every step the client reported, by name, once it has exited."""
-    steps: dict[str, dict[str, Any]] = {}
-    while True:
-        event = await client.json_line(WAIT)
-        steps[event["step"]] = event
-        if event["step"] in ("done", "failed") or event.get("ok") is False:
-            break
-    code = await client.wait(WAIT)
-    assert "done" in steps, (steps, client.stderr()[-2000:])
-    assert code == 0
-    return steps
-
-
-async def proxy_for(processes: Processes, target_url: str, name: str) -> ProxyProcess:
-    token_file = write_secret(processes.tmp_path / "token", TOKEN)
-    return await start_proxy(processes, target_url, token_file=token_file, name=name)
 
 
 def only_the_proxys_credential(seen: list[dict[str, Any]]) -> None:
@@ -192,43 +151,6 @@ async def test_python_client_ts_server(processes: Processes, transport: str) -> 
 # --- mcp-remote (what Claude Desktop and many IDEs run) ------------------------------------
 
 
-async def mcp_remote(processes: Processes, url: str, transport: str) -> Process:
-    """mcp-remote as an app launches it: a stdio MCP server bridging to `url`."""
-    need_node()
-    mode = "sse-only" if transport == "sse" else "http-only"
-    env = node_env(processes.tmp_path)
-    env["BROWSER"] = str(browser_recorder(processes.tmp_path))
-    return await processes.start(
-        "mcp-remote", [NODE, NODE_BIN / "mcp-remote", url, "--transport", mode], env=env
-    )
-
-
-def browser_recorder(tmp_path: Path) -> Path:
-    """A `$BROWSER` that only writes down the URL it was asked to open."""
-    script = tmp_path / "browser"
-    if not script.exists():
-        script.write_text(f'#!/bin/sh\necho "$1" >> {tmp_path / "opened"}\n')
-        script.chmod(0o755)
-    return script
-
-
-async def stdio_request(process: Process, id_: int, method: str, params: Any) -> dict[str, Any]:
-    """Sends one JSON-RPC request over stdio and returns its response (skipping any
-    notification the bridge sends meanwhile)."""
-    await process.send(json.dumps({"jsonrpc": "2.0", "id": id_, "method": method, "params": params}))
-    while True:
-        message = await process.json_line(WAIT)
-        if message.get("id") == id_:
-            return message
-
-
-INITIALIZE = {
-    "protocolVersion": "2025-06-18",
-    "capabilities": {},
-    "clientInfo": {"name": "interop-stdio", "version": "1.0.0"},
-}
-
-
 @pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_mcp_remote_ts_server(processes: Processes, transport: str) -> None:
     """mcp-remote pointed at the proxy answers initialize and tools/list over stdio with
@@ -242,23 +164,14 @@ async def test_mcp_remote_ts_server(processes: Processes, transport: str) -> Non
     await bridge.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
     listed = await stdio_request(bridge, 2, "tools/list", {})
     assert sorted(t["name"] for t in listed["result"]["tools"]) == TS_TOOLS
-    called = await stdio_request(bridge, 3, "tools/call", {"name": "echo", "arguments": {"text": "x"}})
+    echo = {"name": "echo", "arguments": {"text": "x"}}
+    called = await stdio_request(bridge, 3, "tools/call", echo)
     assert called["result"]["content"][0]["text"] == "echo: x"
     only_the_proxys_credential(await server.seen())
     assert not (processes.tmp_path / "opened").exists()
 
 
 # --- MCP Inspector's CLI -----------------------------------------------------------------
-
-
-async def inspector_cli(processes: Processes, url: str, transport: str, *args: str) -> Process:
-    need_node()
-    kind = "sse" if transport == "sse" else "http"
-    return await processes.start(
-        "inspector",
-        [NODE, NODE_BIN / "inspector", "--cli", url, "--transport", kind, *args],
-        env=node_env(processes.tmp_path),
-    )
 
 
 @pytest.mark.parametrize("transport", ["streamable", "sse"])
