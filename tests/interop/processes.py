@@ -344,3 +344,50 @@ async def inspector_cli(processes: Processes, url: str, transport: str, *args: s
     )
 
 
+
+
+class EpisodeListener:
+    """Hears the proxy's `--on-unauthorized-exec` command: each run of it connects to this
+    loopback listener and sends the event JSON, so a test awaits episodes as events."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.script = tmp_path / "on_unauthorized.py"
+        self.script.write_text(
+            "import os, socket, sys\n"
+            "with socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5) as s:\n"
+            "    s.sendall(os.environ['MCP_AUTHPROXY_EVENT'].encode())\n"
+        )
+        self._server: asyncio.Server | None = None
+
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        data = await asyncio.wait_for(reader.read(), LINE_TIMEOUT)
+        writer.close()
+        await self.events.put(json.loads(data))
+
+    async def start(self) -> str:
+        """Starts listening; the value for `--on-unauthorized-exec`."""
+        self._server = await asyncio.start_server(self._on_connection, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{sys.executable} {self.script} {port}"
+
+    async def next(self, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(self.events.get(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no unauthorized episode within {timeout} s") from None
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def next_step(client: Process) -> dict[str, Any]:
+    """The TS client's next step report, past any error the SDK only logged."""
+    while True:
+        event = await client.json_line(WAIT)
+        if event["step"] != "client-error":
+            return event
