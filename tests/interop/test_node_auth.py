@@ -14,15 +14,12 @@ the client went to the target itself.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-from proxy import ProxyConfig
 
 from .processes import (
     INITIALIZE,
@@ -43,13 +40,6 @@ from .processes import (
     wait_for,
 )
 
-# Until the contract's 503 and `--pass-401` are in the proxy (issue 15), these tests are
-# expected to fail; once `pass_401` exists they run for real, and must pass.
-needs_503 = pytest.mark.xfail(
-    "pass_401" not in {f.name for f in dataclasses.fields(ProxyConfig)},
-    strict=True,
-    reason="needs 503 upstream_unauthorized (issue 15)",
-)
 SIGN_IN_PATHS = ("/register", "/authorize", "/token")
 
 
@@ -131,7 +121,6 @@ async def ts_client_story(
     return server, failed
 
 
-@needs_503
 async def test_ts_client_gets_503_and_stays_with_the_proxy(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
@@ -147,7 +136,6 @@ async def test_ts_client_gets_503_and_stays_with_the_proxy(
     assert went_around_the_proxy(await server.seen()) == []
 
 
-@needs_503
 async def test_ts_client_with_pass_401_gets_the_targets_challenge(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
@@ -197,7 +185,6 @@ async def mcp_remote_story(
     return server, bridge
 
 
-@needs_503
 async def test_mcp_remote_gets_503_and_never_opens_a_browser(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
@@ -215,7 +202,6 @@ async def test_mcp_remote_gets_503_and_never_opens_a_browser(
             if r != "GET /.well-known/oauth-authorization-server"] == []
 
 
-@needs_503
 async def test_mcp_remote_with_pass_401_follows_the_targets_challenge(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
@@ -249,7 +235,6 @@ async def inspector_story(
     return server, code, inspector.stderr()
 
 
-@needs_503
 async def test_inspector_cli_gets_503_and_exits_with_the_reason(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
@@ -262,7 +247,6 @@ async def test_inspector_cli_gets_503_and_exits_with_the_reason(
     assert went_around_the_proxy(await server.seen()) == []
 
 
-@needs_503
 async def test_inspector_cli_with_pass_401_asks_for_a_sign_in(
     processes: Processes, episodes: EpisodeListener
 ) -> None:
