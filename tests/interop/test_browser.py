@@ -1,5 +1,6 @@
 """A browser in front of the proxy: headless Chromium loads a page from another loopback
-port whose script talks MCP to the proxy with plain `fetch`.
+port whose script talks MCP to the proxy, with plain `fetch` or with the TypeScript SDK
+client bundled for the browser (`node/browser-client.mjs`, bundled by esbuild).
 
 The target (the TS SDK server) answers every request with `Access-Control-Allow-Origin:
 *`, so when a foreign page is stopped, only the proxy can have stopped it; the target's
@@ -11,18 +12,23 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
 from .processes import (
+    NODE,
+    NODE_DIR,
     TOKEN,
     WAIT,
     Processes,
     chromium_path,
+    need_node,
     proxy_for,
     start_ts_server,
 )
@@ -69,7 +75,10 @@ async function session() {
 }
 
 try {
-  if (query.get("mode") === "session") {
+  if (query.get("mode") === "sdk") {
+    const { run } = await import("/bundle.js");
+    await report({ ok: true, ...(await run(mcp)) });
+  } else if (query.get("mode") === "session") {
     await report({ ok: true, ...(await session()) });
   } else {
     // A JSON POST needs a preflight; a text/plain POST is a "simple" request and
@@ -91,11 +100,15 @@ try {
 class PageServer:
     """Serves the page and receives what its script reports."""
 
+    bundle: Path
     port: int = 0
     results: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
 
     async def page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
+
+    async def script(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.bundle, headers={"Content-Type": "text/javascript"})
 
     async def result(self, request: web.Request) -> web.Response:
         await self.results.put(json.loads(await request.text()))
@@ -108,12 +121,22 @@ class PageServer:
             raise AssertionError(f"the page reported nothing within {WAIT} s") from None
 
 
+@pytest.fixture(scope="session")
+def sdk_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TypeScript SDK client bundled for the browser, built once per run."""
+    need_node()
+    out = tmp_path_factory.mktemp("bundle") / "bundle.js"
+    subprocess.run([NODE, NODE_DIR / "bundle.mjs", out], check=True, timeout=WAIT)
+    return out
+
+
 @pytest.fixture
-async def page_server() -> AsyncIterator[PageServer]:
+async def page_server(sdk_bundle: Path) -> AsyncIterator[PageServer]:
     """The page's own origin: a loopback port apart from the proxy's."""
-    pages = PageServer()
+    pages = PageServer(sdk_bundle)
     app = web.Application()
     app.router.add_get("/page.html", pages.page)
+    app.router.add_get("/bundle.js", pages.script)
     app.router.add_post("/result", pages.result)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -156,6 +179,30 @@ async def test_a_loopback_page_initializes_and_calls_a_tool(
     assert len(posts) == 3
     assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in posts)
     assert {r["headers"].get("origin") for r in posts} == {origin}
+
+
+async def test_the_ts_sdk_client_in_a_page_works_through_the_proxy(
+    processes: Processes, page_server: PageServer
+) -> None:
+    """The TypeScript SDK client bundled into a loopback page connects through the proxy,
+    lists the tools, calls one and ends its session, as a browser-based MCP client does."""
+    server = await start_ts_server(processes, TOKEN)
+    proxy = await proxy_for(processes, server.url("streamable"), "browser-sdk")
+    origin = f"http://127.0.0.1:{page_server.port}"
+    await open_page(processes, f"{origin}/page.html?mode=sdk&mcp={proxy.url}")
+    outcome = await page_server.next()
+
+    assert outcome["ok"] is True, outcome
+    assert outcome["server"]["name"] == "interop-ts-upstream"
+    assert outcome["tools"] == ["count", "echo", "large", "notify", "release"]
+    assert outcome["text"] == "echo: from the SDK in a browser"
+    seen = [r for r in await server.seen() if r["method"] != "OPTIONS"]
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in seen)
+    assert {r["headers"].get("origin") for r in seen} == {origin}
+    deletes = [r for r in seen if r["method"] == "DELETE"]
+    assert [(r["headers"]["mcp-session-id"], r["status"]) for r in deletes] == [
+        (outcome["session"], 200)
+    ]
 
 
 async def test_a_foreign_page_gets_403_and_never_reaches_the_target(
