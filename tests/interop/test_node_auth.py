@@ -86,7 +86,11 @@ async def one_episode(proxy: ProxyProcess, episodes: EpisodeListener) -> None:
 
 
 async def back_to_running(proxy: ProxyProcess) -> None:
+    """The status is `running` again, and through it all the token reached neither the
+    proxy's logs nor its status file."""
     await wait_for(lambda: proxy.status()["status"] == "running", WAIT, "status running")
+    assert TOKEN not in proxy.process.stderr()
+    assert TOKEN not in json.dumps(proxy.status())
 
 
 # --- TypeScript SDK client ---------------------------------------------------------------
