@@ -15,7 +15,7 @@ the client went to the target itself.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +96,18 @@ async def back_to_running(proxy: ProxyProcess) -> None:
 # --- TypeScript SDK client ---------------------------------------------------------------
 
 
+FailedCalls = Callable[[TsServer, list[dict[str, Any]]], Awaitable[None]]
+
+
 async def ts_client_story(
-    processes: Processes, episodes: EpisodeListener, *, pass_401: bool
-) -> tuple[TsServer, list[dict[str, Any]]]:
-    """Runs the TS client (with an OAuth provider) through revoke and restore; returns
-    the server and the two failed calls the client reported."""
-    server, proxy = await revocable(processes, episodes, "ts-auth", pass_401=pass_401)
-    client = await ts_client(processes, proxy.url, transport="streamable", oauth=True,
+    processes: Processes, episodes: EpisodeListener, check: FailedCalls, *, pass_401: bool,
+    transport: str = "streamable",
+) -> None:
+    """Runs the TS client (with an OAuth provider) through revoke and restore; `check`
+    judges the two calls that failed meanwhile, before the token is restored."""
+    server, proxy = await revocable(processes, episodes, "ts-auth", pass_401=pass_401,
+                                    transport=transport)
+    client = await ts_client(processes, proxy.url, transport=transport, oauth=True,
                              steps="echo,pause,call,call,pause,call")
     assert (await next_step(client))["ok"] is True
     assert (await next_step(client))["text"] == "echo: héllo"
@@ -111,6 +116,7 @@ async def ts_client_story(
     await client.send("go")
     failed = [await next_step(client), await next_step(client)]
     assert [f["ok"] for f in failed] == [False, False], failed
+    await check(server, failed)
     await one_episode(proxy, episodes)
 
     assert (await next_step(client))["step"] == "pause"
@@ -122,22 +128,38 @@ async def ts_client_story(
     assert episodes.events.empty()
     assert (await next_step(client))["step"] == "done"
     assert await client.wait(WAIT) == 0
-    return server, failed
 
 
+# On the legacy transport the client posts to the endpoint the target announced
+# (/messages), which the contract counts as an MCP path; the proxy does not yet, so the
+# 401 there is not turned into a 503 and the 202s after restore prove nothing: the
+# workload stays `unauthenticated` while calls work.
+LEGACY_ENDPOINT_NOT_AN_MCP_PATH = pytest.mark.xfail(
+    strict=True, reason="needs the legacy endpoint's path as an MCP path (issue 13)"
+)
+
+
+@pytest.mark.parametrize(
+    "transport", ["streamable", pytest.param("sse", marks=LEGACY_ENDPOINT_NOT_AN_MCP_PATH)]
+)
 async def test_ts_client_gets_503_and_stays_with_the_proxy(
-    processes: Processes, episodes: EpisodeListener
+    processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
     """After the token is revoked, the TS SDK client (OAuth-capable) gets the proxy's 503
     `upstream_unauthorized`, never a challenge, and neither registers nor sends the user
     to the target's authorization server; after restore its next call works."""
-    server, failed = await ts_client_story(processes, episodes, pass_401=False)
-    for call in failed:
-        assert call["error"]["code"] == 503
-        assert "upstream_unauthorized" in call["error"]["message"]
-        assert call["authorizationRedirects"] == []
-        assert {(e["status"], e["www_authenticate"]) for e in call["exchanges"]} == {(503, None)}
-    assert went_around_the_proxy(await server.seen()) == []
+
+    async def check(server: TsServer, failed: list[dict[str, Any]]) -> None:
+        for call in failed:
+            # Streamable HTTP's error carries the status as `code`, SSE's only in its text.
+            assert call["error"].get("code") == 503 or "(HTTP 503)" in call["error"]["message"]
+            assert "upstream_unauthorized" in call["error"]["message"]
+            assert call["authorizationRedirects"] == []
+            exchanges = {(e["status"], e["www_authenticate"]) for e in call["exchanges"]}
+            assert exchanges == {(503, None)}
+        assert went_around_the_proxy(await server.seen()) == []
+
+    await ts_client_story(processes, episodes, check, pass_401=False, transport=transport)
 
 
 async def test_ts_client_with_pass_401_gets_the_targets_challenge(
@@ -145,16 +167,19 @@ async def test_ts_client_with_pass_401_gets_the_targets_challenge(
 ) -> None:
     """With `--pass-401` the TS SDK client gets the target's 401 and its challenge, and
     follows `resource_metadata` to the target itself, as the flag means."""
-    server, failed = await ts_client_story(processes, episodes, pass_401=True)
-    first = failed[0]["exchanges"][0]
-    assert first["status"] == 401
-    assert 'error="invalid_token"' in first["www_authenticate"]
-    metadata = f'resource_metadata="{server.origin}/.well-known/oauth-protected-resource/mcp"'
-    assert metadata in first["www_authenticate"]
-    assert any(e["url"].startswith(server.origin) for e in failed[0]["exchanges"])
-    assert "GET /.well-known/oauth-protected-resource/mcp" in went_around_the_proxy(
-        await server.seen()
-    )
+
+    async def check(server: TsServer, failed: list[dict[str, Any]]) -> None:
+        first = failed[0]["exchanges"][0]
+        assert first["status"] == 401
+        assert 'error="invalid_token"' in first["www_authenticate"]
+        metadata = f'{server.origin}/.well-known/oauth-protected-resource/mcp'
+        assert f'resource_metadata="{metadata}"' in first["www_authenticate"]
+        assert any(e["url"].startswith(server.origin) for e in failed[0]["exchanges"])
+        assert "GET /.well-known/oauth-protected-resource/mcp" in went_around_the_proxy(
+            await server.seen()
+        )
+
+    await ts_client_story(processes, episodes, check, pass_401=True)
 
 
 # --- mcp-remote ----------------------------------------------------------------------------
