@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
 from ..errors import ConfigError, NameInUse
+from .login import add_login_parser, login_main
 
 PROG = "mcp-authproxy"
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status file contents")
     status.add_argument("--state-dir", metavar="DIR")
 
+    add_login_parser(sub, _Parser, _number)
+
     sub.add_parser("demo", help="walk through a revoked and restored token against a local "
                    "MCP server")
     return parser
@@ -167,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
         return show_status(state_dir, args.name, as_json=args.json)
+    if args.command == "login":
+        return login_main(args, dict(os.environ), _print_error)
     if args.command == "demo":
         from .demo import run_demo
 
