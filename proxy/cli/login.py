@@ -201,6 +201,10 @@ def login_main(args: argparse.Namespace, env: dict[str, str],
     except ConfigError as exc:
         print_error(str(exc))
         return 2
+    from .. import log
+
+    # Logs go to stderr, and only warnings: what a person reads here are the prompts.
+    log.configure("warning", None)
     try:
         line = asyncio.run(run_login(options, ca_file=args.ca_file, stderr=sys.stderr))
     except SignInError as exc:
@@ -209,5 +213,7 @@ def login_main(args: argparse.Namespace, env: dict[str, str],
     except KeyboardInterrupt:
         print_error("login: interrupted")
         return 1
+    finally:
+        log.flush()
     print(line, flush=True)
     return 0

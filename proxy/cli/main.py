@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     cred.add_argument("--pass-401", action="store_true", default=None,
                       help="with a credential source, pass the target's 401 to the client "
                       "unchanged instead of a 503 upstream_unauthorized")
+    cred.add_argument("--oauth", action="store_true", default=None,
+                      help="the sign-in 'mcp-authproxy login NAME' stored for this workload; "
+                      "refreshed and picked up again without a restart")
     health = run.add_argument_group("health probes")
     health.add_argument("--health-interval", type=_number(float), metavar="S",
                         help="seconds between probes, 0 = off (30)")

@@ -82,6 +82,7 @@ class Client:
     client_id: str
     secret: str | None = field(default=None, repr=False)
     registration: Registration | None = None  # set when it came from DCR
+    new: bool = False  # registered by this sign-in (stored once it succeeds)
 
     def auth(self, form: dict[str, str]) -> dict[str, str]:
         """Client authentication for a token-endpoint request: headers (form updated)."""
@@ -191,7 +192,9 @@ class CallbackListener:
         app.router.add_get(CALLBACK_PATH, self._callback)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=False)
+        # SO_REUSEADDR: a registered port in TIME_WAIT from the last sign-in is free again;
+        # a port another process listens on still is not.
+        site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
         try:
             await site.start()
         except OSError:
@@ -290,6 +293,7 @@ class SignIn:
                 raise
             finally:
                 await listener.close()
+            self._keep_registration(client)
             return self._stored(client, answer)
         raise AssertionError("unreachable")
 
@@ -380,8 +384,13 @@ class SignIn:
             self._server.issuer, client_id,
             tuple(u for u in uris if isinstance(u, str)) if isinstance(uris, list) else (),
             tuple(grants), secret if isinstance(secret, str) else None)
-        save_registration(self._options.state_dir, registration)
-        return Client(client_id, registration.client_secret, registration)
+        return Client(client_id, registration.client_secret, registration, new=True)
+
+    def _keep_registration(self, client: Client) -> None:
+        """Store a new registration once it has signed someone in: a sign-in that fails
+        writes nothing."""
+        if client.registration is not None and client.new:
+            save_registration(self._options.state_dir, client.registration)
 
     # -- the authorization code grant ---------------------------------------------------
 
@@ -481,7 +490,7 @@ class SignIn:
             status, body = await self._post_form(self._server.token_endpoint, poll,
                                                  headers, "token request")
             try:
-                return self._stored(client, check_token_answer(status, body, "token request"))
+                answer = check_token_answer(status, body, "token request")
             except SignInError as exc:
                 if exc.code == "authorization_pending":
                     continue
@@ -489,6 +498,8 @@ class SignIn:
                     wait += 5.0  # RFC 8628 §3.5
                     continue
                 raise
+            self._keep_registration(client)
+            return self._stored(client, answer)
 
     # -- HTTP and the result ---------------------------------------------------------------
 

@@ -148,6 +148,51 @@ class Result:
     stderr: str
 
 
+class Running:
+    """A CLI process the test talks to while it runs."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.stderr_lines: list[str] = []
+
+    async def stderr_line(self, contains: str, timeout: float = CLI_TIMEOUT) -> str:
+        """The first stderr line containing `contains` (lines before it are kept)."""
+        assert self.process.stderr is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.process.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"no {contains!r} on stderr: {self.stderr_lines}")
+                line = raw.decode().rstrip("\n")
+                self.stderr_lines.append(line)
+                if contains in line:
+                    return line
+
+    async def stdout_line(self, timeout: float = CLI_TIMEOUT) -> str:
+        assert self.process.stdout is not None
+        raw = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        return raw.decode().rstrip("\n")
+
+    async def finish(self, timeout: float = CLI_TIMEOUT) -> Result:
+        """Waits for exit; stdout and the rest of stderr."""
+        assert self.process.stdout is not None and self.process.stderr is not None
+        out, err = await asyncio.wait_for(self.process.communicate(), timeout)
+        assert self.process.returncode is not None
+        return Result(self.process.returncode, out.decode(),
+                      "\n".join(self.stderr_lines) + "\n" + err.decode())
+
+
+async def open_in_browser(url: str, *args: str, mode: str = "consent",
+                          log: Path | None = None) -> int:
+    """Runs the person (`browser.py`) on `url` the way a user would paste it."""
+    env = {**os.environ, "SIGNIN_BROWSER_MODE": mode}
+    if log is not None:
+        env["SIGNIN_BROWSER_LOG"] = str(log)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(BROWSER), *args, url, env=env, stdin=subprocess.DEVNULL)
+    return await asyncio.wait_for(process.wait(), CLI_TIMEOUT)
+
+
 @dataclass
 class Cli:
     """`python -m proxy` as the user runs it, the person being `browser.py`."""
@@ -178,6 +223,21 @@ class Cli:
 
     async def login(self, *args: str, **kwargs: Any) -> Result:
         return await self.run("login", *args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def started(self, *args: str, mode: str = "consent", **extra: str
+                      ) -> AsyncIterator[Running]:
+        """`python -m proxy ARGS` running; its stderr read line by line meanwhile."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", *args, env=self.env(mode, **extra),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        running = Running(process)
+        try:
+            yield running
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await asyncio.wait_for(process.wait(), 10)
 
     def browser_steps(self) -> list[dict[str, Any]]:
         if not self.browser_log.exists():

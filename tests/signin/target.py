@@ -117,8 +117,9 @@ class OAuthGate:
     async def _introspect(self, token: str) -> dict[str, Any] | None:
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        auth = aiohttp.BasicAuth(*self.settings.rs_client)
-        async with self._session.post(self.settings.introspection_url, auth=auth,
+        auth = aiohttp.encode_basic_auth(*self.settings.rs_client)
+        async with self._session.post(self.settings.introspection_url,
+                                      headers={"Authorization": auth},
                                       data={"token": token}) as response:
             info = await response.json()
         if not info.get("active"):
