@@ -371,8 +371,12 @@ class SignIn:
         if self._options.device or DEVICE_GRANT in self._server.grant_types:
             grants.append(DEVICE_GRANT)
         metadata["grant_types"] = grants
-        if self.scopes:
-            metadata["scope"] = " ".join(self.scopes)
+        # Every scope the resource offers, not just today's: a registration limited to
+        # these would refuse a later step-up to more of them (invalid_scope).
+        wanted = tuple(dict.fromkeys(
+            (*self.scopes, *self._found.resource_metadata.scopes_supported)))
+        if wanted:
+            metadata["scope"] = " ".join(wanted)
         doc = await self._post_json(endpoint, metadata, step)
         client_id = doc.get("client_id")
         if not isinstance(client_id, str) or not client_id:

@@ -60,6 +60,13 @@ class StoredSignInSource(OAuthSource):
         self._answer_for: StoredSignIn | None = None
         self.description = f"the sign-in stored in {self._path}"
 
+    async def get(self) -> Credential:
+        if self._permanent is not None:
+            # Waiting for a sign-in: look at once (a stat) rather than at the next watch
+            # tick, so the first request after `login` already carries the new token.
+            self._load_files(initial=False)
+        return await super().get()
+
     # -- what the OAuth machinery asks of its inputs --------------------------------------
 
     def _grant_refresh_token(self) -> str | None:

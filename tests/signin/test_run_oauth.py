@@ -1,0 +1,273 @@
+"""`run --oauth`: the stored sign-in as the credential, refreshed, lost and healed again
+without a restart, against node-oidc-provider and an official-SDK MCP target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from mcp.client import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp_types import TextContent
+
+from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent
+
+from .conftest import AuthServer, Cli, TargetFactory
+from .target import ProtectedTarget
+
+pytestmark = pytest.mark.timeout(120)
+WAIT = 20.0
+
+
+@contextlib.asynccontextmanager
+async def sdk_client(url: str) -> AsyncIterator[Client]:
+    """The official SDK's client, connected to `url` (bounded)."""
+    async with contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(create_mcp_http_client())
+        client = Client(streamable_http_client(url, http_client=http))
+        async with asyncio.timeout(WAIT):
+            await stack.enter_async_context(client)
+        yield client
+
+
+async def call_tool(url: str, tool: str, text: str = "hi") -> str:
+    async with sdk_client(url) as client:
+        result = await client.call_tool(tool, {"text": text})
+    block = result.content[0]
+    assert isinstance(block, TextContent), block
+    return block.text
+
+
+async def initialize(session: aiohttp.ClientSession, url: str,
+                     ) -> tuple[int, dict[str, str], bytes]:
+    """A raw MCP `initialize` through the proxy: status, headers, body."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}}
+    async with session.post(url, json=body, headers={
+            "Accept": "application/json, text/event-stream"}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def revoke_grant(server: AuthServer, signin: dict[str, Any]) -> None:
+    """What an administrator (or the user, elsewhere) does: revoke the refresh token,
+    which revokes the whole grant and its access tokens with it."""
+    async with aiohttp.ClientSession() as session, session.post(
+            server.url("/token/revocation"),
+            data={"token": signin["refresh_token"], "token_type_hint": "refresh_token",
+                  "client_id": signin["client_id"]}) as response:
+        assert response.status == 200
+
+
+async def wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
+    """Bounded wait for a condition only a poll can see (a file another process writes)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.05)
+
+
+class Callbacks:
+    def __init__(self) -> None:
+        self.unauthorized: list[UnauthorizedEvent] = []
+        self.reauthorized: list[ReauthorizedEvent] = []
+        self.opened = asyncio.Event()
+        self.healed = asyncio.Event()
+
+    def on_unauthorized(self, event: UnauthorizedEvent) -> None:
+        self.unauthorized.append(event)
+        self.opened.set()
+
+    def on_reauthorized(self, event: ReauthorizedEvent) -> None:
+        self.reauthorized.append(event)
+        self.healed.set()
+
+
+def signin_config(cli: Cli, target: ProtectedTarget, name: str, **extra: Any) -> ProxyConfig:
+    return ProxyConfig(target_url=target.url, name=name, state_dir=cli.state_dir, oauth=True,
+                       health_interval=0, **extra)
+
+
+async def test_run_oauth_serves_an_sdk_client(cli: Cli, target: ProtectedTarget) -> None:
+    """`run --oauth` after `login` serves the official SDK client with the stored token,
+    and the client never sees or sends a credential of its own."""
+    login = await cli.login("--target-url", target.url, "--name", "sdk")
+    assert login.code == 0, login.stderr
+    stored = cli.signin("sdk")
+    before = len(target.settings.seen_tokens)  # login's own unauthenticated probe
+
+    async with cli.started("run", "--oauth", "--target-url", target.url, "--name", "sdk",
+                           "--health-interval", "0") as running:
+        url = await running.stdout_line()
+        assert await call_tool(url, "echo", "through the proxy") == "echo: through the proxy"
+        status = json.loads((cli.state_dir / "workloads" / "sdk.json").read_text())
+        assert status["status"] == "running"
+
+    assert set(target.settings.seen_tokens[before:]) == {stored["access_token"]}
+
+
+async def test_no_sign_in_is_login_required(cli: Cli, target: ProtectedTarget) -> None:
+    """Without a stored sign-in the workload is `unauthenticated` with reason
+    LoginRequired naming the command; clients get 503, the callback fires once."""
+    callbacks = Callbacks()
+    config = signin_config(cli, target, "fresh")
+    async with AuthProxy(config, on_unauthorized=callbacks.on_unauthorized) as running, \
+            aiohttp.ClientSession() as session:
+        await asyncio.wait_for(callbacks.opened.wait(), WAIT)
+        answers = await asyncio.gather(*(initialize(session, running.url) for _ in range(3)))
+        record = running.status
+
+    assert record.status == "unauthenticated"
+    assert record.reason == "LoginRequired"
+    assert "mcp-authproxy login fresh" in record.message
+    for status, headers, body in answers:
+        assert status == 503
+        assert int(headers["Retry-After"]) >= 1
+        assert "WWW-Authenticate" not in headers
+        assert json.loads(body)["error"]
+    assert len(callbacks.unauthorized) == 1
+    assert callbacks.unauthorized[0].reason == "LoginRequired"
+    assert target.settings.seen_tokens == []  # nothing reached the target
+
+
+async def test_expiry_refreshes_and_writes_the_rotated_token_back(
+        cli: Cli, short_lived_authserver: AuthServer, make_target: TargetFactory) -> None:
+    """Access tokens that live 3 s are refreshed ahead of expiry; each rotated refresh
+    token is written back to the same sign-in, and requests keep working."""
+    target = await make_target(short_lived_authserver)
+    assert (await cli.login("--target-url", target.url, "--name", "short")).code == 0
+    first = cli.signin("short")
+
+    async with AuthProxy(signin_config(cli, target, "short")) as running:
+        assert await call_tool(running.url, "echo") == "echo: hi"
+        await wait_for(lambda: cli.signin("short")["refresh_token"] != first["refresh_token"],
+                       "a rotated refresh token written back")
+        second = cli.signin("short")
+        assert await call_tool(running.url, "echo", "later") == "echo: later"
+        assert running.status.status == "running"
+
+    assert second["signin_id"] == first["signin_id"]
+    assert second["access_token"] != first["access_token"]
+    assert second["expires_at"] > first["expires_at"]
+    assert second["access_token"] in target.settings.seen_tokens
+    mode = (cli.signin_file("short").stat().st_mode & 0o777)
+    assert mode == 0o600
+
+
+async def test_revoked_grant_login_again_heals_the_same_process(
+        cli: Cli, authserver: AuthServer, target: ProtectedTarget) -> None:
+    """A revoked grant: LoginRequired, one callback, 503s (never 401) while it lasts;
+    `mcp-authproxy login NAME` then heals the running proxy, no restart."""
+    assert (await cli.login("--target-url", target.url, "--name", "desk")).code == 0
+    callbacks = Callbacks()
+    config = signin_config(cli, target, "desk")
+    async with AuthProxy(config, on_unauthorized=callbacks.on_unauthorized,
+                         on_reauthorized=callbacks.on_reauthorized) as running, \
+            aiohttp.ClientSession() as session:
+        assert await call_tool(running.url, "echo") == "echo: hi"
+        await revoke_grant(authserver, cli.signin("desk"))
+
+        answers = await asyncio.gather(*(initialize(session, running.url) for _ in range(4)))
+        await asyncio.wait_for(callbacks.opened.wait(), WAIT)
+        during = running.status
+        more = await initialize(session, running.url)
+
+        login = await cli.login("desk")  # NAME only: the target comes from the sign-in
+        assert login.code == 0, login.stderr
+        assert await call_tool(running.url, "echo", "healed") == "echo: healed"
+        await asyncio.wait_for(callbacks.healed.wait(), WAIT)
+        after = running.status
+
+    for status, headers, body in [*answers, more]:
+        assert status == 503, (status, body)
+        assert "WWW-Authenticate" not in headers
+        assert json.loads(body)["error"] in ("upstream_unauthorized", "credential_unavailable",
+                                             "credential_invalid")
+    assert during.status == "unauthenticated"
+    assert during.reason == "LoginRequired"
+    assert "mcp-authproxy login desk" in during.message
+    assert len(callbacks.unauthorized) == 1
+    assert after.status == "running"
+    assert len(callbacks.reauthorized) == 1
+
+
+async def test_pass_401_keeps_the_old_pass_through(
+        cli: Cli, authserver: AuthServer, target: ProtectedTarget) -> None:
+    """With `--pass-401` the target's 401 and its challenge reach the client unchanged."""
+    assert (await cli.login("--target-url", target.url, "--name", "pass")).code == 0
+    config = signin_config(cli, target, "pass", pass_401=True)
+    async with AuthProxy(config) as running, aiohttp.ClientSession() as session:
+        await revoke_grant(authserver, cli.signin("pass"))
+        status, headers, _ = await initialize(session, running.url)
+
+    assert status == 401
+    assert "resource_metadata=" in headers["WWW-Authenticate"]
+
+
+async def test_step_up_asks_for_the_missing_scope(
+        cli: Cli, target: ProtectedTarget) -> None:
+    """403 insufficient_scope: `Authorized` False naming the scopes, the client gets a
+    403 JSON without a challenge, and `login NAME` asks for the stored scopes plus those;
+    the running proxy then uses the wider sign-in."""
+    first = await cli.login("--target-url", target.url, "--name", "up", "--scope",
+                            "mcp:read")
+    assert first.code == 0, first.stderr
+    async with AuthProxy(signin_config(cli, target, "up")) as running, \
+            aiohttp.ClientSession() as session:
+        assert await call_tool(running.url, "echo") == "echo: hi"
+        async with sdk_client(running.url) as client:
+            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+                await client.call_tool("write", {"text": "x"})
+        status, headers, body = await _call_write_raw(session, running.url)
+        authorized = next(c for c in running.status.conditions if c.type == "Authorized")
+
+        again = await cli.login("up")
+        assert again.code == 0, again.stderr
+        assert await _eventually_writes(running.url)
+
+    assert status == 403
+    assert "WWW-Authenticate" not in headers
+    assert json.loads(body)["error"] == "insufficient_scope"
+    assert authorized.status is False
+    assert "mcp:write" in authorized.message
+    assert again.stdout.split()[2:] == ["mcp:read", "mcp:write"]
+
+
+async def _call_write_raw(session: aiohttp.ClientSession, url: str
+                          ) -> tuple[int, dict[str, str], bytes]:
+    """A session, then a raw `tools/call write` inside it."""
+    status, headers, _ = await initialize(session, url)
+    assert status == 200
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+            "params": {"name": "write", "arguments": {"text": "x"}}}
+    async with session.post(url, json=call, headers={
+            "Accept": "application/json, text/event-stream",
+            "Mcp-Session-Id": headers.get("mcp-session-id", ""),
+            "MCP-Protocol-Version": "2025-11-25"}) as response:
+        return response.status, dict(response.headers), await response.read()
+
+
+async def _eventually_writes(url: str) -> bool:
+    """The new sign-in is picked up within the file-watch interval (about a second)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                return await call_tool(url, "write", "now") == "wrote: now"
+            except Exception:
+                await asyncio.sleep(0.2)
+
+
+def test_credentials_path_is_per_workload(tmp_path: Path) -> None:
+    """The sign-in lives at <state-dir>/credentials/<name>.json, as the contract pins."""
+    from proxy.credentials.signin_store import signin_path
+
+    assert signin_path(tmp_path, "w") == tmp_path / "credentials" / "w.json"
