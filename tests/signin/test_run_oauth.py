@@ -228,7 +228,12 @@ async def test_step_up_asks_for_the_missing_scope(
             with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
                 await client.call_tool("write", {"text": "x"})
         status, headers, body = await _call_write_raw(session, running.url)
-        authorized = next(c for c in running.status.conditions if c.type == "Authorized")
+
+        def authorized() -> Any:
+            return next(c for c in running.status.conditions if c.type == "Authorized")
+
+        await wait_for(lambda: authorized().status is False, "Authorized turns False")
+        denied = authorized()
 
         again = await cli.login("up")
         assert again.code == 0, again.stderr
@@ -237,8 +242,7 @@ async def test_step_up_asks_for_the_missing_scope(
     assert status == 403
     assert "WWW-Authenticate" not in headers
     assert json.loads(body)["error"] == "insufficient_scope"
-    assert authorized.status is False
-    assert "mcp:write" in authorized.message
+    assert "mcp:write" in denied.message
     assert again.stdout.split()[2:] == ["mcp:read", "mcp:write"]
 
 
