@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import re
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +26,13 @@ from typing import Any, TextIO
 import aiohttp
 from yarl import URL
 
-from ..config import NAME_RE, default_name, default_state_dir
+from ..config import NAME_RE, ProxyConfig, default_name, default_state_dir
 from ..credentials.discovery import discover
 from ..credentials.files import read_secret_file
 from ..credentials.login import LoginOptions, SignIn
 from ..credentials.signin_store import CredentialsFileRefused, load_signin, save_signin
 from ..errors import ConfigError, SignInError
+from ..monitor.auth import UnauthorizedCallback, UnauthorizedEvent
 from ..tls import client_context
 
 REQUEST_TIMEOUT = 30.0  # each discovery, registration and token request
@@ -217,3 +220,26 @@ def login_main(args: argparse.Namespace, env: dict[str, str],
         log.flush()
     print(line, flush=True)
     return 0
+
+
+def signin_command(config: ProxyConfig) -> str:
+    """The `login` command line an interactive `run --oauth` starts for its workload."""
+    argv = [sys.executable, "-m", "proxy", "login", config.workload,
+            "--state-dir", str(config.state_path)]
+    if config.ca_file is not None:
+        argv += ["--ca-file", str(config.ca_file)]
+    return shlex.join(argv)
+
+
+def both(*callbacks: UnauthorizedCallback) -> UnauthorizedCallback:
+    """One callback running each of `callbacks` in turn (each is already failure-safe)."""
+    if len(callbacks) == 1:
+        return callbacks[0]
+
+    async def run(event: UnauthorizedEvent) -> None:
+        for callback in callbacks:
+            result = callback(event)
+            if inspect.isawaitable(result):
+                await result
+
+    return run

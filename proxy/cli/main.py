@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
 from ..errors import ConfigError, NameInUse
-from .login import add_login_parser, login_main
+from .login import add_login_parser, both, login_main, signin_command
 
 PROG = "mcp-authproxy"
 
@@ -224,9 +224,12 @@ async def _serve(config: ProxyConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    on_unauthorized = (
-        exec_callback(config.on_unauthorized_exec) if config.on_unauthorized_exec else None
-    )
+    callbacks = [exec_callback(config.on_unauthorized_exec)] if (
+        config.on_unauthorized_exec) else []
+    if config.oauth and sys.stderr.isatty():
+        # Someone is watching this terminal: start the sign-in the workload needs.
+        callbacks.append(exec_callback(signin_command(config)))
+    on_unauthorized = both(*callbacks) if callbacks else None
     try:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.

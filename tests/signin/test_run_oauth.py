@@ -7,6 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import pty
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -275,3 +280,57 @@ def test_credentials_path_is_per_workload(tmp_path: Path) -> None:
     from proxy.credentials.signin_store import signin_path
 
     assert signin_path(tmp_path, "w") == tmp_path / "credentials" / "w.json"
+
+
+async def test_interactive_run_oauth_signs_in_by_itself(cli: Cli, target: ProtectedTarget
+                                                        ) -> None:
+    """`run --oauth` on a terminal with no sign-in stored starts the sign-in itself (the
+    browser), answers 503 meanwhile, and then serves the client: same process."""
+    master, slave = pty.openpty()
+    seen: list[bytes] = []
+    drain = threading.Thread(target=_drain, args=(master, seen), daemon=True)
+    drain.start()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--oauth", "--target-url", target.url,
+        "--name", "tty", "--health-interval", "0", env=cli.env(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    try:
+        assert process.stdout is not None
+        url = (await asyncio.wait_for(process.stdout.readline(), WAIT)).decode().strip()
+        await wait_for(lambda: cli.signin_file("tty").exists(), "the sign-in stored")
+        assert await _eventually_echoes(url) == "echo: signed in"
+        status = json.loads((cli.state_dir / "workloads" / "tty.json").read_text())
+        assert status["status"] == "running"
+        assert status["pid"] == process.pid
+        assert process.returncode is None
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await asyncio.wait_for(process.wait(), WAIT)
+        os.close(master)
+    steps = [s.get("form") for s in cli.browser_steps() if s["step"] == "submit"]
+    assert steps == ["login", "consent"]
+    signin = cli.signin("tty")
+    assert signin["access_token"].encode() not in b"".join(seen)
+
+
+def _drain(fd: int, into: list[bytes]) -> None:
+    """Reads the terminal so that the proxy never blocks writing its logs to it."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        into.append(chunk)
+
+
+async def _eventually_echoes(url: str) -> str:
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                return await call_tool(url, "echo", "signed in")
+            except Exception:
+                await asyncio.sleep(0.2)
