@@ -541,7 +541,7 @@ class SignIn:
         return answer
 
     def _stored(self, client: Client, answer: TokenAnswer) -> StoredSignIn:
-        now = datetime.now(UTC)
+        now = datetime.now(UTC).replace(microsecond=0)
         return StoredSignIn(
             target_url=self._found.target_url, resource=self._found.resource,
             issuer=self._server.issuer, token_endpoint=self._server.token_endpoint,
