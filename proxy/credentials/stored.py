@@ -59,6 +59,7 @@ class StoredSignInSource(OAuthSource):
         self._signin: StoredSignIn | None = None
         self._answer_for: StoredSignIn | None = None
         self.description = f"the sign-in stored in {self._path}"
+        self.fix = f"sign in again: {login_command(self._name)}"
 
     async def get(self) -> Credential:
         if self._permanent is not None:

@@ -116,6 +116,13 @@ async def test_run_oauth_serves_an_sdk_client(cli: Cli, target: ProtectedTarget)
         assert await call_tool(url, "echo", "through the proxy") == "echo: through the proxy"
         status = json.loads((cli.state_dir / "workloads" / "sdk.json").read_text())
         assert status["status"] == "running"
+        running.process.terminate()
+        result = await running.finish()
+
+    assert result.code == 0
+    assert result.stdout == ""  # nothing after the one URL line
+    for secret in (stored["access_token"], stored["refresh_token"]):
+        assert secret not in result.stderr
 
     assert set(target.settings.seen_tokens[before:]) == {stored["access_token"]}
 
@@ -138,7 +145,7 @@ async def test_no_sign_in_is_login_required(cli: Cli, target: ProtectedTarget) -
         assert status == 503
         assert int(headers["Retry-After"]) >= 1
         assert "WWW-Authenticate" not in headers
-        assert json.loads(body)["error"]
+        assert "mcp-authproxy login fresh" in json.loads(body)["message"]
     assert len(callbacks.unauthorized) == 1
     assert callbacks.unauthorized[0].reason == "LoginRequired"
     assert target.settings.seen_tokens == []  # nothing reached the target
@@ -195,8 +202,7 @@ async def test_revoked_grant_login_again_heals_the_same_process(
     for status, headers, body in [*answers, more]:
         assert status == 503, (status, body)
         assert "WWW-Authenticate" not in headers
-        assert json.loads(body)["error"] in ("upstream_unauthorized", "credential_unavailable",
-                                             "credential_invalid")
+        assert "mcp-authproxy login desk" in json.loads(body)["message"]
     assert during.status == "unauthenticated"
     assert during.reason == "LoginRequired"
     assert "mcp-authproxy login desk" in during.message
@@ -247,6 +253,7 @@ async def test_step_up_asks_for_the_missing_scope(
     assert status == 403
     assert "WWW-Authenticate" not in headers
     assert json.loads(body)["error"] == "insufficient_scope"
+    assert "mcp-authproxy login up" in json.loads(body)["message"]
     assert "mcp:write" in denied.message
     assert again.stdout.split()[2:] == ["mcp:read", "mcp:write"]
 
