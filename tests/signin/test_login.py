@@ -259,3 +259,38 @@ async def test_login_name_refuses_an_unsafe_credentials_file(cli: Cli,
 def test_browser_script_is_executable() -> None:
     """`$BROWSER` is started as a program, so the script must be executable."""
     assert os.access(Path(__file__).parent / "browser.py", os.X_OK)
+
+
+async def test_preregistered_client_with_secret(cli: Cli, tmp_path: Path,
+                                                target: ProtectedTarget) -> None:
+    """`--client-id` with `--client-secret-file` signs in as that client (no registration);
+    the secret is kept in the 0600 sign-in for refreshing, and printed nowhere."""
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text("preregistered-secret\n")
+    secret_file.chmod(0o600)
+
+    result = await cli.login("--target-url", target.url, "--name", "pre", "--client-id",
+                             "preregistered", "--client-secret-file", str(secret_file))
+
+    assert result.code == 0, result.stderr
+    signin = cli.signin("pre")
+    assert (signin["client_id"], signin["client_secret"]) == ("preregistered",
+                                                              "preregistered-secret")
+    assert not (cli.state_dir / "credentials" / "clients").exists()
+    assert "preregistered-secret" not in result.stdout + result.stderr
+    assert await call_target(target.url, signin["access_token"]) == 200
+
+
+async def test_client_metadata_document_is_the_client_id(cli: Cli,
+                                                         target: ProtectedTarget) -> None:
+    """Where the server supports Client ID Metadata Documents, `--client-metadata-url` is
+    used as the `client_id` and nothing is registered."""
+    async with cli.started("login", "--target-url", target.url, "--name", "cimd",
+                           "--no-browser", "--timeout", "2", "--client-metadata-url",
+                           "https://client.example/mcp-authproxy.json") as running:
+        url = await running.stderr_line("/oidc/auth?")
+        result = await running.finish()
+
+    assert "client_id=https://client.example/mcp-authproxy.json" in url
+    assert result.code == 1  # nobody came back: the sign-in timed out
+    assert cli.credential_files() == []

@@ -38,6 +38,16 @@ const provider = new Provider(issuer, {
     response_types: [],
     redirect_uris: [],
     token_endpoint_auth_method: 'client_secret_basic',
+  }, {
+    // Registered beforehand (`login --client-id`): a confidential native client. Loopback
+    // redirect URIs match on any port (RFC 8252 §7.3).
+    client_id: 'preregistered',
+    client_secret: process.env.AS_PREREGISTERED_SECRET || 'preregistered-secret',
+    application_type: 'native',
+    redirect_uris: ['http://127.0.0.1/callback'],
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+    token_endpoint_auth_method: 'client_secret_basic',
   }],
   scopes: ['openid', 'offline_access', ...settings.resourceScopes.split(' ')],
   pkce: { required: () => true },
