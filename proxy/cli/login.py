@@ -19,7 +19,7 @@ import inspect
 import re
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,6 +33,7 @@ from ..credentials.login import LoginOptions, SignIn
 from ..credentials.signin_store import CredentialsFileRefused, load_signin, save_signin
 from ..errors import ConfigError, SignInError
 from ..monitor.auth import UnauthorizedCallback, UnauthorizedEvent
+from ..status.model import ConditionType, WorkloadRecord
 from ..tls import client_context
 
 REQUEST_TIMEOUT = 30.0  # each discovery, registration and token request
@@ -243,3 +244,36 @@ def both(*callbacks: UnauthorizedCallback) -> UnauthorizedCallback:
                 await result
 
     return run
+
+
+STEP_UP_CHECK = 1.0  # seconds between looks at the Authorized condition (in memory)
+
+
+async def start_step_ups(workload_record: Callable[[], WorkloadRecord], command: str,
+                         interval: float = STEP_UP_CHECK) -> None:
+    """Interactive `run --oauth`: when the target asks for more scope (Authorized False,
+    InsufficientScope), run `login NAME` once for that turn, which asks for the stored
+    scopes plus those. Runs until cancelled; a failing login is logged, never fatal."""
+    from .. import log
+
+    handled = None
+    while True:
+        await asyncio.sleep(interval)
+        condition = workload_record().condition(ConditionType.AUTHORIZED)
+        if condition is None or condition.status or condition.reason != "InsufficientScope":
+            continue
+        if condition.last_transition_time == handled:
+            continue
+        handled = condition.last_transition_time
+        log.get_logger().info("step_up_sign_in", message=condition.message)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *shlex.split(command), stdin=asyncio.subprocess.DEVNULL, stdout=2, stderr=2)
+        except OSError as exc:
+            log.get_logger().warning("step_up_sign_in_failed", error=exc.strerror or str(exc))
+            continue
+        try:
+            await process.wait()
+        except asyncio.CancelledError:
+            process.kill()  # the proxy stops: so does the sign-in it started
+            raise

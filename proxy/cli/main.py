@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
 from ..errors import ConfigError, NameInUse
-from .login import add_login_parser, both, login_main, signin_command
+from .login import add_login_parser, both, login_main, signin_command, start_step_ups
 
 PROG = "mcp-authproxy"
 
@@ -226,18 +226,25 @@ async def _serve(config: ProxyConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     callbacks = [exec_callback(config.on_unauthorized_exec)] if (
         config.on_unauthorized_exec) else []
-    if config.oauth and sys.stderr.isatty():
-        # Someone is watching this terminal: start the sign-in the workload needs.
+    # Someone is watching this terminal: start the sign-in the workload needs.
+    interactive = config.oauth and sys.stderr.isatty()
+    if interactive:
         callbacks.append(exec_callback(signin_command(config)))
     on_unauthorized = both(*callbacks) if callbacks else None
+    step_ups: asyncio.Task[None] | None = None
     try:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.
             tune_gc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
+            if interactive:
+                step_ups = asyncio.create_task(start_step_ups(
+                    lambda: running.status, signin_command(config)))
             await stop.wait()
     finally:
+        if step_ups is not None:
+            step_ups.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

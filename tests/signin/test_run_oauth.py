@@ -248,7 +248,7 @@ async def test_step_up_asks_for_the_missing_scope(
 
         again = await cli.login("up")
         assert again.code == 0, again.stderr
-        assert await _eventually_writes(running.url)
+        assert await _eventually(running.url, "write", "now") == "wrote: now"
 
     assert status == 403
     assert "WWW-Authenticate" not in headers
@@ -272,16 +272,6 @@ async def _call_write_raw(session: aiohttp.ClientSession, url: str
         return response.status, dict(response.headers), await response.read()
 
 
-async def _eventually_writes(url: str) -> bool:
-    """The new sign-in is picked up within the file-watch interval (about a second)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            try:
-                return await call_tool(url, "write", "now") == "wrote: now"
-            except Exception:
-                await asyncio.sleep(0.2)
-
-
 def test_credentials_path_is_per_workload(tmp_path: Path) -> None:
     """The sign-in lives at <state-dir>/credentials/<name>.json, as the contract pins."""
     from proxy.credentials.signin_store import signin_path
@@ -289,37 +279,62 @@ def test_credentials_path_is_per_workload(tmp_path: Path) -> None:
     assert signin_path(tmp_path, "w") == tmp_path / "credentials" / "w.json"
 
 
-async def test_interactive_run_oauth_signs_in_by_itself(cli: Cli, target: ProtectedTarget
-                                                        ) -> None:
-    """`run --oauth` on a terminal with no sign-in stored starts the sign-in itself (the
-    browser), answers 503 meanwhile, and then serves the client: same process."""
+@contextlib.asynccontextmanager
+async def on_a_terminal(cli: Cli, target: ProtectedTarget, name: str
+                        ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, list[bytes]]]:
+    """`run --oauth` with its stderr on a pseudo-terminal, as a person starts it: the
+    process, its URL, and what it wrote to the terminal."""
     master, slave = pty.openpty()
     seen: list[bytes] = []
-    drain = threading.Thread(target=_drain, args=(master, seen), daemon=True)
-    drain.start()
+    threading.Thread(target=_drain, args=(master, seen), daemon=True).start()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "--oauth", "--target-url", target.url,
-        "--name", "tty", "--health-interval", "0", env=cli.env(),
+        "--name", name, "--health-interval", "0", env=cli.env(),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     try:
         assert process.stdout is not None
         url = (await asyncio.wait_for(process.stdout.readline(), WAIT)).decode().strip()
-        await wait_for(lambda: cli.signin_file("tty").exists(), "the sign-in stored")
-        assert await _eventually_echoes(url) == "echo: signed in"
-        status = json.loads((cli.state_dir / "workloads" / "tty.json").read_text())
-        assert status["status"] == "running"
-        assert status["pid"] == process.pid
-        assert process.returncode is None
+        yield process, url, seen
     finally:
         if process.returncode is None:
             process.terminate()
         await asyncio.wait_for(process.wait(), WAIT)
         os.close(master)
+
+
+async def test_interactive_run_oauth_signs_in_by_itself(cli: Cli, target: ProtectedTarget
+                                                        ) -> None:
+    """`run --oauth` on a terminal with no sign-in stored starts the sign-in itself (the
+    browser), answers 503 meanwhile, and then serves the client: same process."""
+    async with on_a_terminal(cli, target, "tty") as (process, url, seen):
+        await wait_for(lambda: cli.signin_file("tty").exists(), "the sign-in stored")
+        assert await _eventually(url, "echo", "signed in") == "echo: signed in"
+        status = json.loads((cli.state_dir / "workloads" / "tty.json").read_text())
+        assert status["status"] == "running"
+        assert status["pid"] == process.pid
+        assert process.returncode is None
+
     steps = [s.get("form") for s in cli.browser_steps() if s["step"] == "submit"]
     assert steps == ["login", "consent"]
-    signin = cli.signin("tty")
-    assert signin["access_token"].encode() not in b"".join(seen)
+    assert cli.signin("tty")["access_token"].encode() not in b"".join(seen)
+
+
+async def test_interactive_run_oauth_steps_up_by_itself(cli: Cli, target: ProtectedTarget
+                                                        ) -> None:
+    """On a terminal, a 403 insufficient_scope starts `login NAME` for the wider scope;
+    the same process then serves the call that needed it."""
+    first = await cli.login("--target-url", target.url, "--name", "wide", "--scope",
+                            "mcp:read")
+    assert first.code == 0, first.stderr
+    async with on_a_terminal(cli, target, "wide") as (process, url, _):
+        async with sdk_client(url) as client:
+            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+                await client.call_tool("write", {"text": "x"})
+        assert await _eventually(url, "write", "wider") == "wrote: wider"
+        assert process.returncode is None
+
+    assert cli.signin("wide")["scope"] == "mcp:read mcp:write"
 
 
 def _drain(fd: int, into: list[bytes]) -> None:
@@ -334,10 +349,11 @@ def _drain(fd: int, into: list[bytes]) -> None:
         into.append(chunk)
 
 
-async def _eventually_echoes(url: str) -> str:
+async def _eventually(url: str, tool: str, text: str) -> str:
+    """The tool's answer once the proxy has the sign-in it needs (bounded)."""
     async with asyncio.timeout(WAIT):
         while True:
             try:
-                return await call_tool(url, "echo", "signed in")
+                return await call_tool(url, tool, text)
             except Exception:
                 await asyncio.sleep(0.2)
