@@ -116,6 +116,10 @@ def login_options(args: argparse.Namespace, env: dict[str, str]) -> LoginOptions
         if signin is not None and URL(signin.target_url) == url:
             stored_scope = signin.scope
     assert name is not None
+    if args.client_metadata_url is not None:
+        metadata_url = URL(args.client_metadata_url)
+        if metadata_url.scheme != "https" or not metadata_url.host:
+            raise ConfigError("--client-metadata-url: must be an https:// URL")
     scopes = tuple(args.scopes or ())
     if not scopes and stored_scope:
         # Sign in again with what was granted, plus whatever the target asked for since.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -233,6 +234,9 @@ async def test_refusals_write_nothing(cli: Cli, authserver: AuthServer,
     ("login", "no such name!"),
     ("login", "--target-url", "http://127.0.0.1:9/mcp", "--timeout", "0"),
     ("login", "unknown-workload"),
+    ("login", "--target-url", "http://127.0.0.1:9/mcp", "--client-metadata-url",
+     "http://client.example/doc.json"),
+    ("login", "--target-url", "http://127.0.0.1:9/mcp", "--client-secret-file", "/x"),
 ])
 async def test_bad_flags_exit_2_with_one_line(cli: Cli, args: tuple[str, ...]) -> None:
     """Bad flags or an unknown workload: exit 2, one line naming the flag, no traceback."""
@@ -294,3 +298,18 @@ async def test_client_metadata_document_is_the_client_id(cli: Cli,
     assert "client_id=https://client.example/mcp-authproxy.json" in url
     assert result.code == 1  # nobody came back: the sign-in timed out
     assert cli.credential_files() == []
+
+
+async def test_callback_port_is_the_redirect_port(cli: Cli, target: ProtectedTarget) -> None:
+    """`--callback-port N` puts the loopback listener, and the redirect URI, on port N."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with cli.started("login", "--target-url", target.url, "--name", "fixed",
+                           "--no-browser", "--timeout", "2", "--callback-port",
+                           str(port)) as running:
+        url = await running.stderr_line("/oidc/auth?")
+        result = await running.finish()
+
+    assert f"redirect_uri=http://127.0.0.1:{port}/callback" in url
+    assert result.code == 1
