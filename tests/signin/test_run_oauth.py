@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pty
+import shlex
 import subprocess
 import sys
 import threading
@@ -335,6 +336,32 @@ async def test_interactive_run_oauth_steps_up_by_itself(cli: Cli, target: Protec
         assert process.returncode is None
 
     assert cli.signin("wide")["scope"] == "mcp:read mcp:write"
+
+
+async def test_desktop_recipe_recovers_without_a_restart(
+        cli: Cli, authserver: AuthServer, target: ProtectedTarget) -> None:
+    """The README's recipe, `--on-unauthorized-exec "mcp-authproxy login NAME"`: a revoked
+    grant opens one episode whose callback signs in again, and the same process serves
+    the client afterwards."""
+    assert (await cli.login("--target-url", target.url, "--name", "desk2")).code == 0
+    login = shlex.join([sys.executable, "-m", "proxy", "login", "desk2"])
+    async with cli.started("run", "--oauth", "--target-url", target.url, "--name", "desk2",
+                           "--health-interval", "0", "--on-unauthorized-exec",
+                           login) as running:
+        url = await running.stdout_line()
+        assert await call_tool(url, "echo") == "echo: hi"
+        before = cli.signin("desk2")
+        await revoke_grant(authserver, before)
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await initialize(session, url)
+        assert status == 503
+        await wait_for(lambda: cli.signin("desk2")["signin_id"] != before["signin_id"],
+                       "the callback signed in again")
+        assert await _eventually(url, "echo", "recovered") == "echo: recovered"
+        assert running.process.returncode is None
+
+    submits = [s.get("form") for s in cli.browser_steps() if s["step"] == "submit"]
+    assert submits == ["login", "consent", "login", "consent"]
 
 
 def _drain(fd: int, into: list[bytes]) -> None:
