@@ -28,9 +28,10 @@ from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent
 
 from .conftest import AuthServer, Cli, TargetFactory
 from .target import ProtectedTarget
+from helpers import SLOW_WAIT, eventually
 
 pytestmark = pytest.mark.timeout(120)
-WAIT = 20.0
+WAIT = SLOW_WAIT  # a real SDK, a subprocess and a browser script on a loaded machine
 
 
 @contextlib.asynccontextmanager
@@ -71,15 +72,6 @@ async def revoke_grant(server: AuthServer, signin: dict[str, Any]) -> None:
             data={"token": signin["refresh_token"], "token_type_hint": "refresh_token",
                   "client_id": signin["client_id"]}) as response:
         assert response.status == 200
-
-
-async def wait_for(predicate: Any, what: str, timeout: float = WAIT) -> None:
-    """Bounded wait for a condition only a poll can see (a file another process writes)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.05)
 
 
 class Callbacks:
@@ -162,8 +154,9 @@ async def test_expiry_refreshes_and_writes_the_rotated_token_back(
 
     async with AuthProxy(signin_config(cli, target, "short")) as running:
         assert await call_tool(running.url, "echo") == "echo: hi"
-        await wait_for(lambda: cli.signin("short")["refresh_token"] != first["refresh_token"],
-                       "a rotated refresh token written back")
+        await eventually(
+            lambda: cli.signin("short")["refresh_token"] != first["refresh_token"],
+            SLOW_WAIT, what="a rotated refresh token written back")
         second = cli.signin("short")
         assert await call_tool(running.url, "echo", "later") == "echo: later"
         assert running.status.status == "running"
@@ -244,7 +237,8 @@ async def test_step_up_asks_for_the_missing_scope(
         def authorized() -> Any:
             return next(c for c in running.status.conditions if c.type == "Authorized")
 
-        await wait_for(lambda: authorized().status is False, "Authorized turns False")
+        await eventually(lambda: authorized().status is False, SLOW_WAIT,
+                         what="Authorized turns False")
         denied = authorized()
 
         again = await cli.login("up")
@@ -309,7 +303,8 @@ async def test_interactive_run_oauth_signs_in_by_itself(cli: Cli, target: Protec
     """`run --oauth` on a terminal with no sign-in stored starts the sign-in itself (the
     browser), answers 503 meanwhile, and then serves the client: same process."""
     async with on_a_terminal(cli, target, "tty") as (process, url, seen):
-        await wait_for(lambda: cli.signin_file("tty").exists(), "the sign-in stored")
+        await eventually(lambda: cli.signin_file("tty").exists(), SLOW_WAIT,
+                         what="the sign-in stored")
         assert await _eventually(url, "echo", "signed in") == "echo: signed in"
         status = json.loads((cli.state_dir / "workloads" / "tty.json").read_text())
         assert status["status"] == "running"
@@ -355,8 +350,8 @@ async def test_desktop_recipe_recovers_without_a_restart(
         async with aiohttp.ClientSession() as session:
             status, _, _ = await initialize(session, url)
         assert status == 503
-        await wait_for(lambda: cli.signin("desk2")["signin_id"] != before["signin_id"],
-                       "the callback signed in again")
+        await eventually(lambda: cli.signin("desk2")["signin_id"] != before["signin_id"],
+                         SLOW_WAIT, what="the callback signed in again")
         assert await _eventually(url, "echo", "recovered") == "echo: recovered"
         assert running.process.returncode is None
 
@@ -378,9 +373,11 @@ def _drain(fd: int, into: list[bytes]) -> None:
 
 async def _eventually(url: str, tool: str, text: str) -> str:
     """The tool's answer once the proxy has the sign-in it needs (bounded)."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            try:
-                return await call_tool(url, tool, text)
-            except Exception:
-                await asyncio.sleep(0.2)
+
+    async def answer() -> str | None:
+        try:
+            return await call_tool(url, tool, text)
+        except Exception:  # not yet: the SDK raises its own errors for a 503
+            return None
+
+    return await eventually(answer, SLOW_WAIT, what=f"{tool} answered", every=0.2)
