@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from .conftest import AuthServer, Cli, TargetFactory, open_in_browser
+from .conftest import AuthServer, Cli, TargetFactory, open_in_browser, start_authserver
 from .target import ProtectedTarget
 
 pytestmark = pytest.mark.timeout(120)
@@ -285,21 +287,6 @@ async def test_preregistered_client_with_secret(cli: Cli, tmp_path: Path,
     assert await call_target(target.url, signin["access_token"]) == 200
 
 
-async def test_client_metadata_document_is_the_client_id(cli: Cli,
-                                                         target: ProtectedTarget) -> None:
-    """Where the server supports Client ID Metadata Documents, `--client-metadata-url` is
-    used as the `client_id` and nothing is registered."""
-    async with cli.started("login", "--target-url", target.url, "--name", "cimd",
-                           "--no-browser", "--timeout", "2", "--client-metadata-url",
-                           "https://client.example/mcp-authproxy.json") as running:
-        url = await running.stderr_line("/oidc/auth?")
-        result = await running.finish()
-
-    assert "client_id=https://client.example/mcp-authproxy.json" in url
-    assert result.code == 1  # nobody came back: the sign-in timed out
-    assert cli.credential_files() == []
-
-
 async def test_callback_port_is_the_redirect_port(cli: Cli, target: ProtectedTarget) -> None:
     """`--callback-port N` puts the loopback listener, and the redirect URI, on port N."""
     with socket.socket() as probe:
@@ -313,3 +300,42 @@ async def test_callback_port_is_the_redirect_port(cli: Cli, target: ProtectedTar
 
     assert f"redirect_uri=http://127.0.0.1:{port}/callback" in url
     assert result.code == 1
+
+
+async def test_client_id_metadata_document_end_to_end(
+        cli: Cli, tmp_path: Path, aiohttp_server: Any, make_target: TargetFactory) -> None:
+    """A Client ID Metadata Document served over https: the server fetches it, the person
+    consents, and the sign-in is stored for that client, with nothing registered."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    documents: list[str] = []
+
+    async def document(request: web.Request) -> web.Response:
+        documents.append(request.path)
+        return web.json_response({
+            "client_id": str(request.url), "client_name": "mcp-authproxy (test)",
+            "redirect_uris": ["http://127.0.0.1/callback"],
+            "grant_types": ["authorization_code", "refresh_token"],
+            "response_types": ["code"], "token_endpoint_auth_method": "none",
+            "application_type": "native"})
+
+    app = web.Application()
+    app.router.add_get("/mcp-authproxy.json", document)
+    server: TestServer = await aiohttp_server(app, host="127.0.0.1", ssl=context)
+    document_url = f"https://127.0.0.1:{server.port}/mcp-authproxy.json"
+    authserver = start_authserver(tmp_path / "cimd-as.log", NODE_EXTRA_CA_CERTS=str(ca_file))
+    try:
+        target = await make_target(authserver)
+        result = await cli.login("--target-url", target.url, "--name", "cimd",
+                                 "--client-metadata-url", document_url)
+    finally:
+        authserver.stop()
+
+    assert result.code == 0, result.stderr
+    assert cli.signin("cimd")["client_id"] == document_url
+    assert documents  # the authorization server read the document
+    assert not (cli.state_dir / "credentials" / "clients").exists()

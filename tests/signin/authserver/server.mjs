@@ -81,6 +81,13 @@ const provider = new Provider(issuer, {
   // every use; the default asks for `offline_access` and consent to it.
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   rotateRefreshToken: () => true,
+  // The tests serve Client ID Metadata Documents on loopback, which the provider's SSRF
+  // protection (a special dispatcher handed to `fetch`) refuses; this server is a test
+  // fixture on loopback only, so its outgoing fetches go out plainly.
+  fetch: (url, options) => {
+    const { dispatcher, ...plain } = options;
+    return globalThis.fetch(url, plain);
+  },
   ttl: {
     AccessToken: () => settings.accessTokenTtl,
     DeviceCode: () => 600,
