@@ -180,7 +180,8 @@ async def test_revoked_grant_login_again_heals_the_same_process(
                          on_reauthorized=callbacks.on_reauthorized) as running, \
             aiohttp.ClientSession() as session:
         assert await call_tool(running.url, "echo") == "echo: hi"
-        await revoke_grant(authserver, cli.signin("desk"))
+        revoked = cli.signin("desk")
+        await revoke_grant(authserver, revoked)
 
         answers = await asyncio.gather(*(initialize(session, running.url) for _ in range(4)))
         await asyncio.wait_for(callbacks.opened.wait(), WAIT)
@@ -203,6 +204,11 @@ async def test_revoked_grant_login_again_heals_the_same_process(
     assert len(callbacks.unauthorized) == 1
     assert after.status == "running"
     assert len(callbacks.reauthorized) == 1
+    status_file = (cli.state_dir / "workloads" / "desk.json").read_text()
+    event = json.dumps(callbacks.unauthorized[0].to_dict())
+    for signin in (revoked, cli.signin("desk")):
+        for key in ("access_token", "refresh_token"):
+            assert signin[key] not in status_file and signin[key] not in event
 
 
 async def test_pass_401_keeps_the_old_pass_through(
