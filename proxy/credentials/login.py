@@ -219,7 +219,7 @@ class CallbackListener:
 
     async def _callback(self, request: web.Request) -> web.Response:
         query = request.query
-        if not secrets.compare_digest(query.get("state", ""), self._state):
+        if not secrets.compare_digest(query.get("state", "").encode(), self._state.encode()):
             self.wrong_state += 1
             get_logger().warning("login_callback_wrong_state")
             return _page(400, "This sign-in answer does not belong to the sign-in in "
@@ -283,8 +283,8 @@ class SignIn:
         for attempt in (1, 2):
             client, listener, state = await self._prepare()
             try:
-                code = await self._authorize(client, listener, state)
-                answer = await self._exchange_code(client, code, listener.redirect_uri)
+                granted = await self._authorize(client, listener, state)
+                answer = await self._exchange_code(client, granted, listener.redirect_uri)
             except SignInError as exc:
                 if exc.code == "invalid_client" and client.registration and attempt == 1:
                     # A stored registration the server forgot: register anew, once.
