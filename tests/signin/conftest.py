@@ -261,11 +261,3 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(state_dir=tmp_path / "state", browser_log=tmp_path / "browser.jsonl")
-
-
-@contextlib.contextmanager
-def no_secret_in(*texts: str, secrets: list[str]) -> Iterator[None]:
-    yield
-    for text in texts:
-        for secret in secrets:
-            assert secret not in text
