@@ -11,9 +11,10 @@ the MCP authorization spec's flow and returns a `StoredSignIn` for `signin_store
   authorization grant (RFC 8628);
 - the token answer checked: `token_type` Bearer, `access_token`, `expires_in`.
 
-The person sees the authorization URL (or the device code) on stderr; nothing here ever
-prints or logs a token, code, verifier or client secret. Every failure is a `SignInError`
-naming the step and the server's `error` code.
+The loopback listener lives in `callback.py`. The person sees the authorization URL (or
+the device code) on stderr; nothing here ever prints or logs a token, code, verifier or
+client secret. Every failure is a `SignInError` naming the step and the server's `error`
+code.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import errno
 import hashlib
 import json
 import secrets
@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import hdrs
 from yarl import URL
 
 from ..errors import SignInError
-from ..log import get_logger, redact_url
+from ..log import redact_url
+from .callback import CallbackListener
 from .discovery import Discovery, ServerMetadata
 from .signin_store import (
     Registration,
@@ -51,11 +52,6 @@ from .token_endpoint import MAX_TOKEN_RESPONSE, basic_client_auth
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 CLIENT_NAME = "mcp-authproxy"
-CALLBACK_PATH = "/callback"
-_CLOSE_PAGE = (
-    "<!doctype html><html><head><meta charset='utf-8'><title>mcp-authproxy</title></head>"
-    "<body><p>{text}</p></body></html>"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,88 +161,10 @@ def _describe(doc: Mapping[str, Any], fallback: str) -> str:
     return "".join(c if c.isprintable() else " " for c in text)[:200]
 
 
-# --- the loopback redirect listener -------------------------------------------------------
-
-
-class CallbackListener:
-    """`http://127.0.0.1:PORT/callback`: waits for the answer carrying our `state`.
-
-    An answer with another `state` gets 400 and the listener keeps waiting, so another
-    local process cannot end the sign-in by calling it first.
-    """
-
-    def __init__(self, state: str) -> None:
-        self._state = state
-        self._answer: asyncio.Future[Mapping[str, str]] = (
-            asyncio.get_running_loop().create_future())
-        self._runner: web.AppRunner | None = None
-        self.port = 0
-        self.wrong_state = 0
-
-    @property
-    def redirect_uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}{CALLBACK_PATH}"
-
-    async def start(self, port: int) -> None:
-        app = web.Application()
-        app.router.add_get(CALLBACK_PATH, self._callback)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        # SO_REUSEADDR: a registered port in TIME_WAIT from the last sign-in is free again;
-        # a port another process listens on still is not.
-        site = web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            self._runner = None
-            raise
-        self.port = port or _bound_port(self._runner)
-
-    async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def wait(self, timeout: float) -> Mapping[str, str]:
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._answer), timeout)
-        except TimeoutError:
-            what = (f"; {self.wrong_state} answer(s) with a wrong state were refused"
-                    if self.wrong_state else "")
-            raise SignInError("authorization", f"no answer within {timeout:g} s{what}",
-                              "state" if self.wrong_state else "timeout") from None
-
-    async def _callback(self, request: web.Request) -> web.Response:
-        query = request.query
-        if not secrets.compare_digest(query.get("state", "").encode(), self._state.encode()):
-            self.wrong_state += 1
-            get_logger().warning("login_callback_wrong_state")
-            return _page(400, "This sign-in answer does not belong to the sign-in in "
-                              "progress (wrong state).")
-        if self._answer.done():
-            return _page(400, "This sign-in is already finished.")
-        self._answer.set_result(dict(query))
-        if "error" in query:
-            return _page(200, "Sign-in was not completed. You can close this tab.")
-        return _page(200, "Signed in. You can close this tab and return to mcp-authproxy.")
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    raise OSError(errno.EADDRNOTAVAIL, "listener has no address")
-
-
 def _quietly(open_browser: Callable[[str], bool], url: str) -> None:
     with contextlib.suppress(Exception):  # no browser at all: the URL is printed
         open_browser(url)
 
-
-def _page(status: int, text: str) -> web.Response:
-    return web.Response(status=status, text=_CLOSE_PAGE.format(text=text),
-                        content_type="text/html", headers={hdrs.CACHE_CONTROL: "no-store"})
 
 
 # --- the flow ---------------------------------------------------------------------------

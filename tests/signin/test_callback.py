@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from proxy.credentials.login import CallbackListener
+from proxy.credentials.callback import CallbackListener
 from proxy.errors import SignInError
 
 
