@@ -23,7 +23,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
-CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth"]
+CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth", "signin"]
 
 
 def _flag(field_name: str) -> str:
@@ -80,6 +80,7 @@ class ProxyConfig:
     oauth_client_secret_file: str | Path | None = None
     oauth_refresh_token_file: str | Path | None = None
     oauth_scopes: tuple[str, ...] = ()
+    oauth: bool = False
     pass_401: bool = False
     health_interval: float = 30.0
     health_timeout: float = 5.0
@@ -217,12 +218,16 @@ class ProxyConfig:
                 ("--bearer-token-file", self.bearer_token_file is not None),
                 ("--bearer-token-env", self.bearer_token_env is not None),
                 ("--oauth-token-url", uses_oauth),
+                ("--oauth", self.oauth is True),
             ) if used
         ]
         if len(chosen) > 1:
             raise ConfigError(
                 f"{chosen[1]}: only one credential source may be given (also got {chosen[0]})"
             )
+        for flag_field in ("oauth", "pass_401"):
+            if not isinstance(getattr(self, flag_field), bool):
+                raise _fail(flag_field, "must be True or False")
         if self.bearer_token_env is not None:
             var = self.bearer_token_env
             if not var or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
@@ -287,6 +292,8 @@ class ProxyConfig:
             return "bearer_env"
         if self.oauth_token_url is not None:
             return "oauth"
+        if self.oauth:
+            return "signin"
         return "none"
 
     @property

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
 from ..errors import ConfigError, NameInUse
+from .login import add_login_parser, both, login_main, signin_command, start_step_ups
 
 PROG = "mcp-authproxy"
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     cred.add_argument("--pass-401", action="store_true", default=None,
                       help="with a credential source, pass the target's 401 to the client "
                       "unchanged instead of a 503 upstream_unauthorized")
+    cred.add_argument("--oauth", action="store_true", default=None,
+                      help="the sign-in 'mcp-authproxy login NAME' stored for this workload; "
+                      "refreshed and picked up again without a restart")
     health = run.add_argument_group("health probes")
     health.add_argument("--health-interval", type=_number(float), metavar="S",
                         help="seconds between probes, 0 = off (30)")
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME")
     status.add_argument("--json", action="store_true", help="print the status file contents")
     status.add_argument("--state-dir", metavar="DIR")
+
+    add_login_parser(sub, _Parser, _number)
 
     sub.add_parser("demo", help="walk through a revoked and restored token against a local "
                    "MCP server")
@@ -167,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
         return show_status(state_dir, args.name, as_json=args.json)
+    if args.command == "login":
+        return login_main(args, dict(os.environ), _print_error)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -216,17 +224,27 @@ async def _serve(config: ProxyConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    on_unauthorized = (
-        exec_callback(config.on_unauthorized_exec) if config.on_unauthorized_exec else None
-    )
+    callbacks = [exec_callback(config.on_unauthorized_exec)] if (
+        config.on_unauthorized_exec) else []
+    # Someone is watching this terminal: start the sign-in the workload needs.
+    interactive = config.oauth and sys.stderr.isatty()
+    if interactive:
+        callbacks.append(exec_callback(signin_command(config)))
+    on_unauthorized = both(*callbacks) if callbacks else None
+    step_ups: asyncio.Task[None] | None = None
     try:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.
             tune_gc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
+            if interactive:
+                step_ups = asyncio.create_task(start_step_ups(
+                    lambda: running.status, signin_command(config)))
             await stop.wait()
     finally:
+        if step_ups is not None:
+            step_ups.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

@@ -81,10 +81,10 @@ class OAuthSource:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        assert config.oauth_token_url is not None and config.oauth_client_id is not None
         self._config = config
-        self._token_url = config.oauth_token_url
-        self._client_id = config.oauth_client_id
+        # A subclass with another home for its client (a stored sign-in) fills these in.
+        self._token_url = config.oauth_token_url or ""
+        self._client_id = config.oauth_client_id or ""
         self._secret_path = _as_path(config.oauth_client_secret_file)
         self._refresh_path = _as_path(config.oauth_refresh_token_file)
         self._resource = str(URL(config.target_url).with_query(None).with_fragment(None))
@@ -297,7 +297,7 @@ class OAuthSource:
         assert self._session is not None
         headers, form = token_request(
             client_id=self._client_id, secret=self._secret,
-            refresh_token=self._refresh_token if self._refresh_path else None,
+            refresh_token=self._grant_refresh_token(),
             resource=self._resource, scopes=self._config.oauth_scopes,
         )
         status: int | None = None
@@ -320,10 +320,18 @@ class OAuthSource:
         assert parsed is not None
         return parsed
 
-    async def _succeeded(self, answer: TokenResponse, now: float) -> None:
+    def _grant_refresh_token(self) -> str | None:
+        """The refresh token to grant with; None asks for client_credentials."""
+        return self._refresh_token if self._refresh_path else None
+
+    async def _keep(self, answer: TokenResponse) -> None:
+        """Persist what a successful answer changed: here a rotated refresh token."""
         if (answer.refresh_token and self._refresh_path is not None
                 and answer.refresh_token != self._refresh_token):
             await self._store_refresh_token(answer.refresh_token)
+
+    async def _succeeded(self, answer: TokenResponse, now: float) -> None:
+        await self._keep(answer)
         authorization = f"Bearer {answer.access_token}"
         if self._credential is None or self._credential.authorization != authorization:
             self._version += 1
