@@ -90,6 +90,7 @@ class ProxyConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     response_timeout: float = 300.0
     admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     on_unauthorized_exec: str | None = None
     log_format: Literal["console", "json"] | None = None
     log_level: str = "info"
@@ -246,6 +247,8 @@ class ProxyConfig:
     def _validate_network(self) -> None:
         if not self.host:
             raise _fail("host", "must not be empty")
+        if not isinstance(self.admin_host, str) or not self.admin_host:
+            raise _fail("admin_host", "must not be empty")
         origins = []
         for origin in self.allowed_origins:
             try:
@@ -292,3 +295,14 @@ class ProxyConfig:
     @property
     def binds_loopback(self) -> bool:
         return is_loopback_host(self.host)
+
+    @property
+    def checks_host(self) -> bool:
+        """The DNS-rebinding `Host` guard is on: always on a loopback bind, and on any
+        other bind as soon as one `--allowed-host` is given."""
+        return self.binds_loopback or bool(self.allowed_hosts)
+
+    @property
+    def admin_checks_host(self) -> bool:
+        """The same guard for the admin port, which binds `admin_host`."""
+        return is_loopback_host(self.admin_host) or bool(self.allowed_hosts)

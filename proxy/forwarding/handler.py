@@ -114,7 +114,7 @@ class Forwarder:
         self._mcp_path = config.mcp_path
         self._allowed_origins = config.allowed_origins
         self._allowed_hosts = config.allowed_hosts
-        self._check_host = config.binds_loopback
+        self._check_host = config.checks_host
         self._origin_ok: dict[str, bool] = {}
         self._host_ok: dict[str, bool] = {}
         self._timeout = config.response_timeout or None
