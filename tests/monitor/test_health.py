@@ -271,11 +271,15 @@ async def make_rig(session: aiohttp.ClientSession) -> AsyncIterator[Callable[...
 # --- the probe loop against a real upstream -----------------------------------------
 
 async def test_probe_request_shape(upstream: Upstream, make_rig: Callable[..., Rig]) -> None:
-    """The target sees a JSON-RPC ping POSTed to its MCP URL, with the query and credential."""
+    """The target sees an MCP `initialize` for a credential not yet checked, then JSON-RPC
+    pings, POSTed to its MCP URL with the query and credential."""
     rig = make_rig(_config(upstream.port), Credentials())
+    await rig.prober.probe_once()
+    assert json.loads(upstream.requests[0][3])["method"] == "initialize"
+    rig.observer.exchanges.clear()
     result = await rig.prober.probe_once()
     assert result.outcome is ProbeOutcome.REACHABLE
-    method, path_qs, headers, body = upstream.requests[0]
+    method, path_qs, headers, body = upstream.requests[1]
     assert (method, path_qs) == ("POST", "/mcp?tenant=a")
     assert json.loads(body) == {"jsonrpc": "2.0", "id": "mcp-authproxy-health", "method": "ping"}
     assert body == PROBE_BODY
