@@ -99,6 +99,7 @@ class ProxyConfig:
     credential_wait: float = 10.0
     auth_retrying_after: float = 60.0
     auth_give_up_after: float = 24 * 3600.0
+    auth_slow_retry: float = 300.0
     replay_limit: int = 1024 * 1024
     drain_timeout: float = 10.0
     max_connections: int = 4096
@@ -201,6 +202,7 @@ class ProxyConfig:
         number("credential_wait", minimum=0, strict=True)
         number("auth_retrying_after", minimum=0)
         number("auth_give_up_after", minimum=0)
+        number("auth_slow_retry", minimum=0, strict=True)
         number("replay_limit", minimum=0, integer=True)
         number("drain_timeout", minimum=0)
         number("max_connections", minimum=1, integer=True)
