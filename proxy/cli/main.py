@@ -169,7 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
-        return show_status(state_dir, args.name, as_json=args.json)
+        try:
+            return show_status(state_dir, args.name, as_json=args.json)
+        except ConfigError as exc:
+            _print_error(str(exc))
+            return 2
     if args.command == "demo":
         from .demo import run_demo
 
