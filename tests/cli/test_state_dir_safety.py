@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import ProxyProcess, run_cli, start_proxy
+from helpers import SLOW_WAIT as WAIT
 
 TARGET = "http://127.0.0.1:9/mcp"
 NOBODY = 65534
-WAIT = 20.0
 
 
 def run_args(state_dir: Path, *extra: str) -> list[str]:

@@ -9,7 +9,6 @@ tests; only the proxy's probes reach the target.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,10 @@ import aiohttp
 from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent, WorkloadStatus
 
 from .conftest import McpUpstream, UpstreamFactory, status_file, write_secret
+from helpers import LONG_WAIT as WAIT
+from helpers import eventually
 
-WAIT = 10.0
 TOKEN = "probe-token-5e1d9a7c3b"
-
-
-async def eventually(predicate: Callable[[], bool], within: float = WAIT) -> None:
-    """Wait (bounded) until `predicate` holds; the target gives no event to wait on."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    for _ in range(int(within / 0.02) + 1):
-        if predicate() or loop.time() > deadline:
-            break
-        await asyncio.sleep(0.02)
-    assert predicate()
 
 
 class Episodes:
@@ -65,7 +54,8 @@ async def assert_no_session_left(upstream: McpUpstream) -> None:
         return [s.headers.get("mcp-session-id", "") for s in gate.seen if s.method == "DELETE"]
 
     assert gate.issued_sessions, "no probe initialized a session"
-    await eventually(lambda: set(deleted()) >= set(gate.issued_sessions))
+    await eventually(lambda: set(deleted()) >= set(gate.issued_sessions), WAIT,
+                     what="a DELETE for every session a probe opened")
     async with aiohttp.ClientSession() as session:
         for session_id in gate.issued_sessions:
             async with session.post(

@@ -86,3 +86,17 @@ async def test_the_admin_port_binds_loopback_even_when_the_proxy_binds_everythin
                 pass
         async with session.get(f"http://127.0.0.2:{wide.admin_port}/status") as resp:
             assert resp.status == 200
+
+
+def test_admin_host_is_a_run_flag() -> None:
+    """`run --admin-host` reaches the configuration (default 127.0.0.1); an empty one is
+    refused with a message naming the flag."""
+    from proxy.cli.main import build_parser, config_from_args
+    from proxy.config import ProxyConfig
+
+    run = ["run", "--target-url", "http://127.0.0.1:9/mcp"]
+    assert config_from_args(build_parser().parse_args(run), env={}).admin_host == "127.0.0.1"
+    wide = build_parser().parse_args([*run, "--admin-host", "0.0.0.0"])
+    assert config_from_args(wide, env={}).admin_host == "0.0.0.0"
+    with pytest.raises(ValueError, match="--admin-host"):
+        ProxyConfig(target_url="http://127.0.0.1:9/mcp", admin_host="")

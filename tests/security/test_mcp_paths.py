@@ -19,8 +19,8 @@ from proxy.status.model import WorkloadStatus
 
 from .conftest import CLIENT_SECRET, SECRET, Recorder
 from .raw import request
+from helpers import WAIT
 
-WAIT = 5.0
 CHALLENGE = 'Bearer error="invalid_token", error_description="expired"'
 
 
