@@ -429,8 +429,8 @@ class Forwarder:
                     method, path_qs, data = new_method, nxt.raw_path_qs, replay
                     redirects += 1
                     exchange.on_mcp_path = self.is_mcp(nxt.raw_path)
-                    credential = await self._hop_credential(headers, exchange.on_mcp_path,
-                                                            credential)
+                    credential = self._hop_credential(headers, exchange.on_mcp_path,
+                                                      credential)
                     continue
                 source = self._credentials
                 if status == 401 and source is not None and credential is not None and not replayed:
@@ -471,18 +471,21 @@ class Forwarder:
         self._respond(exchange)  # the auth monitor opens the episode on the target's answer
         raise _ProxyAnswer.of(status, body, headers)
 
-    async def _hop_credential(self, headers: CIMultiDict[str], on_mcp_path: bool,
-                              credential: Credential | None) -> Credential | None:
-        """Set the credential for a followed redirect: on an MCP path only (in place)."""
+    def _hop_credential(self, headers: CIMultiDict[str], on_mcp_path: bool,
+                        credential: Credential | None) -> Credential | None:
+        """Set the credential for a followed redirect, in place: on an MCP path only.
+
+        A redirect from elsewhere onto an MCP path gets the credential at hand, if any
+        (no waiting mid-redirect); without one it goes on bare and proves nothing.
+        """
         if self._credentials is None:
             return None
-        if not on_mcp_path:
+        if on_mcp_path and credential is None:
+            credential = self._credentials.ready()
+        if not on_mcp_path or credential is None:
             headers.popall(hdrs.AUTHORIZATION, None)
             return None
-        if credential is None:
-            credential = self._credentials.ready() or await self._credential()
-        if credential is not None:
-            headers[hdrs.AUTHORIZATION] = credential.authorization
+        headers[hdrs.AUTHORIZATION] = credential.authorization
         return credential
 
     def _relayed_early(self, upstream: Upstream, exchange: Exchange, progress: Progress,

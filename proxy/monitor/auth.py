@@ -262,6 +262,8 @@ class AuthMonitor:
     def _unauthorized(self, ex: Exchange) -> None:
         if ex.probe and not self._credentials_configured:
             return  # the client authenticates itself; the probe only shows reachability
+        if self._credentials_configured and ex.credential is None:
+            return  # it carried no credential of ours (a redirect onto an MCP path)
         if self.episode_open or self._stale(ex):
             return
         assert ex.upstream_headers is not None

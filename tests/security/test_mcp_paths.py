@@ -41,6 +41,8 @@ class Target:
             return web.Response(text="sign in here")
         if request.path == "/mcp/to-login":
             raise web.HTTPFound("/login")
+        if request.path == "/old-mcp":
+            raise web.HTTPPermanentRedirect("/mcp")
         if request.method == "OPTIONS":  # a CORS preflight: no credential involved
             return web.Response(status=204, headers={"Access-Control-Allow-Origin": "*"})
         if auth != f"Bearer {self.accepted}":
@@ -141,6 +143,20 @@ async def test_a_preflight_and_a_redirect_to_a_login_page_prove_nothing(
             assert resp.status == 200
         assert await settled_status(proxy) == WorkloadStatus.RUNNING
     assert len(events) == 1
+
+
+async def test_a_redirect_onto_the_mcp_path_gets_the_credential_there_only(
+    make_authproxy: Any, target: tuple[Target, str]
+) -> None:
+    """A request to an old path that the target redirects to the MCP path goes out
+    without the credential, and the followed request to `/mcp` with it."""
+    upstream, url = target
+    proxy = await make_authproxy(url)
+    async with (aiohttp.ClientSession() as client,
+                client.post(proxy.url.replace("/mcp", "/old-mcp"), json={}) as resp):
+        assert resp.status == 200
+    assert upstream.auth_on("/old-mcp") == [None]
+    assert upstream.auth_on("/mcp") == [f"Bearer {SECRET}"]
 
 
 @pytest.mark.parametrize(("method", "target"), [("TRACE", "/mcp"), ("CONNECT", "/mcp"),
