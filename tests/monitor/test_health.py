@@ -599,3 +599,20 @@ async def test_a_target_that_refuses_delete_with_405_is_not_asked_again(
     await prober.probe_once()
     assert target.methods == ["initialize"] * 3 + ["ping"]
     assert len(target.deletes) == 1
+
+
+async def test_without_a_credential_source_probes_only_ping(
+    aiohttp_server: Any, session: aiohttp.ClientSession
+) -> None:
+    """With no credential of its own the proxy has nothing to prove: every probe is a
+    plain `ping` and no session is ever opened on the target."""
+    target = SessionTarget()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", target.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    prober = HealthProber(_config(server.port), session=session, credentials=None,
+                          conditions=Sink(), observer=Observer(), proof_wanted=lambda: True)
+    for _ in range(2):
+        assert (await prober.probe_once()).outcome is ProbeOutcome.REACHABLE
+    assert target.methods == ["ping", "ping"]
+    assert target.deletes == []
