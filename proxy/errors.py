@@ -2,6 +2,7 @@
 
     ProxyError
     ├── ConfigError (ValueError)        bad flag or configuration -> exit 2
+    │   └── UnsafePath                  a state/credentials path others could change
     ├── StateError                      status store problems
     │   └── NameInUse                   another live process owns the workload name
     ├── SignInError                     `login` failed at a named step -> exit 1
@@ -23,6 +24,10 @@ class ProxyError(Exception):
 
 class ConfigError(ProxyError, ValueError):
     """A bad option. The message names the option (flag or field) and fits on one line."""
+
+
+class UnsafePath(ConfigError):
+    """A directory or file others could write or redirect (`safe_fs`); names the flag."""
 
 
 class StateError(ProxyError):

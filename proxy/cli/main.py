@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="ORIGIN", help="browser Origin accepted besides loopback ones "
                        "(repeatable)")
     guard.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",
-                       help="extra Host accepted when bound to loopback (repeatable)")
+                       help="extra Host accepted; turns the Host guard on for any bind "
+                       "(always on for loopback) (repeatable)")
     guard.add_argument("--ca-file", metavar="PATH", help="extra CA bundle for an https target")
     guard.add_argument("--max-request-bytes", type=_number(int), metavar="N",
                        help="largest request body forwarded (8388608)")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops = run.add_argument_group("operations")
     ops.add_argument("--admin-port", type=_number(int), metavar="N",
                      help="serve /healthz /readyz /status /metrics here; 0 = a free port")
+    ops.add_argument("--admin-host", metavar="HOST",
+                     help="address the admin port binds (127.0.0.1)")
     ops.add_argument("--on-unauthorized-exec", metavar="CMD",
                      help="command run when an unauthorized episode begins (event JSON in "
                      "$MCP_AUTHPROXY_EVENT)")
@@ -172,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
-        return show_status(state_dir, args.name, as_json=args.json)
+        try:
+            return show_status(state_dir, args.name, as_json=args.json)
+        except ConfigError as exc:
+            _print_error(str(exc))
+            return 2
     if args.command == "login":
         return login_main(args, dict(os.environ), _print_error)
     if args.command == "demo":

@@ -62,6 +62,8 @@ class GateState:
     # When set, the legacy SSE `endpoint` event carries this origin before the path, as
     # many non-SDK servers send it; the proxy has to rewrite it to its own origin.
     absolute_endpoint_origin: str | None = None
+    # Every `Mcp-Session-Id` the upstream issued, in order (Streamable HTTP only).
+    issued_sessions: list[str] = field(default_factory=list)
 
     def accept_only(self, *tokens: str) -> None:
         self.accepted = set(tokens)
@@ -97,7 +99,7 @@ class BearerGate:
         origin = self.state.absolute_endpoint_origin
         if origin is not None and seen.method == "GET":
             send = _absolute_endpoint_sender(send, origin)
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _session_recorder(send, self.state))
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -122,6 +124,20 @@ async def _send_401(send: Send, description: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _session_recorder(send: Send, state: GateState) -> Send:
+    """Wraps `send` so every session id the upstream issues is recorded."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            for name, value in message.get("headers", []):
+                session = value.decode("latin-1")
+                if name.lower() == b"mcp-session-id" and session not in state.issued_sessions:
+                    state.issued_sessions.append(session)
+        await send(message)
+
+    return wrapped
 
 
 def _absolute_endpoint_sender(send: Send, origin: str) -> Send:
