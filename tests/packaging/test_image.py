@@ -43,7 +43,9 @@ def test_the_image_entrypoint_starts_a_proxy_its_healthcheck_can_reach() -> None
     env: dict[str, str] = {}
     for keyword, rest in stage:
         if keyword == "ENV":
-            env.update(pair.split("=", 1) for pair in shlex.split(rest))
+            for pair in shlex.split(rest):
+                key, _, value = pair.partition("=")
+                env[key] = value
     (entrypoint,) = [json.loads(rest) for keyword, rest in stage if keyword == "ENTRYPOINT"]
     (healthcheck,) = [rest for keyword, rest in stage if keyword == "HEALTHCHECK"]
     probe = json.loads(healthcheck.split(" CMD ", 1)[1])
