@@ -130,18 +130,7 @@ async def ts_client_story(
     assert await client.wait(WAIT) == 0
 
 
-# On the legacy transport the client posts to the endpoint the target announced
-# (/messages), which the contract counts as an MCP path; the proxy does not yet, so the
-# 401 there is not turned into a 503 and the 202s after restore prove nothing: the
-# workload stays `unauthenticated` while calls work.
-LEGACY_ENDPOINT_NOT_AN_MCP_PATH = pytest.mark.xfail(
-    strict=True, reason="needs the legacy endpoint's path as an MCP path (issue 13)"
-)
-
-
-@pytest.mark.parametrize(
-    "transport", ["streamable", pytest.param("sse", marks=LEGACY_ENDPOINT_NOT_AN_MCP_PATH)]
-)
+@pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_ts_client_gets_503_and_stays_with_the_proxy(
     processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
