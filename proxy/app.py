@@ -79,6 +79,7 @@ class _Reporter:
         self._workload = workload
         self._monitor: AuthMonitor | None = None
         self._last: tuple[bool, str, str, bool] | None = None
+        self.health: HealthProber | None = None  # told when the source has a credential
 
     def __call__(self, available: bool, reason: str, message: str, permanent: bool) -> None:
         if reason == STORE_KEY_MISMATCH:
@@ -90,6 +91,8 @@ class _Reporter:
             self._last = (available, reason, message, permanent)
         else:
             self._monitor.credential_state(available, reason, message, permanent)
+        if available and self.health is not None:
+            self.health.credential_changed()  # a healed source is probed at once (rule 7)
 
     def attach(self, monitor: AuthMonitor) -> None:
         self._monitor = monitor
@@ -195,7 +198,9 @@ class AuthProxy:
                     observer=self._monitor,
                     metrics=self.metrics,
                     logger=self._logger,
+                    proof_wanted=lambda: self._monitor.episode_open,
                 )
+                self._reporter.health = self._health
                 await self._health.start()
             if config.admin_port is not None:
                 self._admin = AdminServer(

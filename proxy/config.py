@@ -29,7 +29,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
-CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth"]
+CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth", "signin"]
 
 
 def _flag(field_name: str) -> str:
@@ -185,6 +185,7 @@ class ProxyConfig:
     oauth_client_secret_file: str | Path | None = None
     oauth_refresh_token_file: str | Path | None = None
     oauth_scopes: tuple[str, ...] = ()
+    oauth: bool = False
     pass_401: bool = False
     health_interval: float = 30.0
     health_timeout: float = 5.0
@@ -195,6 +196,7 @@ class ProxyConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     response_timeout: float = 300.0
     admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     on_unauthorized_exec: str | None = None
     store: str = "file"
     store_key_file: str | Path | None = None
@@ -205,6 +207,7 @@ class ProxyConfig:
     credential_wait: float = 10.0
     auth_retrying_after: float = 60.0
     auth_give_up_after: float = 24 * 3600.0
+    auth_slow_retry: float = 300.0
     replay_limit: int = 1024 * 1024
     drain_timeout: float = 10.0
     replica_ttl: float = 15.0
@@ -310,6 +313,7 @@ class ProxyConfig:
         number("credential_wait", minimum=0, strict=True)
         number("auth_retrying_after", minimum=0)
         number("auth_give_up_after", minimum=0)
+        number("auth_slow_retry", minimum=0, strict=True)
         number("replay_limit", minimum=0, integer=True)
         number("drain_timeout", minimum=0)
         number("replica_ttl", minimum=0, strict=True)
@@ -328,12 +332,16 @@ class ProxyConfig:
                 ("--bearer-token-file", self.bearer_token_file is not None),
                 ("--bearer-token-env", self.bearer_token_env is not None),
                 ("--oauth-token-url", uses_oauth),
+                ("--oauth", self.oauth is True),
             ) if used
         ]
         if len(chosen) > 1:
             raise ConfigError(
                 f"{chosen[1]}: only one credential source may be given (also got {chosen[0]})"
             )
+        for flag_field in ("oauth", "pass_401"):
+            if not isinstance(getattr(self, flag_field), bool):
+                raise _fail(flag_field, "must be True or False")
         if self.bearer_token_env is not None:
             var = self.bearer_token_env
             if not var or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
@@ -357,6 +365,8 @@ class ProxyConfig:
     def _validate_network(self) -> None:
         if not self.host:
             raise _fail("host", "must not be empty")
+        if not isinstance(self.admin_host, str) or not self.admin_host:
+            raise _fail("admin_host", "must not be empty")
         origins = []
         for origin in self.allowed_origins:
             try:
@@ -385,7 +395,7 @@ class ProxyConfig:
                 check_key_file(Path(self.store_key_file))
             except ValueError as exc:
                 raise _fail("store_key_file", str(exc)) from None
-        elif self.credential_kind == "oauth" or getattr(self, "oauth", False):
+        elif self.credential_kind in ("oauth", "signin"):
             raise _fail("store_key_file", "is required with --store redis:// and an OAuth "
                         "source (the tokens kept in the store are encrypted with it)")
 
@@ -419,8 +429,21 @@ class ProxyConfig:
             return "bearer_env"
         if self.oauth_token_url is not None:
             return "oauth"
+        if self.oauth:
+            return "signin"
         return "none"
 
     @property
     def binds_loopback(self) -> bool:
         return is_loopback_host(self.host)
+
+    @property
+    def checks_host(self) -> bool:
+        """The DNS-rebinding `Host` guard is on: always on a loopback bind, and on any
+        other bind as soon as one `--allowed-host` is given."""
+        return self.binds_loopback or bool(self.allowed_hosts)
+
+    @property
+    def admin_checks_host(self) -> bool:
+        """The same guard for the admin port, which binds `admin_host`."""
+        return is_loopback_host(self.admin_host) or bool(self.allowed_hosts)

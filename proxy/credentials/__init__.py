@@ -1,7 +1,8 @@
 """Outgoing credentials: one interface (`base.CredentialSource`) for every source the
 proxy can inject from, and the factory that picks one from a `ProxyConfig`.
 
-Sources: `bearer.FileBearerSource`, `bearer.EnvBearerSource`, `oauth.OAuthSource`.
+Sources: `bearer.FileBearerSource`, `bearer.EnvBearerSource`, `oauth.OAuthSource`,
+`stored.StoredSignInSource` (the sign-in `mcp-authproxy login` stored).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from .base import Credential, CredentialReporter, CredentialSource, RefreshListener
 from .bearer import EnvBearerSource, FileBearerSource
 from .oauth import OAuthSource
+from .stored import StoredSignInSource
 from .token_store import TokenStore
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ __all__ = [
     "FileBearerSource",
     "OAuthSource",
     "RefreshListener",
+    "StoredSignInSource",
     "TokenStore",
     "build_credential_source",
 ]
@@ -54,6 +57,11 @@ def build_credential_source(
     if kind == "oauth":
         source = OAuthSource(config, session_factory=session_factory,
                              token_store=token_store)
+        source.refresh_listener = refresh_listener
+        return source
+    if kind == "signin":
+        # The stored sign-in stays in its file, also with a shared store (not yet in it).
+        source = StoredSignInSource(config, session_factory=session_factory)
         source.refresh_listener = refresh_listener
         return source
     return None

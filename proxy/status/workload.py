@@ -13,7 +13,8 @@ and is retried with backoff until the store takes it; meanwhile callers of `appl
 `claim` get the record as it will be, and the future `set_condition` returns (which an
 episode's callback waits for) resolves only once the store recorded the change. A
 shared store also changes under us: `start_sync` heartbeats and re-reads it, and
-`listeners` hear of every new view. Only `NameInUse` from `claim` reaches the caller.
+`listeners` hear of every new view. Only `NameInUse` and `UnsafePath` (a state
+directory others could write) from `claim` reach the caller.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ..errors import NameInUse, StateError
+from ..errors import NameInUse, StateError, UnsafePath
 from ..log import get_logger
 from ..status import model as st
 from .store import SharedStatusStore, StatusStore
@@ -190,14 +191,18 @@ class Workload:
             write = self._queue[0]
             try:
                 record = await write.operation(write.event)
-            except NameInUse as exc:
-                self._queue.popleft()
-                self._resync()
-                for future in (write.landed, write.settled):
-                    if not future.done():
-                        future.set_exception(exc)
-                write.landed.exception()  # the caller awaits `settled`; this one is seen
-                continue
+            except (NameInUse, UnsafePath) as exc:
+                if isinstance(exc, NameInUse) or isinstance(write.event, st.Started):
+                    self._queue.popleft()
+                    self._resync()
+                    for future in (write.landed, write.settled):
+                        if not future.done():
+                            future.set_exception(exc)
+                    write.landed.exception()  # the caller awaits `settled`; this one is seen
+                    continue
+                # Made unsafe while running: like a failing disk, forwarding goes on.
+                self._failed(exc)
+                record = st.apply(self.record, write.event, name=self.name)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # StateError, or a store bug: neither stops the writer
