@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.credentials.token_store import RedisTokenStore, TokenSet
-from proxy.errors import StoreKeyMismatch
+from proxy.errors import StateError, StoreKeyMismatch
 
 from .conftest import WAIT, RedisServer, Replica, free_port, start_replica
 from helpers import eventually
@@ -247,3 +247,29 @@ async def test_without_the_store_a_replica_keeps_its_token_but_never_refreshes(
 
         await eventually(served, WAIT, every=0.1, what="a 200 once Redis is back")
     assert len(state.grants) == grants + 1 and state.stale == 0
+
+
+async def test_the_refresh_lock_is_one_at_a_time_and_its_lease_ends_a_dead_holders_turn(
+    redis_server: RedisServer,
+) -> None:
+    """Two replicas' token stores: the second waits while the first holds the refresh
+    lock, gives up after its wait, and gets it once the dead holder's lease ran out."""
+    client = redis_server.client()
+    key = fernet_key().encode()
+    common = {"workload": "w", "origin": "https://mcp.example", "key": key,
+              "issuer": "https://as.example/token", "display": "redis://test"}
+    first = RedisTokenStore(client, lease=0.6, **common)  # type: ignore[arg-type]
+    second = RedisTokenStore(client, lease=0.6, **common)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    try:
+        holder = first.lock(1.0)
+        await holder.__aenter__()  # and never leaves: a replica that died holding it
+        with pytest.raises(StateError, match="held by another replica"):
+            async with second.lock(0.1):
+                pass
+        asked = loop.time()
+        async with second.lock(WAIT):
+            waited = loop.time() - asked
+        assert 0.2 < waited < 0.6 + 1.0  # the rest of the lease, not the whole wait
+    finally:
+        await client.aclose()

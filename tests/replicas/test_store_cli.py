@@ -122,3 +122,16 @@ async def test_a_store_password_is_redacted_in_logs_status_output_and_admin_stat
     code, out, err = await cli("status", "--store", wrong)
     assert code == 1 and err.startswith("mcp-authproxy: error: --store:")
     assert "wrong-password-xyz" not in err and len(err.strip().splitlines()) == 1
+
+
+async def test_a_bad_store_from_the_environment_names_the_flag() -> None:
+    """MCP_AUTHPROXY_STORE is read like --store, and refused the same way."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--target-url", "http://127.0.0.1:9/mcp",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MCP_AUTHPROXY_STORE": "postgres://u:pw-in-env-123@db/1"})
+    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    assert proc.returncode == 2 and out == b""
+    assert err.decode().startswith("mcp-authproxy: error: --store:")
+    assert b"pw-in-env-123" not in err
