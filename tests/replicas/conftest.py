@@ -20,10 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+
+from proxy.config import parse_store
+from proxy.status.redis import read_shared
+
+from helpers import eventually
 
 HERE = Path(__file__).parent
 WAIT = 20.0  # every wait in these tests is bounded by this (seconds)
@@ -214,3 +220,46 @@ async def gated_upstream() -> AsyncIterator[GatedUpstream]:
     holder.append(GatedUpstream(server, good="token-one-0123456789"))
     yield holder[0]
     await server.close()
+
+
+# --- reading what replicas wrote ---------------------------------------------------------
+
+
+async def shared_record(redis: RedisServer, name: str = "shared") -> dict[str, Any]:
+    records = await read_shared(parse_store(redis.url), name)
+    return records[0].to_dict() if records else {}
+
+
+async def wait_record(redis: RedisServer, predicate: Any) -> dict[str, Any]:
+    """The shared record once `predicate(record)` holds (other processes write it)."""
+    async def holds() -> dict[str, Any] | None:
+        record = await shared_record(redis)
+        return record if predicate(record) else None
+
+    found: dict[str, Any] = await eventually(holds, WAIT, what="the shared record")
+    return found
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines()]
+
+
+async def wait_lines(path: Path, count: int) -> list[dict[str, Any]]:
+    """The callback lines replicas appended to `path`, once there are `count` of them."""
+    async def enough() -> list[dict[str, Any]] | None:
+        lines = await asyncio.to_thread(read_lines, path)
+        return lines if len(lines) >= count else None
+
+    found: list[dict[str, Any]] = await eventually(enough, WAIT, what=f"{count} callbacks")
+    return found
+
+
+async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
+    async with session.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+def refused(status: int, body: dict[str, Any]) -> bool:
+    """The contract's answer during an episode with a credential source: 503 naming it."""
+    return status == 503 and body.get("error") == "upstream_unauthorized"

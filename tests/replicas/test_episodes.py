@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from proxy.config import parse_store
-from proxy.status.redis import read_shared
-
-from .conftest import WAIT, GatedUpstream, RedisServer, Replica, free_port, start_replica
+from .conftest import (
+    WAIT,
+    GatedUpstream,
+    RedisServer,
+    Replica,
+    free_port,
+    post,
+    read_lines,
+    refused,
+    shared_record,
+    start_replica,
+    wait_lines,
+    wait_record,
+)
 from helpers import eventually
 
 
@@ -22,46 +31,6 @@ def _flags(redis: RedisServer, upstream: GatedUpstream, token_file: Path,
     return ["--target-url", upstream.target, "--name", "shared", "--store", redis.url,
             "--bearer-token-file", str(token_file), "--health-interval", "0",
             "--log-format", "json", *extra]
-
-
-async def shared_record(redis: RedisServer, name: str = "shared") -> dict[str, Any]:
-    records = await read_shared(parse_store(redis.url), name)
-    return records[0].to_dict() if records else {}
-
-
-async def wait_record(redis: RedisServer, predicate: Any) -> dict[str, Any]:
-    """The shared record once `predicate(record)` holds (other processes write it)."""
-    async def holds() -> dict[str, Any] | None:
-        record = await shared_record(redis)
-        return record if predicate(record) else None
-
-    found: dict[str, Any] = await eventually(holds, WAIT, what="the shared record")
-    return found
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text() if path.exists() else ""
-    return [json.loads(line) for line in text.splitlines()]
-
-
-async def wait_lines(path: Path, count: int) -> list[dict[str, Any]]:
-    """The callback lines replicas appended to `path`, once there are `count` of them."""
-    async def enough() -> list[dict[str, Any]] | None:
-        lines = await asyncio.to_thread(read_lines, path)
-        return lines if len(lines) >= count else None
-
-    found: list[dict[str, Any]] = await eventually(enough, WAIT, what=f"{count} callbacks")
-    return found
-
-
-async def post(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
-    async with session.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"}) as resp:
-        return resp.status, await resp.json(content_type=None)
-
-
-def refused(status: int, body: dict[str, Any]) -> bool:
-    """The contract's answer during an episode with a credential source: 503 naming it."""
-    return status == 503 and body.get("error") == "upstream_unauthorized"
 
 
 async def test_three_replicas_share_one_episode_and_one_callback(

@@ -8,8 +8,18 @@ from pathlib import Path
 
 import aiohttp
 
-from .conftest import GatedUpstream, RedisServer, Replica, free_port, start_replica
-from .test_episodes import post, refused, shared_record, wait_lines, wait_record
+from .conftest import (
+    GatedUpstream,
+    RedisServer,
+    Replica,
+    free_port,
+    post,
+    refused,
+    shared_record,
+    start_replica,
+    wait_lines,
+    wait_record,
+)
 
 
 def _flags(redis_url: str, upstream: GatedUpstream, token_file: Path, *extra: str
