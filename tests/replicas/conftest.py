@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -51,10 +52,14 @@ class RedisServer:
     password: str | None = None
     port: int = field(default_factory=free_port)
     proc: asyncio.subprocess.Process | None = None
+    tls: bool = False  # TLS only (rediss://), with a test CA of its own
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return (f"rediss://{auth}127.0.0.1:{self.port}/0"
+                    f"?ssl_ca_certs={self.directory / 'ca.pem'}")
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
@@ -69,6 +74,18 @@ class RedisServer:
                 "--appendonly", "no", "--dir", str(self.directory), "--loglevel", "notice"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls:
+            d = self.directory
+            if not (d / "ca.pem").exists():
+                ca = trustme.CA()
+                cert = ca.issue_cert("127.0.0.1")
+                ca.cert_pem.write_to_path(str(d / "ca.pem"))
+                cert.private_key_pem.write_to_path(str(d / "key.pem"))
+                cert.cert_chain_pems[0].write_to_path(str(d / "cert.pem"))
+            args[args.index("--port") + 1] = "0"
+            args += ["--tls-port", str(self.port), "--tls-cert-file", str(d / "cert.pem"),
+                     "--tls-key-file", str(d / "key.pem"), "--tls-ca-cert-file",
+                     str(d / "ca.pem"), "--tls-auth-clients", "no"]
         self.proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT)

@@ -135,3 +135,33 @@ async def test_a_bad_store_from_the_environment_names_the_flag() -> None:
     assert proc.returncode == 2 and out == b""
     assert err.decode().startswith("mcp-authproxy: error: --store:")
     assert b"pw-in-env-123" not in err
+
+
+async def test_a_rediss_store_with_a_private_ca_is_shared_over_tls(
+    tmp_path: Path, gated_upstream: GatedUpstream, replicas: list[Replica],
+) -> None:
+    """rediss:// with the CA named in the URL (redis-py's ssl_ca_certs option): the
+    replica joins over TLS and `status --store` reads the record the same way."""
+    directory = tmp_path / "redis-tls"
+    directory.mkdir()
+    server = RedisServer(directory, tls=True)
+    await server.start()
+    try:
+        token = tmp_path / "token"
+        token.write_text(gated_upstream.good)
+        token.chmod(0o600)
+        replicas.append(await start_replica(
+            ["--target-url", gated_upstream.target, "--name", "tls", "--store", server.url,
+             "--bearer-token-file", str(token), "--health-interval", "0",
+             "--log-format", "json"], tunables={"replica_ttl": 2.0}))
+
+        async def listed() -> str | None:
+            code, out, _ = await cli("status", "tls", "--store", server.url, "--json")
+            return out if code == 0 and json.loads(out)["replicas"] else None
+
+        record = json.loads(await eventually(listed, WAIT, what="the replica over TLS"))
+        assert record["status"] == "running"
+        assert [r["pid"] for r in record["replicas"]] == [replicas[0].pid]
+        assert not replicas[0].events("store_unavailable")
+    finally:
+        await server.stop()
