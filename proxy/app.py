@@ -14,9 +14,10 @@ import os
 from types import TracebackType
 from typing import Any
 
-from .config import ProxyConfig
+from .config import ProxyConfig, parse_store, redact_store_url
 from .credentials import build_credential_source
 from .credentials.base import CredentialSource
+from .credentials.oauth import OAuthSource
 from .credentials.token_store import TokenStore
 from .forwarding.listener import ForwardingServer
 from .log import get_logger, redact_url
@@ -34,18 +35,11 @@ from .status.store import FileStore, StatusStore
 from .status.workload import Workload
 
 
-def _store_display(config: ProxyConfig) -> str:
-    from .config import redact_store_url
-
-    return redact_store_url(config.store)
-
-
 def _build_store(config: ProxyConfig, logger: Any) -> StatusStore:
     """The file under --state-dir, or the shared record in Redis (`--store redis://`)."""
     if not config.shared_store:
         return FileStore(config.state_path, config.workload)
-    from .config import parse_store
-    from .status.redis import RedisStore
+    from .status.redis import RedisStore  # the optional extra `redis`, only when asked for
 
     return RedisStore(parse_store(config.store), config.workload,
                       replica_ttl=config.replica_ttl, logger=logger)
@@ -56,13 +50,21 @@ def _build_token_store(config: ProxyConfig, store: StatusStore) -> TokenStore | 
     if not config.shared_store or config.credential_kind != "oauth":
         return None
     from .credentials.token_store import RedisTokenStore, read_key
+    from .status.redis import RedisStore
 
+    assert isinstance(store, RedisStore)
     assert config.store_key_file is not None and config.oauth_token_url is not None
     return RedisTokenStore(
-        getattr(store, "client"), workload=config.workload,  # noqa: B009 - a RedisStore
-        origin=str(config.target.origin()), issuer=config.oauth_token_url,
-        key=read_key(config.store_key_file), lease=config.credential_wait,
-        display=_store_display(config))
+        store.client, workload=config.workload, origin=str(config.target.origin()),
+        issuer=config.oauth_token_url, key=read_key(config.store_key_file),
+        lease=config.credential_wait, display=store.location.display)
+
+
+def _wake_on_recovery(store: StatusStore, credentials: CredentialSource | None) -> None:
+    """An OAuth refresh held up by a lost store runs as soon as the store is back."""
+    recovered = getattr(store, "recovered", None)  # a RedisStore's listeners
+    if recovered is not None and isinstance(credentials, OAuthSource):
+        recovered.append(credentials.store_recovered)
 
 
 STORE_KEY_MISMATCH = "StoreKeyMismatch"
@@ -123,10 +125,7 @@ class AuthProxy:
             token_store=_build_token_store(config, self._store),
         )
         self._reporter = _Reporter(self._workload)
-        recovered = getattr(self._store, "recovered", None)
-        wake = getattr(self._credentials, "store_recovered", None)
-        if recovered is not None and wake is not None:
-            recovered.append(wake)
+        _wake_on_recovery(self._store, self._credentials)
         self._monitor = AuthMonitor(
             self._workload,
             mcp_path=config.mcp_path,
@@ -218,7 +217,7 @@ class AuthProxy:
             raise
         self._started = True
         self._logger.info("listening", url=self.url, target=redact_url(config.target),
-                          store=_store_display(config))
+                          store=redact_store_url(config.store))
 
     async def stop(self) -> None:
         if self._stopping:
