@@ -16,9 +16,9 @@ import aiohttp
 
 from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent, WorkloadStatus
 
-from .conftest import McpUpstream, UpstreamFactory, status_file, write_secret
+from .conftest import McpUpstream, UpstreamFactory, status_file
 from helpers import LONG_WAIT as WAIT
-from helpers import eventually
+from helpers import eventually, write_secret
 
 TOKEN = "probe-token-5e1d9a7c3b"
 

@@ -33,9 +33,8 @@ from .conftest import (
     status_file,
     text_of,
     unwrap,
-    write_secret,
 )
-from helpers import LONG_WAIT
+from helpers import LONG_WAIT, write_secret
 
 FILE_TOKEN = "file-token-4f9c2d7e1a"  # a test credential that must never leak
 
