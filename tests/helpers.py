@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from aiohttp import web
+
 from proxy.wire.chunked import ChunkedPassthrough
 
 if TYPE_CHECKING:
@@ -70,6 +72,15 @@ def write_secret(path: Path, value: str) -> Path:
     path.write_text(value + "\n")
     path.chmod(0o600)
     return path
+
+
+def answering(text: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An upstream handler that answers every request 200 with `text`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+
+    return handler
 
 
 async def run_cli(args: Sequence[str], env: Mapping[str, str] | None = None,
