@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from proxy import AuthProxy, ProxyConfig
 
-from helpers import write_secret
+from helpers import Started, write_secret
 
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
 CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
@@ -67,23 +67,18 @@ def token_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]:
     """Start a full `AuthProxy` holding SECRET as a bearer token file; stopped at teardown."""
-    started: list[AuthProxy] = []
+    async with Started() as started:
 
-    async def factory(target_url: str, *, on_unauthorized: Any = None,
-                      **config: Any) -> AuthProxy:
-        config.setdefault("state_dir", tmp_path / "state")
-        config.setdefault("bearer_token_file", token_file)
-        config.setdefault("health_interval", 0)
-        config.setdefault("drain_timeout", 0.5)
-        proxy = AuthProxy(ProxyConfig(target_url=target_url, **config),
-                          on_unauthorized=on_unauthorized)
-        await proxy.start()
-        started.append(proxy)
-        return proxy
+        async def factory(target_url: str, *, on_unauthorized: Any = None,
+                          **config: Any) -> AuthProxy:
+            config.setdefault("state_dir", tmp_path / "state")
+            config.setdefault("bearer_token_file", token_file)
+            config.setdefault("health_interval", 0)
+            config.setdefault("drain_timeout", 0.5)
+            return await started.start(AuthProxy(ProxyConfig(target_url=target_url, **config),
+                                                 on_unauthorized=on_unauthorized))
 
-    yield factory
-    for proxy in started:
-        await proxy.stop()
+        yield factory
 
 
 @pytest.fixture
