@@ -299,3 +299,34 @@ def text_of(result: CallToolResult) -> str:
     block = result.content[0]
     assert isinstance(block, TextContent), block
     return block.text
+
+
+async def echoes(client: Client, text: str) -> None:
+    """The `echo` tool, called through `client` (bounded), answers `echo: TEXT`."""
+    result = await asyncio.wait_for(client.call_tool("echo", {"text": text}), LONG_WAIT)
+    assert text_of(result) == f"echo: {text}"
+
+
+Progress = tuple[float, float | None, str | None]
+
+
+async def lists_echoes_and_counts(client: Client, upstream: McpUpstream, steps: int
+                                  ) -> list[Progress]:
+    """Through `client`: `echo` and `count` are listed, `echo` answers, and `count` to
+    `steps` finishes unbuffered: the tool waits for the client to see step 1, so a stream
+    held back until the end would have made it report "buffered". Returns the progress
+    notifications the client saw."""
+    seen: list[Progress] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+        upstream.progress.client_saw_first.set()
+
+    tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
+    assert {tool.name for tool in tools.tools} >= {"echo", "count"}
+    await echoes(client, "héllo")
+    counted = await asyncio.wait_for(
+        client.call_tool("count", {"steps": steps}, progress_callback=on_progress), LONG_WAIT
+    )
+    assert text_of(counted) == f"counted to {steps}"
+    return seen
