@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 
+from proxy import ReauthorizedEvent, UnauthorizedEvent
 from proxy.wire.chunked import ChunkedPassthrough
 
 if TYPE_CHECKING:
@@ -208,6 +209,24 @@ class RawUpstream:
             self.open -= 1
             self.changed.set()
             self.tasks.discard(task)
+
+
+class Episodes:
+    """The proxy's `on_unauthorized` / `on_reauthorized` callbacks, kept, and as events a
+    test can wait for (an episode opened, an episode closed)."""
+
+    def __init__(self) -> None:
+        self.opened, self.closed = asyncio.Event(), asyncio.Event()
+        self.unauthorized: list[UnauthorizedEvent] = []
+        self.reauthorized: list[ReauthorizedEvent] = []
+
+    def on_unauthorized(self, event: UnauthorizedEvent) -> None:
+        self.unauthorized.append(event)
+        self.opened.set()
+
+    def on_reauthorized(self, event: ReauthorizedEvent) -> None:
+        self.reauthorized.append(event)
+        self.closed.set()
 
 
 class UvicornServer:

@@ -36,7 +36,7 @@ from .conftest import (
     text_of,
     unwrap,
 )
-from helpers import LONG_WAIT, write_secret
+from helpers import LONG_WAIT, Started, write_secret
 
 FILE_TOKEN = "file-token-4f9c2d7e1a"  # a test credential that must never leak
 
@@ -323,10 +323,8 @@ class TokenEndpoint:
 
 @pytest.fixture
 async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
-    endpoint = TokenEndpoint()
-    await endpoint.start()
-    yield endpoint
-    await endpoint.stop()
+    async with Started() as started:
+        yield await started.start(TokenEndpoint())
 
 
 async def test_oauth_refresh_and_replay_is_invisible_to_the_sdk_client(

@@ -32,12 +32,17 @@ async def test_encoded_crlf_in_path_and_query_is_forwarded_verbatim_and_inert(
     assert "x-injected" not in header_names(recorder)
 
 
+def raw_get(start: bytes, *fields: bytes) -> bytes:
+    """A GET of `start` and `fields` byte for byte, between Host and `Connection: close`."""
+    return b"\r\n".join([start, b"Host: 127.0.0.1", *fields, b"Connection: close"]) + b"\r\n\r\n"
+
+
 @pytest.mark.parametrize("raw", [
-    b"GET /mcp\rX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp\nX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rX-Injected: 1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\nX-Injected : 1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A:\r\n X-Injected: 1\r\nConnection: close\r\n\r\n",
+    raw_get(b"GET /mcp\rX-Injected: 1 HTTP/1.1"),
+    raw_get(b"GET /mcp\nX-Injected: 1 HTTP/1.1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A: a\rX-Injected: 1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A: a\nX-Injected : 1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A:\r\n X-Injected: 1"),
 ])
 async def test_raw_line_breaks_in_the_request_never_turn_into_headers_at_the_target(
     proxy: AuthProxy, recorder: Recorder, raw: bytes
