@@ -21,7 +21,6 @@ import aiohttp
 import pytest
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import TextContent
 
 from proxy import AuthProxy, ProxyConfig
@@ -37,9 +36,9 @@ WAIT = SLOW_WAIT  # a real SDK, a subprocess and a browser script on a loaded ma
 @contextlib.asynccontextmanager
 async def sdk_client(url: str) -> AsyncIterator[Client]:
     """The official SDK's client, connected to `url` (bounded)."""
+    # Without an http_client the SDK makes its own, with the MCP transports' timeouts.
     async with contextlib.AsyncExitStack() as stack:
-        http = await stack.enter_async_context(create_mcp_http_client())
-        client = Client(streamable_http_client(url, http_client=http))
+        client = Client(streamable_http_client(url))
         async with asyncio.timeout(WAIT):
             await stack.enter_async_context(client)
         yield client
