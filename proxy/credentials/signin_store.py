@@ -33,15 +33,8 @@ from typing import Any
 
 import filelock
 
+from .. import safe_fs
 from ..errors import ProxyError, UnsafePath
-from ..safe_fs import (
-    NotRegularFile,
-    check_owned_dir,
-    ensure_private_dir,
-    is_regular_or_missing,
-    read_regular,
-    write_atomically,
-)
 
 FLAG = "--state-dir"  # the flag that names where the credentials live
 LOCK_TIMEOUT = 10.0
@@ -171,20 +164,20 @@ def _prepare_dirs(path: Path) -> None:
     folder = path.parent
     top = folder if folder.name == "credentials" else folder.parent
     state_dir = top.parent
-    if not check_owned_dir(state_dir, flag=FLAG):
+    if not safe_fs.check_owned_dir(state_dir, flag=FLAG):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        check_owned_dir(state_dir, flag=FLAG)
-    ensure_private_dir(top, flag=FLAG)
+        safe_fs.check_owned_dir(state_dir, flag=FLAG)
+    safe_fs.ensure_private_dir(top, flag=FLAG)
     if folder != top:
-        ensure_private_dir(folder, flag=FLAG)
+        safe_fs.ensure_private_dir(folder, flag=FLAG)
 
 
 def read_private_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, None when there is no file; refused unless it is a
     regular file owned by this user with mode 0600 (links are not followed)."""
     try:
-        data = read_regular(path, MAX_FILE_BYTES, private=FLAG)
-    except NotRegularFile as exc:
+        data = safe_fs.read_regular(path, MAX_FILE_BYTES, private=FLAG)
+    except safe_fs.NotRegularFile as exc:
         raise CredentialsFileRefused(
             f"credentials file {path} is {exc.kind}, not a regular file; refusing it"
         ) from None
@@ -208,7 +201,7 @@ def read_private_json(path: Path) -> dict[str, Any] | None:
 
 def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:
     """Atomically replace `path` with `doc` (mode 0600)."""
-    write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n")
+    safe_fs.write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n")
 
 
 @contextlib.contextmanager
@@ -217,7 +210,7 @@ def locked(path: Path) -> Iterator[None]:
     lock_path = Path(str(path) + ".lock")
     try:
         _prepare_dirs(path)
-        if not is_regular_or_missing(lock_path):
+        if not safe_fs.is_regular_or_missing(lock_path):
             os.unlink(lock_path)  # filelock would open a link and truncate its target
     except UnsafePath as exc:
         raise CredentialsFileRefused(str(exc)) from None
