@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mcp import MCPError
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import TextContent
@@ -219,7 +220,7 @@ async def test_step_up_asks_for_the_missing_scope(
             aiohttp.ClientSession() as session:
         assert await call_tool(running.url, "echo") == "echo: hi"
         async with sdk_client(running.url) as client:
-            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+            with pytest.raises(MCPError):  # the 403 reaches the client as an MCP error
                 await client.call_tool("write", {"text": "x"})
         status, headers, body = await _call_write_raw(session, running.url)
 
@@ -314,7 +315,7 @@ async def test_interactive_run_oauth_steps_up_by_itself(cli: Cli, target: Protec
     assert first.code == 0, first.stderr
     async with on_a_terminal(cli, target, "wide") as (process, url, _):
         async with sdk_client(url) as client:
-            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+            with pytest.raises(MCPError):  # the 403 reaches the client as an MCP error
                 await client.call_tool("write", {"text": "x"})
         assert await _eventually(url, "write", "wider") == "wrote: wider"
         assert process.returncode is None
