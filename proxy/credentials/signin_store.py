@@ -181,8 +181,9 @@ def read_private_json(path: Path) -> dict[str, Any] | None:
         raise CredentialsFileRefused(
             f"credentials file {path} is {exc.kind}, not a regular file; refusing it"
         ) from None
-    except UnsafePath as exc:
-        raise CredentialsFileRefused(str(exc)) from None
+    except UnsafePath as exc:  # "--state-dir: PATH has mode ..." names the file here
+        raise CredentialsFileRefused(
+            "credentials file " + str(exc).removeprefix(f"{FLAG}: ")) from None
     except OSError as exc:
         raise CredentialsFileRefused(
             f"credentials file {path} cannot be read: {exc.strerror}") from None
