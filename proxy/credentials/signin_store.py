@@ -157,19 +157,15 @@ def registration_path(state_dir: Path | str, issuer: str) -> Path:
     return credentials_dir(state_dir) / "clients" / f"{digest}.json"
 
 
-def _prepare_dirs(path: Path) -> None:
-    """The state dir is the user's own (created when missing), and `credentials/` and
-    `clients/` down to `path`'s directory real 0700 ones (`safe_fs`); `UnsafePath`
-    otherwise."""
-    folder = path.parent
-    top = folder if folder.name == "credentials" else folder.parent
-    state_dir = top.parent
+def _prepare_dirs(state_dir: Path, folder: Path) -> None:
+    """`state_dir` is the user's own (created when missing), and `credentials/` and
+    `folder` in it (`credentials/` or `credentials/clients/`) real 0700 directories
+    (`safe_fs`); `UnsafePath` otherwise."""
     if not safe_fs.check_owned_dir(state_dir, flag=FLAG):
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         safe_fs.check_owned_dir(state_dir, flag=FLAG)
-    safe_fs.ensure_private_dir(top, flag=FLAG)
-    if folder != top:
-        safe_fs.ensure_private_dir(folder, flag=FLAG)
+    for directory in dict.fromkeys((credentials_dir(state_dir), folder)):
+        safe_fs.ensure_private_dir(directory, flag=FLAG)
 
 
 def read_private_json(path: Path) -> dict[str, Any] | None:
@@ -206,11 +202,12 @@ def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """The cross-process lock of one credentials file (a `.lock` beside it)."""
+def locked(state_dir: Path | str, path: Path) -> Iterator[None]:
+    """The cross-process lock of `path`, a file under `state_dir`'s credentials (a
+    `.lock` beside it); the directories are checked (and made) first."""
     lock_path = Path(str(path) + ".lock")
     try:
-        _prepare_dirs(path)
+        _prepare_dirs(Path(state_dir), path.parent)
         if not safe_fs.is_regular_or_missing(lock_path):
             os.unlink(lock_path)  # filelock would open a link and truncate its target
     except UnsafePath as exc:
@@ -240,7 +237,7 @@ def load_signin(state_dir: Path | str, name: str) -> StoredSignIn | None:
 def save_signin(state_dir: Path | str, name: str, signin: StoredSignIn) -> Path:
     """A new sign-in: written whatever the file held (it is newer by definition)."""
     path = signin_path(state_dir, name)
-    with locked(path):
+    with locked(state_dir, path):
         # Refuse to replace something that is not ours to replace (a link, a directory).
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
@@ -257,7 +254,7 @@ def write_back(state_dir: Path | str, name: str, signin: StoredSignIn) -> bool:
     False (nothing written) when a newer sign-in, or none, is there now.
     """
     path = signin_path(state_dir, name)
-    with locked(path):
+    with locked(state_dir, path):
         current = read_private_json(path)
         if current is None or current.get("signin_id") != signin.signin_id:
             return False
@@ -287,11 +284,11 @@ def load_registration(state_dir: Path | str, issuer: str) -> Registration | None
 
 def save_registration(state_dir: Path | str, registration: Registration) -> None:
     path = registration_path(state_dir, registration.issuer)
-    with locked(path):
+    with locked(state_dir, path):
         write_private_json(path, registration.to_json())
 
 
 def forget_registration(state_dir: Path | str, issuer: str) -> None:
     path = registration_path(state_dir, issuer)
-    with locked(path), contextlib.suppress(FileNotFoundError):
+    with locked(state_dir, path), contextlib.suppress(FileNotFoundError):
         path.unlink()
