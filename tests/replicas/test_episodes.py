@@ -23,7 +23,7 @@ from .conftest import (
     wait_lines,
     wait_record,
 )
-from helpers import eventually
+from helpers import eventually, write_secret
 
 
 def _flags(redis: RedisServer, upstream: GatedUpstream, token_file: Path,
@@ -39,9 +39,7 @@ async def test_three_replicas_share_one_episode_and_one_callback(
 ) -> None:
     """A revoked token seen by three replicas at once fires one callback in all; a proof
     through another replica ends the episode; the next episode fires exactly one more."""
-    token = tmp_path / "token"
-    token.write_text(gated_upstream.good)
-    token.chmod(0o600)
+    token = write_secret(tmp_path / "token", gated_upstream.good)
     events = tmp_path / "events.jsonl"
     for _ in range(3):
         replicas.append(await start_replica(
@@ -102,9 +100,7 @@ async def test_a_replica_that_never_saw_the_401_ends_the_episode_with_its_proof(
 ) -> None:
     """Replica A opens the episode; replica B, which never got a 401, hears of it from
     the store (its own /status says so) and its next good answer ends it."""
-    token = tmp_path / "token"
-    token.write_text(gated_upstream.good)
-    token.chmod(0o600)
+    token = write_secret(tmp_path / "token", gated_upstream.good)
     events = tmp_path / "events.jsonl"
     admin = free_port()
     a = await start_replica(_flags(redis_server, gated_upstream, token), events=events,

@@ -21,7 +21,7 @@ from proxy.credentials.token_store import RedisTokenStore, TokenSet
 from proxy.errors import StateError, StoreKeyMismatch
 
 from .conftest import WAIT, RedisServer, Replica, free_port, start_replica
-from helpers import eventually
+from helpers import eventually, write_secret
 
 LIFETIME = 2.0  # seconds an access token lives: several expiry cycles in one test
 
@@ -76,12 +76,6 @@ async def auth() -> AsyncIterator[tuple[RotatingAuth, TestServer]]:
     await server.close()
 
 
-def secret_file(path: Path, text: str) -> Path:
-    path.write_text(text)
-    path.chmod(0o600)
-    return path
-
-
 def oauth_flags(redis: RedisServer, server: TestServer, refresh: Path, key: Path,
                 *extra: str) -> list[str]:
     return ["--target-url", str(server.make_url("/mcp")), "--name", "oauthed",
@@ -118,8 +112,8 @@ async def test_replicas_refresh_once_per_expiry_and_never_reuse_a_rotated_token(
     a rotated-out refresh token, every request answered — and Redis never holds a
     token in plaintext."""
     state, server = auth
-    refresh = secret_file(tmp_path / "refresh", state.refresh)
-    key = secret_file(tmp_path / "key", fernet_key())
+    refresh = write_secret(tmp_path / "refresh", state.refresh)
+    key = write_secret(tmp_path / "key", fernet_key())
     for _ in range(3):
         replicas.append(await start_replica(oauth_flags(redis_server, server, refresh, key),
                                             tunables={"replica_ttl": 1.5}))
@@ -187,9 +181,9 @@ async def test_a_replica_with_the_wrong_key_file_is_in_error_and_writes_nothing(
     """A replica whose key does not open the stored tokens says `error`
     (StoreKeyMismatch), answers 503, and leaves the stored tokens alone."""
     state, server = auth
-    refresh = secret_file(tmp_path / "refresh", state.refresh)
+    refresh = write_secret(tmp_path / "refresh", state.refresh)
     good_key = fernet_key()
-    good = secret_file(tmp_path / "key", good_key)
+    good = write_secret(tmp_path / "key", good_key)
     replicas.append(await start_replica(oauth_flags(redis_server, server, refresh, good),
                                         tunables={"replica_ttl": 1.5}))
     client = redis_server.client()
@@ -200,7 +194,7 @@ async def test_a_replica_with_the_wrong_key_file_is_in_error_and_writes_nothing(
     async with aiohttp.ClientSession() as session:
         async with session.post(replicas[0].url, json={}) as resp:
             assert resp.status == 200
-        wrong = secret_file(tmp_path / "wrong-key", fernet_key())
+        wrong = write_secret(tmp_path / "wrong-key", fernet_key())
         admin = free_port()
         intruder = await start_replica(
             oauth_flags(redis_server, server, refresh, wrong, "--admin-port", str(admin)),
@@ -229,8 +223,8 @@ async def test_without_the_store_a_replica_keeps_its_token_but_never_refreshes(
     """Redis down: the access token at hand serves until it expires, then 503 with
     Retry-After — no refresh outside the store's lock; Redis back: a refresh, and 200."""
     state, server = auth
-    refresh = secret_file(tmp_path / "refresh", state.refresh)
-    key = secret_file(tmp_path / "key", fernet_key())
+    refresh = write_secret(tmp_path / "refresh", state.refresh)
+    key = write_secret(tmp_path / "key", fernet_key())
     replica = await start_replica(oauth_flags(redis_server, server, refresh, key),
                                   tunables={"replica_ttl": 1.5})
     replicas.append(replica)

@@ -14,6 +14,7 @@ from proxy.config import parse_store, redact_store_url
 from proxy.status import model as st
 
 from .conftest import GatedUpstream, RedisServer
+from helpers import write_secret
 
 AT = datetime(2026, 12, 1, tzinfo=UTC)
 C = st.ConditionType
@@ -83,9 +84,7 @@ async def test_set_running_from_any_runner_never_overwrites_unauthenticated(
 ) -> None:
     """Two embedded replicas: a 401 through one makes the workload unauthenticated, and a
     runner saying "running" through the other gets that record back, unchanged."""
-    token = tmp_path / "token"
-    token.write_text(gated_upstream.good)
-    token.chmod(0o600)
+    token = write_secret(tmp_path / "token", gated_upstream.good)
     calls: list[object] = []
 
     def config() -> ProxyConfig:

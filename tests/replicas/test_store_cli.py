@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,20 +11,16 @@ import aiohttp
 import pytest
 
 from .conftest import WAIT, GatedUpstream, RedisServer, Replica, free_port, start_replica
-from helpers import eventually
+from helpers import eventually, run_cli, write_secret
 
 PASSWORD = "s3cret-store-password"
 KEY = "u7Zx0kqmv9P4cC1m8dQ7R0bW3hY6tL2nF5sJ8aE1gKo="  # 32 bytes, URL-safe base64
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if k != "MCP_AUTHPROXY_STORE"})
-    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """The CLI with no store in its environment but what the arguments say."""
+    env = {k: v for k, v in os.environ.items() if k != "MCP_AUTHPROXY_STORE"}
+    return await run_cli(args, env, timeout=WAIT)
 
 
 @pytest.mark.parametrize(("flags", "flag"), [
@@ -83,9 +77,7 @@ async def test_a_store_password_is_redacted_in_logs_status_output_and_admin_stat
 ) -> None:
     """Two replicas behind a password-protected Redis: `status --store` lists both, and
     the password shows up nowhere — not in logs, the table, the JSON, or /status."""
-    token = tmp_path / "token"
-    token.write_text(gated_upstream.good)
-    token.chmod(0o600)
+    token = write_secret(tmp_path / "token", gated_upstream.good)
     admin = free_port()
     for extra in (["--admin-port", str(admin)], []):
         replicas.append(await start_replica(
@@ -126,15 +118,13 @@ async def test_a_store_password_is_redacted_in_logs_status_output_and_admin_stat
 
 async def test_a_bad_store_from_the_environment_names_the_flag() -> None:
     """MCP_AUTHPROXY_STORE is read like --store, and refused the same way."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "run", "--target-url", "http://127.0.0.1:9/mcp",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "MCP_AUTHPROXY_STORE": "postgres://u:pw-in-env-123@db/1"})
-    out, err = await asyncio.wait_for(proc.communicate(), WAIT)
-    assert proc.returncode == 2 and out == b""
-    assert err.decode().startswith("mcp-authproxy: error: --store:")
-    assert b"pw-in-env-123" not in err
+    code, out, err = await run_cli(
+        ["run", "--target-url", "http://127.0.0.1:9/mcp"],
+        {**os.environ, "MCP_AUTHPROXY_STORE": "postgres://u:pw-in-env-123@db/1"},
+        timeout=WAIT)
+    assert code == 2 and out == ""
+    assert err.startswith("mcp-authproxy: error: --store:")
+    assert "pw-in-env-123" not in err
 
 
 async def test_a_rediss_store_with_a_private_ca_is_shared_over_tls(
@@ -147,9 +137,7 @@ async def test_a_rediss_store_with_a_private_ca_is_shared_over_tls(
     server = RedisServer(directory, tls=True)
     await server.start()
     try:
-        token = tmp_path / "token"
-        token.write_text(gated_upstream.good)
-        token.chmod(0o600)
+        token = write_secret(tmp_path / "token", gated_upstream.good)
         replicas.append(await start_replica(
             ["--target-url", gated_upstream.target, "--name", "tls", "--store", server.url,
              "--bearer-token-file", str(token), "--health-interval", "0",

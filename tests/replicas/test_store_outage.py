@@ -20,6 +20,7 @@ from .conftest import (
     wait_lines,
     wait_record,
 )
+from helpers import write_secret
 
 
 def _flags(redis_url: str, upstream: GatedUpstream, token_file: Path, *extra: str
@@ -30,10 +31,7 @@ def _flags(redis_url: str, upstream: GatedUpstream, token_file: Path, *extra: st
 
 
 def _token(tmp_path: Path, upstream: GatedUpstream) -> Path:
-    token = tmp_path / "token"
-    token.write_text(upstream.good)
-    token.chmod(0o600)
-    return token
+    return write_secret(tmp_path / "token", upstream.good)
 
 
 async def test_a_killed_replica_drops_out_after_replica_ttl(
