@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import write_secret
 from .processes import (
     TOKEN,
     EpisodeListener,
@@ -28,7 +27,7 @@ from .processes import (
     start_proxy,
     start_ts_server,
 )
-from helpers import LONG_WAIT, eventually
+from helpers import LONG_WAIT, eventually, write_secret
 
 INTERVAL = 0.5
 # The contract's bounds (two probe intervals; at once after a credential change, the token
