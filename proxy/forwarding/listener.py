@@ -1,8 +1,8 @@
 """`ForwardingServer`: the listening side of the proxy.
 
-It owns the upstream session and pool and the listening sockets, and runs the forwarding
-handler on the lean protocol of `proxy.inbound` (aiohttp's C parser, no web framework on
-the hot path), which carries the guards: a `header_timeout` for clients that trickle
+It owns the upstream pool (and the session probes use) and the listening sockets, and runs
+the forwarding handler on the lean protocol of `wire.server` (httptools' parser, no web
+framework on the hot path), which carries the guards: a `header_timeout` for clients that trickle
 their request headers (slowloris) and a cap on concurrent client connections (503 above
 it, fitted here to the descriptor limit). Shutdown drains in-flight
 requests for a bounded time, then cancels them. It must never block the loop, and never
@@ -24,6 +24,7 @@ from ..config import ProxyConfig
 from ..credentials.base import CredentialSource
 from ..log import get_logger
 from ..wire.client import UpstreamPool, make_session
+from ..wire.compat import check as check_dependencies
 from ..wire.server import InboundServer
 from .handler import Forwarder
 from .observe import ForwardObserver
@@ -130,17 +131,23 @@ class ForwardingServer:
         return f"http://{display_host(self._config.host)}:{self._port}{path}"
 
     @property
+    def relay_counts(self) -> dict[str, int]:
+        """How many answers took each relay path (see `relay`)."""
+        return dict(self._forwarder.relay_counts) if self._forwarder is not None else {}
+
+    @property
     def in_flight(self) -> int:
         return self._forwarder.in_flight if self._forwarder is not None else 0
 
     async def start(self) -> None:
+        check_dependencies()  # an unsupported aiohttp or httptools stops here, in one line
         config = self._config
         self._session = make_session(config)
         self._pool = UpstreamPool(config)
         try:
             self._forwarder = Forwarder(
-                config, self._session, credentials=self._credentials,
-                observers=self._observers, logger=self._log, pool=self._pool,
+                config, self._pool, credentials=self._credentials,
+                observers=self._observers, logger=self._log,
             )
             self._server = InboundServer(
                 self._forwarder,
