@@ -337,11 +337,7 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None:
             return
-        pieces = self._pieces
-        if pieces:
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            pieces.clear()
-            response._feed(data)
+        self._flush(response)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
@@ -350,6 +346,14 @@ class _Connection(asyncio.Protocol):
                 early(response)
             if not waiter.done():
                 waiter.set_result(response)
+
+    def _flush(self, response: UpstreamResponse) -> None:
+        """The body bytes parsed from this read, in one piece."""
+        pieces = self._pieces
+        if pieces:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            response._feed(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -425,8 +429,8 @@ class _Connection(asyncio.Protocol):
             return
         response = self._response
         if response is not None and not response.complete:
-            self._deliver()
-            response._end()
+            self._flush(response)
+            response._end()  # the waiting request (if any) hears of it after this read
 
     # --- the pool's side ---------------------------------------------------------------------
 
@@ -435,8 +439,12 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return False
         headers = response.headers
-        return ("Content-Length" not in headers and "Transfer-Encoding" not in headers
-                and response.status not in (204, 304) and not self._head_only)
+        if response.status in (204, 304) or self._head_only:
+            return False
+        codings = headers.get("Transfer-Encoding")
+        if codings is not None:  # RFC 9112 §6.3: chunked last, else until the close
+            return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
+        return "Content-Length" not in headers
 
     def _broken(self, error: BaseException) -> None:
         self._reusable = False
