@@ -11,7 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from yarl import URL
 
-from proxy.forwarding.sse import MAX_EVENTS_INSPECTED, EndpointRewriter, rewrite_endpoint_url
+from proxy.forwarding.sse import (
+    MAX_BYTES_INSPECTED,
+    MAX_EVENTS_INSPECTED,
+    EndpointRewriter,
+    rewrite_endpoint_url,
+)
 
 TARGET = URL("https://mcp.example:8443")
 PROXY = "http://127.0.0.1:9000"
@@ -63,6 +68,29 @@ def test_lines_of_any_length_pass() -> None:
     """There is no line-length limit: a huge event goes through intact."""
     big = b"data: " + b"x" * 2_000_000 + b"\n\n"
     assert run([big[:1000], big[1000:]]) == big
+
+
+def test_a_first_event_longer_than_the_inspected_prefix_is_passed_on_as_it_comes() -> None:
+    """An unfinished event is held only up to the bounded prefix: past it, every byte goes
+    on at once, and nothing more is scanned."""
+    rewriter = EndpointRewriter(TARGET, PROXY)
+    start = b"data: " + b"x" * (MAX_BYTES_INSPECTED // 2)
+    assert rewriter.feed(start) == b""  # may still turn out to be the endpoint event
+    rest = b"x" * MAX_BYTES_INSPECTED
+    assert rewriter.feed(rest) == start + rest
+    assert rewriter.passthrough
+    assert rewriter.feed(b"\n\n") == b"\n\n"
+
+
+def test_an_endpoint_event_past_the_inspected_prefix_is_left_alone() -> None:
+    """The legacy transport announces its endpoint first; one that comes after the
+    prefix is not looked for."""
+    size = MAX_BYTES_INSPECTED // (MAX_EVENTS_INSPECTED - 1) + 1
+    filler = b": %s\n\n" % (b"c" * size) * (MAX_EVENTS_INSPECTED - 1)  # few events, many bytes
+    late = b"event: endpoint\ndata: https://mcp.example:8443/m\n\n"
+    rewriter = EndpointRewriter(TARGET, PROXY)
+    assert b"".join(rewriter.feed(filler[i:i + 500]) for i in range(0, len(filler), 500)) \
+        + rewriter.feed(late) + rewriter.flush() == filler + late
 
 
 @given(st.lists(st.integers(min_value=0, max_value=200), max_size=12),

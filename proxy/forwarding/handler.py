@@ -60,7 +60,7 @@ from .sse import EndpointRewriter
 _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
                  hdrs.CONTENT_ENCODING)
 MAX_REDIRECTS = 10
-_REFUSED_METHODS = frozenset({hdrs.METH_TRACE, hdrs.METH_CONNECT})
+_NOT_FORWARDED = frozenset({hdrs.METH_TRACE, hdrs.METH_CONNECT})
 _CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
 
 
@@ -196,11 +196,14 @@ class Forwarder:
             # line: a line break in the target would turn into a header upstream.
             raise _ProxyAnswer(505, "http_version_not_supported",
                                "HTTP/1.0 or HTTP/1.1 required", close=True)
-        if request.method in _REFUSED_METHODS:
-            # TRACE would echo the injected credential; CONNECT would open a tunnel.
-            raise _ProxyAnswer(405, "method_not_allowed",
-                               f"{request.method} is not forwarded",
-                               headers={hdrs.ALLOW: "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"})
+        method = request.method
+        if method in _NOT_FORWARDED:
+            # TRACE would echo the injected credential back to the client; CONNECT asks
+            # for a tunnel (whatever follows its head is not HTTP: close after the answer).
+            raise _ProxyAnswer(405, "method_not_allowed", f"{method} is not forwarded",
+                               close=method == hdrs.METH_CONNECT)
+        # Transfer codings other than chunked (501) and chunked from HTTP/1.0 (400) never
+        # get here: `wire.server` refuses them as it parses the head.
         headers = request.headers
         if self._check_host:
             host = headers.get(hdrs.HOST)

@@ -4,12 +4,16 @@ The legacy MCP transport opens with `event: endpoint` whose data is the URL the 
 must POST its messages to. A relative URL already resolves against the proxy; an
 absolute one on the target's origin would send the client (and its traffic) straight
 to the target, so it is moved to the proxy's origin. Everything else in the stream
-passes byte for byte. The rewriter only looks at the first few events, then becomes a
-pass-through, so a long Streamable-HTTP stream costs nothing. It must never buffer more
-than the event it is looking at, nor limit the length of a line.
+passes byte for byte. The rewriter only looks at a bounded prefix of the stream (the
+first few events, at most MAX_BYTES_INSPECTED bytes), each byte once, then becomes a
+pass-through: a long Streamable-HTTP stream, or a first event of any size, costs
+nothing more. It must never hold more than that prefix, never scan a byte twice, and
+never limit the length of a line (a long one is passed on, not refused).
 """
 
 from __future__ import annotations
+
+import re
 
 from yarl import URL
 
@@ -17,6 +21,11 @@ ENDPOINT_EVENT = b"endpoint"
 # After this many events without an `endpoint` event none is coming (it is the first
 # thing a legacy server sends); stop parsing.
 MAX_EVENTS_INSPECTED = 4
+# The endpoint event is a URL of a few hundred bytes. A stream that has not shown one
+# within this many bytes is not going to (or it comes too late for any client): the
+# rewriter stops holding and scanning, and the rest, an unfinished event included,
+# streams through as it comes. Bounds both the bytes held and the CPU spent per stream.
+MAX_BYTES_INSPECTED = 64 * 1024
 
 
 def rewrite_endpoint_url(value: str, target_origin: URL, proxy_origin: str) -> str:
@@ -47,30 +56,36 @@ def rewrite_endpoint_url(value: str, target_origin: URL, proxy_origin: str) -> s
     return proxy_origin + rest
 
 
-def _line_end(buf: bytearray, start: int) -> tuple[int, int] | None:
-    """(end of line, start of next line) for the first line from `start`, if complete."""
-    lf = buf.find(b"\n", start)
-    cr = buf.find(b"\r", start, lf if lf >= 0 else len(buf))
-    if cr >= 0:
-        if cr + 1 == len(buf):
-            return None  # a lone CR at the end may be half of a CRLF
-        return cr, cr + 2 if buf[cr + 1] == 0x0A else cr + 1
-    if lf >= 0:
-        return lf, lf + 1
-    return None
+_LINE_BREAK = re.compile(rb"[\r\n]")
+
+
+def _line_end(buf: bytearray, start: int, end: int) -> tuple[int, int] | None:
+    """(end of line, start of next line) for the first line from `start`, if it ends
+    before `end`. One scan, stopping at the first CR or LF."""
+    found = _LINE_BREAK.search(buf, start, end)
+    if found is None:
+        return None
+    at = found.start()
+    if buf[at] == 0x0A:
+        return at, at + 1
+    if at + 1 == len(buf):
+        return None  # a lone CR at the end may be half of a CRLF
+    return at, at + 2 if buf[at + 1] == 0x0A else at + 1
 
 
 class EndpointRewriter:
     """A streaming transformer: `feed` each chunk, send what it returns, `flush` at the end."""
 
-    __slots__ = ("_buf", "_event_start", "_events", "_passthrough", "_proxy_origin",
-                 "_skip_lf", "_target_origin")
+    __slots__ = ("_buf", "_event_start", "_events", "_offset", "_passthrough",
+                 "_proxy_origin", "_scan", "_skip_lf", "_target_origin")
 
     def __init__(self, target_origin: URL, proxy_origin: str) -> None:
         self._target_origin = target_origin
         self._proxy_origin = proxy_origin
         self._buf = bytearray()
         self._event_start = 0  # where the current (not yet ended) event begins in _buf
+        self._scan = 0  # where scanning resumes in _buf: the first line not yet complete
+        self._offset = 0  # stream bytes before _buf[0] (passed on already)
         self._events = 0
         self._passthrough = False
         self._skip_lf = False  # the last event ended on a CR that may be half of a CRLF
@@ -91,9 +106,13 @@ class EndpointRewriter:
                 chunk = chunk[1:]
         buf = self._buf
         buf += chunk
-        pos = self._event_start
-        while not self._passthrough:
-            found = _line_end(buf, pos)
+        pos = self._scan
+        # Nothing past the budget is ever scanned: a line that does not end within it
+        # turns the rewriter into a pass-through below.
+        budget = MAX_BYTES_INSPECTED - self._offset
+        limit = min(len(buf), budget)
+        while not self._passthrough and pos < limit:
+            found = _line_end(buf, pos, limit)
             if found is None:
                 if pos != len(buf) - 1 or buf[pos] != 0x0D:
                     break
@@ -108,12 +127,20 @@ class EndpointRewriter:
                                           end - self._event_start)
                 self._event_start = nxt
             pos = nxt
+        self._scan = pos
+        if not self._passthrough and len(buf) > budget:
+            # No endpoint event in the first MAX_BYTES_INSPECTED bytes: stop looking, and
+            # let an unfinished (maybe huge) event go on as it comes.
+            self._passthrough = True
         if self._passthrough:
             out += buf[self._event_start:]
             self._buf = bytearray()
-            self._event_start = 0
+            self._event_start = self._scan = 0
         elif self._event_start:
-            del buf[: self._event_start]
+            start = self._event_start
+            del buf[:start]
+            self._offset += start
+            self._scan -= start
             self._event_start = 0
         return bytes(out)
 
@@ -142,7 +169,7 @@ class EndpointRewriter:
         buf = bytearray(body)
         pos = 0
         while pos < len(buf):
-            found = _line_end(buf, pos)
+            found = _line_end(buf, pos, len(buf))
             nxt = len(buf) if found is None else found[1]
             if found is None and buf.endswith(b"\r"):
                 nxt = len(buf)

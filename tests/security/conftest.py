@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.app import AuthProxy
-from proxy.config import ProxyConfig
+from proxy import AuthProxy, ProxyConfig
 
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
 CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
