@@ -171,6 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo()
+    from ..wire.compat import UnsupportedDependency, check
+
+    try:
+        check()  # before anything runs: an unsupported aiohttp/httptools is one clear line
+    except UnsupportedDependency as exc:
+        _print_error(str(exc))
+        return 1
     try:
         config = config_from_args(args)
     except ConfigError as exc:
