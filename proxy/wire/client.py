@@ -550,6 +550,7 @@ class UpstreamPool:
         if self._closed or not conn.reusable:
             conn.close()
             return
+        conn.resume()  # a relay may have paused it: an idle connection must see the close
         if len(self._idle) >= MAX_IDLE:
             old, _ = self._idle.popleft()
             old.close()
