@@ -13,13 +13,15 @@ import re
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
+from operator import itemgetter
 
-# Control characters but TAB, CR and LF (those two are counted instead).
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Control characters but TAB, CR and LF included: what no field value or first line holds.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 9110 §5.6.2 token: what a field name may be.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NAMES_OK: set[str] = set()  # names already checked (the same dozen come every time)
 _NAMES_KEPT = 512
+_name = itemgetter(0)
 
 
 def serialize_head(first_line: str, fields: Iterable[tuple[str, str]]) -> bytes:
@@ -28,23 +30,23 @@ def serialize_head(first_line: str, fields: Iterable[tuple[str, str]]) -> bytes:
     Raises ValueError for a control character in the line or a value, or a name that is
     not a token (and UnicodeEncodeError, a ValueError, for text beyond latin-1).
     """
-    parts = [first_line]
-    names_ok = _NAMES_OK
-    for name, value in fields:
-        if name not in names_ok:
+    fields = list(fields)
+    if not _NAMES_OK.issuperset(map(_name, fields)):
+        for name, _ in fields:
             if _TOKEN.fullmatch(name) is None:
                 raise ValueError("header name is not a token")
-            if len(names_ok) < _NAMES_KEPT:
-                names_ok.add(name)
-        parts.append(f"{name}: {value}")
-    text = "\r\n".join(parts)
-    # The only CR and LF allowed are the ones joined in above: three scans of the whole
-    # head instead of one per field.
-    breaks = len(parts) - 1
-    if (text.count("\n") != breaks or text.count("\r") != breaks
-            or _CONTROL.search(text) is not None):
+            if len(_NAMES_OK) < _NAMES_KEPT:
+                _NAMES_OK.add(name)
+    lines = list(map(": ".join, fields))
+    # The usual head is printable ASCII: one C-level scan; anything else (TAB, obs-text,
+    # or a control character) gets the exact check.
+    flat = "".join(lines)
+    if not (flat.isprintable() and first_line.isprintable()) and (
+            _CONTROL.search(flat) is not None or _CONTROL.search(first_line) is not None):
         raise ValueError("control character in the message head")
-    return (text + "\r\n\r\n").encode("latin-1")
+    lines.insert(0, first_line)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
 
 
 _date = [0, ""]
