@@ -216,7 +216,7 @@ def run_foreground(config: ProxyConfig) -> int:
 
 async def _serve(config: ProxyConfig) -> int:
     from ..app import AuthProxy
-    from ..forwarding.listener import tune_gc_for_serving
+    from ..forwarding.listener import tune_gc_for_serving, tune_malloc_for_serving
     from ..monitor.auth import exec_callback
 
     stop = asyncio.Event()
@@ -230,6 +230,7 @@ async def _serve(config: ProxyConfig) -> int:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.
             tune_gc_for_serving()
+            tune_malloc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
             await stop.wait()

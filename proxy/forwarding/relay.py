@@ -239,7 +239,7 @@ class Pushed:
         request.protocol.write_listener = pushed
         upstream.attach(pushed)
         if first:
-            pushed.body(first)
+            pushed.body([first])
         if upstream.error is not None:
             pushed.fail(upstream.error)
         elif upstream.complete:
@@ -252,15 +252,13 @@ class Pushed:
     def reply(self) -> Reply:
         return self._reply
 
-    def body(self, data: bytes) -> None:
+    def body(self, pieces: list[bytes]) -> None:
         if self.done.done():
             return
         try:
-            self._reply.send_now(data)
+            self._progress.bytes_out += self._reply.send_pieces(pieces)
         except ConnectionError:
             self._finish(self.GONE)
-            return
-        self._progress.bytes_out += len(data)
 
     def end(self) -> None:
         if self.done.done():

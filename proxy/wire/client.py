@@ -110,7 +110,7 @@ def request_head(method: str, path_qs: str, host: str, headers: CIMultiDict[str]
 class BodySink(Protocol):
     """Takes a response body as it arrives, from the socket callback (a pushed relay)."""
 
-    def body(self, data: bytes) -> None: ...
+    def body(self, pieces: list[bytes]) -> None: ...
     def end(self) -> None: ...
     def fail(self, exc: BaseException) -> None: ...
 
@@ -148,14 +148,15 @@ class UpstreamResponse:
 
     # --- from the connection ------------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
-        self.received += len(data)
+    def _feed(self, pieces: list[bytes]) -> None:
+        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
+        self.received += size
         sink = self.sink
         if sink is not None:
-            sink.body(data)
+            sink.body(pieces)
             return
-        self._buffer.append(data)
-        self._size += len(data)
+        self._buffer.extend(pieces)
+        self._size += size
         if self._size > BUFFER_HIGH_WATER:
             self.pause()
         self._wake()
@@ -348,12 +349,11 @@ class _Connection(asyncio.Protocol):
                 waiter.set_result(response)
 
     def _flush(self, response: UpstreamResponse) -> None:
-        """The body bytes parsed from this read, in one piece."""
+        """The body pieces parsed from this read, together (not joined: no copy)."""
         pieces = self._pieces
         if pieces:
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            pieces.clear()
-            response._feed(data)
+            self._pieces = []
+            response._feed(pieces)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
