@@ -3,10 +3,11 @@
 Its pure header/URL rules are in `rules.py`, the ways bodies cross in `relay.py`.
 One request in, one request out (plus at most ten same-origin redirects and one
 refresh-and-replay), bodies streamed both ways. This module is the one boundary where
-foreign client errors (`aiohttp.ClientError`, `OSError`, timeouts) become the proxy's
-own 502/504 answers. It must never log or keep a credential, never send a credential to
-another origin than the target's, never buffer a body whole (the replay copy is
-bounded by `replay_limit`), and never hold a stream to a time limit once it started.
+the upstream pool's errors (`UpstreamError`, `OSError`, timeouts) and a malformed
+request body become the proxy's own 400/502/504 answers. It must never log or keep a
+credential, never send a credential to another origin than the target's, never buffer a
+body whole (the replay copy is bounded by `replay_limit`), and never hold a stream to a
+time limit once it started.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class _ProxyAnswer(Exception):
 # --- the handler --------------------------------------------------------------------
 
 class Forwarder:
-    """The aiohttp low-level handler: `await forwarder(request)` forwards one request."""
+    """The client protocol's handler: `await forwarder(request)` forwards one request."""
 
     def __init__(
         self,

@@ -56,7 +56,7 @@ class RequestBody:
         self._size = 0
         self._eof = False
         self.too_large = False
-        # The task streaming the body upstream (aiohttp's writer) and whether it is inside
+        # The task streaming the body upstream (the pool's upload task) and whether it is inside
         # a read: a replay must stop it first, as a stream allows only one reader.
         self._task: asyncio.Task[Any] | None = None
         # Made by `stream()` only: a body sent whole from memory has no concurrent reader.

@@ -624,7 +624,7 @@ class ClientConnection(asyncio.Protocol):
         self._stop_timer()
         self.closing = True
         self._parser = None
-        self.transport = None if self._rejected else self.transport
+        self.transport = None
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("the client went away"))
