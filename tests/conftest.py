@@ -7,7 +7,6 @@ Kept generic on purpose: an upstream is any catch-all aiohttp handler, the proxy
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.config import ProxyConfig
 from proxy.forwarding.listener import ForwardingServer
+
+from helpers import WAIT, RawServe, RawUpstream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 UpstreamFactory = Callable[..., Awaitable[TestServer]]
@@ -69,37 +70,24 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-RawServe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 @pytest.fixture
-def raw_target() -> Callable[[RawServe], contextlib.AbstractAsyncContextManager[str]]:
-    """A loopback target on raw streams: `async with raw_target(serve) as url`, where
-    `serve` runs once per connection (and writes exactly what the test wants)."""
+async def raw_upstream() -> AsyncIterator[Callable[[RawServe], Awaitable[RawUpstream]]]:
+    """Start a `RawUpstream`: `upstream = await raw_upstream(serve)`, then `upstream.url()`.
+    Stopped at teardown, its connections cancelled."""
+    started: list[tuple[asyncio.Server, RawUpstream]] = []
 
-    @contextlib.asynccontextmanager
-    async def start(serve: RawServe) -> AsyncIterator[str]:
-        tasks: set[asyncio.Task[None]] = set()
+    async def factory(serve: RawServe) -> RawUpstream:
+        upstream = RawUpstream(serve)
+        server = await asyncio.start_server(upstream.run, "127.0.0.1", 0)
+        upstream.port = server.sockets[0].getsockname()[1]
+        started.append((server, upstream))
+        return upstream
 
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await serve(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-
-        server = await asyncio.start_server(run, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}/mcp"
-        finally:
-            server.close()
-            for task in tasks:
-                task.cancel()
-            await server.wait_closed()
-
-    return start
+    yield factory
+    for server, upstream in started:
+        server.close()
+        for task in list(upstream.tasks):
+            task.cancel()
+        if upstream.tasks:
+            await asyncio.wait(list(upstream.tasks), timeout=WAIT)
+        await asyncio.wait_for(server.wait_closed(), WAIT)

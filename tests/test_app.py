@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import AuthProxy, ProxyConfig, UnauthorizedEvent, WorkloadStatus
 
+from helpers import LONG_WAIT, eventually
+
 UpstreamFactory = Callable[..., Awaitable[TestServer]]
 
 
@@ -61,16 +63,6 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes = b"{}") ->
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
         await r.read()
         return r.status
-
-
-async def until(predicate: Callable[[], bool], what: str, limit: float = 10) -> None:
-    """Poll a cheap in-memory predicate, bounded."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def file_status(state_dir: Path, name: str) -> dict[str, Any]:
@@ -138,12 +130,14 @@ async def test_missing_token_file_at_start_gives_503_until_it_appears(
         assert gate.seen == []  # nothing reached the target without a credential
         assert len(events) == 1 and events[0].status_code is None
         secret_file(token, "late-token")
-        await until(lambda: proxy.status.status is not WorkloadStatus.UNAUTHENTICATED
-                    or proxy.monitor.episode_open, "the file watcher")
-        for _ in range(100):  # bounded: the watcher checks the file every second
-            if await post(session, proxy.url) == 200:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: proxy.status.status is not WorkloadStatus.UNAUTHENTICATED
+                         or proxy.monitor.episode_open, LONG_WAIT, what="the file watcher")
+
+        async def served() -> bool:
+            return await post(session, proxy.url) == 200
+
+        # the watcher checks the file every second
+        await eventually(served, LONG_WAIT, what="a call to succeed", every=0.05)
         await proxy.monitor.flush()
         assert proxy.status.status is WorkloadStatus.RUNNING
 
@@ -208,12 +202,15 @@ async def test_probes_answered_401_make_the_workload_unauthenticated_not_unhealt
                              tmp_path / "token", "t"), health_interval=0.02,
                          health_timeout=1, health_failures=1)
     async with AuthProxy(config, on_unauthorized=events.append) as proxy:
-        await until(lambda: proxy.status.status is WorkloadStatus.UNAUTHENTICATED, "401")
+        await eventually(lambda: proxy.status.status is WorkloadStatus.UNAUTHENTICATED,
+                         LONG_WAIT, what="401")
         answers["status"] = 400  # a "missing session" answer: reachable, but no proof
-        await until(lambda: len(answered_400) >= 5, "five probes answered 400")
+        await eventually(lambda: len(answered_400) >= 5,
+                         LONG_WAIT, what="five probes answered 400")
         assert proxy.status.status is WorkloadStatus.UNAUTHENTICATED
         answers["status"] = 200
-        await until(lambda: proxy.status.status is WorkloadStatus.RUNNING, "proof by probe")
+        await eventually(lambda: proxy.status.status is WorkloadStatus.RUNNING,
+                         LONG_WAIT, what="proof by probe")
     assert len(events) == 1
 
 
@@ -260,7 +257,8 @@ async def test_metrics_count_real_traffic_streams_and_the_status(
         values = await scrape(session, proxy.admin_port)
         assert total(values, "mcp_authproxy_open_streams") == 1
         resp.close()
-        await until(lambda: proxy._server.in_flight == 0, "the stream to end")
+        await eventually(lambda: proxy._server.in_flight == 0,
+                         LONG_WAIT, what="the stream to end")
         values = await scrape(session, proxy.admin_port)
         assert total(values, "mcp_authproxy_open_streams") == 0
 

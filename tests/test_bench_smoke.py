@@ -19,6 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "bench.py"
 
+# Out of the default run (it takes most of a minute); .ci/run runs it with -m bench.
+pytestmark = pytest.mark.bench
+
 
 def load_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("mcp_authproxy_bench", BENCH)

@@ -104,6 +104,7 @@ class OAuthSource:
         self._session: aiohttp.ClientSession | None = None
         self._secret: str | None = None
         self._refresh_token: str | None = None
+        self._storing = False  # a rotated refresh token is being written to its file
         self._watches = [FileWatch(p) for p in (self._secret_path, self._refresh_path) if p]
         self._warned: set[Path] = set()
         self._credential: Credential | None = None
@@ -343,12 +344,17 @@ class OAuthSource:
     async def _store_refresh_token(self, token: str) -> None:
         self._refresh_token = token  # in memory first: the old one may be dead already
         assert self._refresh_path is not None
+        # While the write runs in its thread, the file still holds the old token: the
+        # watcher must not read it back over the new one.
+        self._storing = True
         try:
             await asyncio.to_thread(write_secret_atomically, self._refresh_path, token)
         except OSError as exc:
             get_logger().warning("refresh_token_not_saved", path=str(self._refresh_path),
                                  error=exc.strerror or type(exc).__name__)
             return
+        finally:
+            self._storing = False
         for watch in self._watches:
             if watch.path == self._refresh_path:
                 watch.mark(file_signature(self._refresh_path))
@@ -427,6 +433,8 @@ class OAuthSource:
         """(Re-)read changed files; True when something the grant uses changed."""
         changed = False
         for watch in self._watches:
+            if self._storing and watch.path == self._refresh_path:
+                continue  # our own write in flight (see _store_refresh_token)
             if not initial and not watch.changed():
                 continue
             what = "client secret file" if watch.path == self._secret_path else (

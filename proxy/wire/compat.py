@@ -2,7 +2,7 @@
 
 The proxy uses only public API of aiohttp (its client session, `hdrs`, the admin web
 server) and of httptools (its callback parsers), and `pyproject.toml` declares the
-ranges below, both bounds tested (`tests/test_dependency_bounds.py`). An environment
+ranges below, both bounds tested (`tests/packaging/test_dependency_bounds.py`). An environment
 that pins something outside them anyway (pip installs what it is told) is refused at
 start-up with one line naming the installed and the supported versions, rather than
 failing later in ways that are hard to see. This module must never import the packages

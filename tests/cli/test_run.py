@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from .conftest import ProxyProcess, run_cli, start_proxy
+from helpers import LONG_WAIT, eventually
 
 RELEASE = web.AppKey("release", asyncio.Event)
 ARRIVED = web.AppKey("arrived", asyncio.Event)
@@ -76,11 +77,9 @@ async def test_sigterm_drains_an_in_flight_request_then_exits_zero(
         await asyncio.wait_for(upstream.app[ARRIVED].wait(), 10)  # type: ignore[index]
         proc.proc.send_signal(signal.SIGTERM)
         path = state_dir / "workloads" / "drain.json"
-        for _ in range(200):  # bounded: the proxy says "stopping" while it drains
-            if json.loads(path.read_text())["status"] == "stopping":
-                break
-            await asyncio.sleep(0.05)
-        assert json.loads(path.read_text())["status"] == "stopping"
+        # the proxy says "stopping" while it drains
+        await eventually(lambda: json.loads(path.read_text())["status"] == "stopping",
+                         LONG_WAIT, every=0.05)
         upstream.app[RELEASE].set()  # type: ignore[index]
         resp = await asyncio.wait_for(slow, 15)
         assert resp.status == 200
@@ -209,10 +208,8 @@ async def test_on_unauthorized_exec_runs_once_with_the_event_and_warns(
             for _ in range(3):
                 async with client.post(proc.url, json={}) as resp:
                     assert resp.status == 503
-        for _ in range(200):  # bounded wait for the command to have run
-            if out.exists() and out.read_text().endswith("\n"):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: out.exists() and out.read_text().endswith("\n"),
+                         LONG_WAIT, what="the command to have run", every=0.05)
         assert await proc.stop() == 0
     finally:
         await upstream.close()

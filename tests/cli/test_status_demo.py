@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 from proxy.status import model as st
 
 from .conftest import ProxyProcess, run_cli
+from helpers import LONG_WAIT, SLOW_WAIT, WAIT, eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -122,12 +123,11 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
     path = state / "workloads" / "runner.json"
 
     async def wait_status(want: str) -> dict[str, object]:
-        for _ in range(300):
+        def read() -> dict[str, object] | None:
             data: dict[str, object] = json.loads(path.read_text())
-            if data["status"] == want:
-                return data
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"status never became {want}: {path.read_text()}")
+            return data if data["status"] == want else None
+
+        return await eventually(read, SLOW_WAIT, what=f"status {want}", every=0.05)
 
     try:
         assert proc.stdout is not None
@@ -148,19 +148,21 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
                 return st_.st_ino, st_.st_mtime_ns
 
             seen = {version()}
-            for _ in range(400):  # bounded: the runner ticks every 0.05 s
-                if len(seen) > 5:
-                    break
-                await asyncio.sleep(0.01)
+
+            def rewritten_five_times() -> bool:
                 seen.add(version())
                 assert json.loads(path.read_text())["status"] == "unauthenticated"
-            assert len(seen) > 5, "the runner stopped calling set_running()"
+                return len(seen) > 5
+
+            # the runner ticks every 0.05 s
+            await eventually(rewritten_five_times, WAIT, what="the runner calling set_running()")
             token.write_text("rotated")
-            for _ in range(100):
+
+            async def served() -> bool:
                 async with client.post(url, json={}) as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.05)
+                    return resp.status == 200
+
+            await eventually(served, LONG_WAIT, what="a call to succeed", every=0.05)
             await wait_status("running")
     finally:
         proc.terminate()

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from .conftest import WAIT
+from helpers import WAIT
 
 CHUNK = 64 * 1024
 TOTAL = 512 * 1024 * 1024  # far more than any buffer on the way should hold

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.status.store import decode
 
-from .conftest import WAIT
+from helpers import WAIT
 
 WRITER = textwrap.dedent("""
     import sys

@@ -22,7 +22,7 @@ from proxy.app import AuthProxy
 from proxy.config import ProxyConfig
 from proxy.status.store import FileStore
 
-from .conftest import WAIT
+from helpers import WAIT
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])

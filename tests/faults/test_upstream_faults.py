@@ -10,14 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import WAIT, Conn
+from .conftest import misbehaving
+from helpers import WAIT, RawConn, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
-
-
-def sse_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def still_serving(client: aiohttp.ClientSession, proxy: Any) -> None:
@@ -36,25 +33,25 @@ async def proxy_error(client: aiohttp.ClientSession, proxy: Any, status: int) ->
             return body
 
 
-async def garbage(conn: Conn) -> None:
+async def garbage(conn: RawConn) -> None:
     await conn.send(b"SPAM SPAM SPAM\r\n\r\n")
 
 
-async def close_at_once(conn: Conn) -> None:
+async def close_at_once(conn: RawConn) -> None:
     conn.writer.close()
 
 
-async def reset_at_once(conn: Conn) -> None:
+async def reset_at_once(conn: RawConn) -> None:
     conn.reset()
 
 
-async def endless_header(conn: Conn) -> None:
+async def endless_header(conn: RawConn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
     for _ in range(1000):  # up to 64 MiB, far past any header limit; stops when cut off
         await conn.send(b"a" * 65536)
 
 
-async def too_many_headers(conn: Conn) -> None:
+async def too_many_headers(conn: RawConn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(50000)))
 
 
@@ -64,7 +61,7 @@ async def test_a_target_answering_nonsense_gets_the_client_a_502(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession, behaviour: Any
 ) -> None:
     """Garbage, an empty close, a reset or an endless header become a prompt JSON 502."""
-    upstream = await raw_upstream(behaviour)
+    upstream = await raw_upstream(misbehaving(behaviour))
     proxy = await make_proxy(upstream.url())
     body = await proxy_error(client, proxy, 502)
     assert body["error"] == "bad_gateway"
@@ -77,10 +74,10 @@ async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
     """A hung target costs the client response_timeout, then a clear 504."""
     release = asyncio.Event()
 
-    async def hang(conn: Conn) -> None:
+    async def hang(conn: RawConn) -> None:
         await asyncio.wait_for(release.wait(), 30)
 
-    upstream = await raw_upstream(hang)
+    upstream = await raw_upstream(misbehaving(hang))
     proxy = await make_proxy(upstream.url(), response_timeout=0.3)
     try:
         body = await proxy_error(client, proxy, 504)
@@ -90,29 +87,29 @@ async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
         release.set()
 
 
-async def truncated_chunked(conn: Conn) -> None:
+async def truncated_chunked(conn: RawConn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Transfer-Encoding: chunked\r\n\r\n" + sse_chunk(b'{"partial":'))
+                    b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b'{"partial":'))
     await asyncio.sleep(0)  # let the first chunk leave before the close
     conn.writer.close()
 
 
-async def truncated_length(conn: Conn) -> None:
+async def truncated_length(conn: RawConn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                     b"Content-Length: 1000\r\n\r\n" + b'{"partial":')
     await asyncio.sleep(0)
     conn.writer.close()
 
 
-async def reset_mid_stream(conn: Conn) -> None:
-    await conn.send(SSE_HEAD + sse_chunk(b"data: one\n\n"))
+async def reset_mid_stream(conn: RawConn) -> None:
+    await conn.send(SSE_HEAD + chunk(b"data: one\n\n"))
     await asyncio.sleep(0)
     conn.reset()
 
 
-async def bad_chunk_size(conn: Conn) -> None:
+async def bad_chunk_size(conn: RawConn) -> None:
     await conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                    + sse_chunk(b"abc") + b"zzzz\r\nnot a chunk\r\n")
+                    + chunk(b"abc") + b"zzzz\r\nnot a chunk\r\n")
 
 
 @pytest.mark.parametrize("behaviour", [truncated_chunked, truncated_length, reset_mid_stream,
@@ -122,7 +119,7 @@ async def test_a_body_cut_short_by_the_target_ends_the_clients_response_as_an_er
 ) -> None:
     """A truncated or reset body is never passed off as a complete one: the client sees an error.
     """
-    upstream = await raw_upstream(behaviour)
+    upstream = await raw_upstream(misbehaving(behaviour))
     proxy = await make_proxy(upstream.url())
     async with asyncio.timeout(WAIT):
         async with client.get(proxy.url) as resp:
@@ -143,13 +140,13 @@ async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
     hanging = asyncio.Event()
     released = asyncio.Event()
 
-    async def hang_mid_stream(conn: Conn) -> None:
-        await conn.send(SSE_HEAD + sse_chunk(b"data: first\n\n"))
+    async def hang_mid_stream(conn: RawConn) -> None:
+        await conn.send(SSE_HEAD + chunk(b"data: first\n\n"))
         hanging.set()
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(hang_mid_stream)
+    upstream = await raw_upstream(misbehaving(hang_mid_stream))
     proxy = await make_proxy(upstream.url(), response_timeout=0.2)
     async with asyncio.timeout(WAIT):
         resp = await client.get(proxy.url)
@@ -168,17 +165,17 @@ async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
     receiving = asyncio.Event()
     released = asyncio.Event()
 
-    async def slow_reader(conn: Conn) -> None:
+    async def slow_reader(conn: RawConn) -> None:
         assert await conn.reader.read(1)  # some of the body arrived
         receiving.set()
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(slow_reader)
+    upstream = await raw_upstream(misbehaving(slow_reader))
     proxy = await make_proxy(upstream.url())
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-                 + sse_chunk(b"x" * 1000))
+                 + chunk(b"x" * 1000))
     await writer.drain()
     await asyncio.wait_for(receiving.wait(), WAIT)
     writer.close()
@@ -195,12 +192,12 @@ async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
     """Closing an SSE stream on the client side closes it on the target's side too."""
     released = asyncio.Event()
 
-    async def stream(conn: Conn) -> None:
-        await conn.send(SSE_HEAD + sse_chunk(b"data: hello\n\n"))
+    async def stream(conn: RawConn) -> None:
+        await conn.send(SSE_HEAD + chunk(b"data: hello\n\n"))
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(stream)
+    upstream = await raw_upstream(misbehaving(stream))
     proxy = await make_proxy(upstream.url())
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

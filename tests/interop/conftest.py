@@ -29,10 +29,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from helpers import LONG_WAIT, eventually
+
 Transport = Literal["streamable", "sse"]
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
-CONNECT_TIMEOUT = 10.0
 # The token the SDK client's own `Authorization` header would carry, were it to send one.
 REVOKED_DESCRIPTION = "The access token was revoked"
 
@@ -219,22 +218,21 @@ class McpUpstream:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
 
-        async def started() -> None:
+        def started() -> bool:
             # uvicorn has no startup event to await; its `started` flag is the signal.
-            while not self._server.started:
-                if self._task is not None and self._task.done():
-                    self._task.result()
-                    raise RuntimeError("uvicorn exited during startup")
-                await asyncio.sleep(0.01)
+            if self._task is not None and self._task.done():
+                self._task.result()
+                raise RuntimeError("uvicorn exited during startup")
+            return bool(self._server.started)
 
-        await asyncio.wait_for(started(), START_TIMEOUT)
+        await eventually(started, LONG_WAIT, what="uvicorn to start")
 
     async def stop(self) -> None:
         if self._task is None:
             return
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(self._task), LONG_WAIT)
         except TimeoutError:
             self._server.force_exit = True
             self._task.cancel()
@@ -304,7 +302,7 @@ async def connect(
         else:
             http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
             client = Client(streamable_http_client(url, http_client=http), mode=mode)
-        async with asyncio.timeout(CONNECT_TIMEOUT):
+        async with asyncio.timeout(LONG_WAIT):
             await stack.enter_async_context(client)
         yield client
 

@@ -12,8 +12,7 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from .conftest import UpstreamFactory, connect, text_of, unwrap
-
-WAIT = 10.0
+from helpers import LONG_WAIT
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -29,12 +28,12 @@ async def test_sdk_client_talks_to_gated_sdk_server_directly(
         upstream.progress.client_saw_first.set()
 
     async with connect(upstream.url, token="direct-token", mode=mode) as client:
-        tools = await asyncio.wait_for(client.list_tools(), WAIT)
+        tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
         assert {t.name for t in tools.tools} >= {"echo", "count"}
-        result = await asyncio.wait_for(client.call_tool("echo", {"text": "hi"}), WAIT)
+        result = await asyncio.wait_for(client.call_tool("echo", {"text": "hi"}), LONG_WAIT)
         assert text_of(result) == "echo: hi"
         counted = await asyncio.wait_for(
-            client.call_tool("count", {"steps": 3}, progress_callback=on_progress), WAIT
+            client.call_tool("count", {"steps": 3}, progress_callback=on_progress), LONG_WAIT
         )
         assert text_of(counted) == "counted to 3"
     assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
@@ -46,11 +45,11 @@ async def test_gate_rejects_a_revoked_token_with_a_challenge(
     """Once the token is revoked the SDK client's next call fails, and the upstream said 401."""
     upstream = await mcp_upstream("streamable", "direct-token")
     async with connect(upstream.url, token="direct-token") as client:
-        await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), WAIT)
+        await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), LONG_WAIT)
         upstream.gate.accept_only("another-token")
         with pytest.raises(MCPError):
             try:
-                await asyncio.wait_for(client.call_tool("echo", {"text": "no"}), WAIT)
+                await asyncio.wait_for(client.call_tool("echo", {"text": "no"}), LONG_WAIT)
             except BaseExceptionGroup as group:
                 raise unwrap(group)[0] from None
     assert any(r.method == "POST" for r in upstream.gate.rejected)
@@ -65,7 +64,7 @@ async def test_sdk_sse_client_talks_to_gated_sdk_sse_server_directly(
     if absolute:
         upstream.gate.absolute_endpoint_origin = upstream.origin
     async with connect(upstream.url, transport="sse", token="direct-token") as client:
-        result = await asyncio.wait_for(client.call_tool("echo", {"text": "sse"}), WAIT)
+        result = await asyncio.wait_for(client.call_tool("echo", {"text": "sse"}), LONG_WAIT)
         assert text_of(result) == "echo: sse"
     posts = [r for r in upstream.gate.seen if r.method == "POST"]
     assert posts and all(r.path.startswith("/messages/") for r in posts)

@@ -35,8 +35,8 @@ from .conftest import (
     unwrap,
     write_secret,
 )
+from helpers import LONG_WAIT
 
-WAIT = 10.0
 FILE_TOKEN = "file-token-4f9c2d7e1a"  # a test credential that must never leak
 
 
@@ -55,7 +55,7 @@ def _config(upstream_url: str, state_dir: Path, name: str, **kwargs: Any) -> Pro
 async def _expect_mcp_error(call: Any) -> MCPError:
     """Awaits `call`, expecting the SDK to raise an `MCPError` (maybe inside a group)."""
     try:
-        await asyncio.wait_for(call, WAIT)
+        await asyncio.wait_for(call, LONG_WAIT)
     except MCPError as exc:
         return exc
     except BaseExceptionGroup as group:
@@ -85,12 +85,12 @@ async def test_streamable_http_session_works_through_the_proxy(
         upstream.progress.client_saw_first.set()
 
     async with AuthProxy(config) as running, connect(running.url, mode=mode) as client:
-        tools = await asyncio.wait_for(client.list_tools(), WAIT)
+        tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
         assert {tool.name for tool in tools.tools} >= {"echo", "count"}
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "héllo"}), WAIT)
+        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "héllo"}), LONG_WAIT)
         assert text_of(echoed) == "echo: héllo"
         counted = await asyncio.wait_for(
-            client.call_tool("count", {"steps": 5}, progress_callback=on_progress), WAIT
+            client.call_tool("count", {"steps": 5}, progress_callback=on_progress), LONG_WAIT
         )
         # The tool waits for the client to see step 1 before going on: a proxy that held
         # the stream back until the end would have made it report "buffered".
@@ -123,7 +123,7 @@ async def test_clients_own_token_is_not_passed_to_the_upstream(
         AuthProxy(config) as running,
         connect(running.url, token="clients-own-token") as client,
     ):
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "x"}), WAIT)
+        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "x"}), LONG_WAIT)
         assert text_of(echoed) == "echo: x"
     assert all(r.authorization == f"Bearer {FILE_TOKEN}" for r in upstream.gate.seen)
     assert not any("clients-own-token" in json.dumps(r.headers) for r in upstream.gate.seen)
@@ -151,9 +151,9 @@ async def test_legacy_sse_transport_works_through_the_proxy(
         connect(running.url, transport="sse") as client,
     ):
         assert running.url.endswith("/sse")
-        tools = await asyncio.wait_for(client.list_tools(), WAIT)
+        tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
         assert "echo" in {tool.name for tool in tools.tools}
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "legacy"}), WAIT)
+        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "legacy"}), LONG_WAIT)
         assert text_of(echoed) == "echo: legacy"
 
     gets = [r for r in upstream.gate.seen if r.method == "GET" and r.path == "/sse"]
@@ -197,7 +197,7 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
             AuthProxy(config, on_unauthorized=on_unauthorized) as running,
             connect(running.url) as client,
         ):
-            echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), WAIT)
+            echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), LONG_WAIT)
             assert text_of(echoed) == "echo: ok"
 
             upstream.gate.accept_only("some-other-token")
@@ -208,8 +208,8 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
                 _expect_mcp_error(client.call_tool("echo", {"text": "a"})),
                 _expect_mcp_error(client.call_tool("echo", {"text": "b"})),
             )
-            await asyncio.wait_for(called.wait(), WAIT)
-            await asyncio.wait_for(running.monitor.flush(), WAIT)
+            await asyncio.wait_for(called.wait(), LONG_WAIT)
+            await asyncio.wait_for(running.monitor.flush(), LONG_WAIT)
 
             record = running.status
             assert record.status == WorkloadStatus.UNAUTHENTICATED
@@ -266,11 +266,11 @@ async def test_restored_token_file_ends_the_episode(
         ) as running,
         connect(running.url) as client,
     ):
-        await asyncio.wait_for(client.call_tool("echo", {"text": "before"}), WAIT)
+        await asyncio.wait_for(client.call_tool("echo", {"text": "before"}), LONG_WAIT)
         upstream.gate.accept_only(new_token)
         await _expect_mcp_error(client.call_tool("echo", {"text": "revoked"}))
-        await asyncio.wait_for(opened.wait(), WAIT)
-        await asyncio.wait_for(running.monitor.flush(), WAIT)
+        await asyncio.wait_for(opened.wait(), LONG_WAIT)
+        await asyncio.wait_for(running.monitor.flush(), LONG_WAIT)
         assert running.status.status == WorkloadStatus.UNAUTHENTICATED
         # A runner saying "running" changes nothing while the episode is open.
         assert (await running.set_running()).status == WorkloadStatus.UNAUTHENTICATED
@@ -282,14 +282,14 @@ async def test_restored_token_file_ends_the_episode(
         for _attempt in range(2):
             try:
                 result = await asyncio.wait_for(
-                    client.call_tool("echo", {"text": "after"}), WAIT
+                    client.call_tool("echo", {"text": "after"}), LONG_WAIT
                 )
                 break
             except MCPError:
                 continue
         assert result is not None and text_of(result) == "echo: after"
-        await asyncio.wait_for(closed.wait(), WAIT)
-        await asyncio.wait_for(running.monitor.flush(), WAIT)
+        await asyncio.wait_for(closed.wait(), LONG_WAIT)
+        await asyncio.wait_for(running.monitor.flush(), LONG_WAIT)
         after = running.status
         assert after.status == WorkloadStatus.RUNNING
         assert status_file(tmp_path, "restored")["status"] == "running"
@@ -377,20 +377,20 @@ async def test_oauth_refresh_and_replay_is_invisible_to_the_sdk_client(
             AuthProxy(config, on_unauthorized=on_unauthorized) as running,
             connect(running.url) as client,
         ):
-            first = await asyncio.wait_for(client.call_tool("echo", {"text": "one"}), WAIT)
+            first = await asyncio.wait_for(client.call_tool("echo", {"text": "one"}), LONG_WAIT)
             assert text_of(first) == "echo: one"
             assert token_endpoint.issued == ["tok-1"]
 
             upstream.gate.accept_only("tok-2")
-            second = await asyncio.wait_for(client.call_tool("echo", {"text": "two"}), WAIT)
+            second = await asyncio.wait_for(client.call_tool("echo", {"text": "two"}), LONG_WAIT)
             assert text_of(second) == "echo: two"
             # A streamed answer after the refresh still streams.
             counted = await asyncio.wait_for(
-                client.call_tool("count", {"steps": 3}, progress_callback=on_progress), WAIT
+                client.call_tool("count", {"steps": 3}, progress_callback=on_progress), LONG_WAIT
             )
             assert text_of(counted) == "counted to 3"
 
-            await asyncio.wait_for(running.monitor.flush(), WAIT)
+            await asyncio.wait_for(running.monitor.flush(), LONG_WAIT)
             assert running.status.status == WorkloadStatus.RUNNING
             on_disk = status_file(tmp_path, "oauth")
             assert on_disk["status"] == "running"

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-WAIT = 5.0
+from helpers import WAIT
 
 
 @dataclass

@@ -15,7 +15,8 @@ import pytest
 from aiohttp import web
 
 from .conftest import CLIENT_SECRET, COOKIE_SECRET, QUERY_SECRET, SECRET, LeakWatch, Recorder
-from .raw import WAIT, exchange, parse, request
+from .raw import exchange, parse, request
+from helpers import WAIT
 
 
 def auth_headers(seen: list[Any]) -> list[str]:

@@ -27,20 +27,19 @@ from hypothesis import strategies as hs
 from .conftest import LeakWatch
 from .http1 import (
     CHUNKED_POST_HEAD,
-    WAIT,
     Conn,
     Received,
     Response,
     Target,
-    chunk,
     fixed,
     get,
     iter_chunked,
     post,
     serves_next,
 )
+from helpers import WAIT, RawServe, RawUpstream, chunk
 
-RawTarget = Callable[..., contextlib.AbstractAsyncContextManager[str]]
+RawUpstreams = Callable[[RawServe], Awaitable[RawUpstream]]
 Connect = Callable[[int], Awaitable[Conn]]
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 UPLOADS = ["none", "memory", "streamed"]
@@ -62,12 +61,12 @@ async def connect() -> AsyncIterator[Connect]:
 
 
 @contextlib.asynccontextmanager
-async def proxied(raw_target: RawTarget, make_authproxy: Any, target: Target,
+async def proxied(raw_upstream: RawUpstreams, make_authproxy: Any, target: Target,
                   **config: Any) -> AsyncIterator[int]:
     """Run `target` and a proxy (holding a bearer credential) in front of it: the port."""
-    async with raw_target(target.serve) as url:
-        proxy = await make_authproxy(url, **config)
-        yield proxy.port
+    upstream = await raw_upstream(target.serve)
+    proxy = await make_authproxy(upstream.url(), **config)
+    yield proxy.port
 
 
 async def send_request(conn: Conn, target: Target, upload: str, *,
@@ -129,12 +128,12 @@ def close_delimited(head: bytes, pieces: list[bytes]) -> Target:
 @pytest.mark.parametrize("upload", ["none", "memory"])
 @pytest.mark.parametrize("kind", sorted(CLOSE_DELIMITED))
 async def test_a_close_delimited_body_reaches_the_client_whole(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, kind: str, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str, upload: str
 ) -> None:
     """A target that ends its body by closing the connection gets its whole body to the client."""
     head, pieces = CLOSE_DELIMITED[kind]
     target = close_delimited(head, pieces)
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         sent = await send_request(conn, target, upload)
         answer = await conn.response()
@@ -146,12 +145,12 @@ async def test_a_close_delimited_body_reaches_the_client_whole(
 
 @pytest.mark.parametrize("kind", sorted(CLOSE_DELIMITED))
 async def test_a_close_delimited_body_reaches_the_client_whole_after_a_streamed_upload(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, kind: str
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str
 ) -> None:
     """The same close-delimited answers arrive whole when the request body was streamed."""
     head, pieces = CLOSE_DELIMITED[kind]
     target = close_delimited(head, pieces)
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         sent = await send_request(conn, target, "streamed")
         answer = await conn.response()
@@ -178,31 +177,31 @@ CONTROL = {
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 @pytest.mark.parametrize("kind", sorted(CONTROL))
 async def test_a_control_character_in_the_targets_head_gets_502(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect,
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect,
     caplog: pytest.LogCaptureFixture, leak_watch: LeakWatch, kind: str, upload: str
 ) -> None:
     """A target head with a control character gets the client a 502, never a hang, never
     its bytes, and a pipelined second request is never answered in the first one's place."""
     target = Target(fixed(CONTROL[kind]))
     called: list[Any] = []
-    async with raw_target(target.serve) as url:
-        proxy = await make_authproxy(url, on_unauthorized=called.append)
-        conn = await connect(proxy.port)
-        await send_request(conn, target, upload, then=get("/ok"))
-        answer = await conn.response()
-        assert answer.status == 502, answer.start
-        assert answer.json()["error"] == "bad_gateway"
-        assert b"\x1b" not in answer.body and b"\x01" not in answer.body
-        if answer.closes:
-            assert await conn.closed() == b""
-        else:  # the pipelined request is answered in its own place
-            second = await conn.response()
-            assert (second.status, second.body) == (200, b"ok")
-        await serves_next(proxy.port, conn, answer)
-        assert len(target.to(b"/mcp")) == 1
-        # Nothing the client never saw is acted on: no episode, no loop-level traceback.
-        assert proxy.status.status == "running"
-        assert called == []
+    upstream = await raw_upstream(target.serve)
+    proxy = await make_authproxy(upstream.url(), on_unauthorized=called.append)
+    conn = await connect(proxy.port)
+    await send_request(conn, target, upload, then=get("/ok"))
+    answer = await conn.response()
+    assert answer.status == 502, answer.start
+    assert answer.json()["error"] == "bad_gateway"
+    assert b"\x1b" not in answer.body and b"\x01" not in answer.body
+    if answer.closes:
+        assert await conn.closed() == b""
+    else:  # the pipelined request is answered in its own place
+        second = await conn.response()
+        assert (second.status, second.body) == (200, b"ok")
+    await serves_next(proxy.port, conn, answer)
+    assert len(target.to(b"/mcp")) == 1
+    # Nothing the client never saw is acted on: no episode, no loop-level traceback.
+    assert proxy.status.status == "running"
+    assert called == []
     assert [event["status"] for event in leak_watch.logs  # the access log: what was sent
             if event.get("event") == "request" and event.get("path") == "/mcp"] == [502]
     assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
@@ -213,12 +212,12 @@ async def test_a_control_character_in_the_targets_head_gets_502(
 @pytest.mark.parametrize("bad", [b"zz\r\nbad\r\n0\r\n\r\n", b"5\r\nhelloXX\r\n0\r\n\r\n"],
                          ids=["size", "crlf"])
 async def test_a_malformed_chunk_mid_upload_gets_400_at_once_and_aborts_the_upload(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, bad: bytes
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, bad: bytes
 ) -> None:
     """A chunked upload that breaks its framing after a good chunk gets 400 at once, its
     connection closes, and the target's request is cut off rather than left hanging."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target, response_timeout=60) as port:
+    async with proxied(raw_upstream, make_authproxy, target, response_timeout=60) as port:
         conn = await connect(port)
         await conn.send(CHUNKED_POST_HEAD + chunk(b"hello"))
         upstream = await target.nth(1)
@@ -238,11 +237,11 @@ def fields(count: int, size: int) -> list[str]:
 
 
 async def test_a_request_head_above_64_kib_gets_431_and_nothing_is_forwarded(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
     """A request whose head totals more than 64 KiB (in lines each well below it) gets 431."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(get("/mcp", *fields(20, 4000)))
         answer = await conn.response()
@@ -253,11 +252,11 @@ async def test_a_request_head_above_64_kib_gets_431_and_nothing_is_forwarded(
 
 
 async def test_a_request_head_below_64_kib_is_forwarded_whole(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
     """A 60 KB head (large cookies, long tokens) is the target's to judge: it goes through."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(get("/mcp", *fields(15, 4000)))
         answer = await conn.response()
@@ -267,12 +266,12 @@ async def test_a_request_head_below_64_kib_is_forwarded_whole(
 
 
 async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
     """A client that keeps sending header lines is answered 431 and cut off as soon as its
     head passes 64 KiB, not held (and its bytes kept) until the header timer."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target, header_timeout=60) as port:
+    async with proxied(raw_upstream, make_authproxy, target, header_timeout=60) as port:
         conns = [await connect(port) for _ in range(4)]
         for conn in conns:
             await conn.send(b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -287,12 +286,12 @@ async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
 
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 async def test_a_response_head_above_64_kib_gets_502(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
 ) -> None:
     """A target whose response head totals more than 64 KiB gets the client a 502."""
     big = "".join(f"{line}\r\n" for line in fields(20, 4000)).encode()
     target = Target(fixed(b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: 2\r\n\r\nhi"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await send_request(conn, target, upload)
         answer = await conn.response()
@@ -353,13 +352,13 @@ class BigEvent:
 
 @pytest.mark.parametrize("kind", ["lines", "one-line"])
 async def test_a_huge_first_event_streams_through_before_it_ends(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, kind: str
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str
 ) -> None:
     """A first event of 16 MiB of data lines, or one 128 MiB line, reaches the client as it
     comes (its start before the target sends its end), byte for byte, never held whole."""
     stream = BigEvent(kind)
     target = Target(stream.answer)
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(get("/mcp", "Accept: text/event-stream"))
         head = await conn.head()
@@ -381,7 +380,7 @@ async def test_a_huge_first_event_streams_through_before_it_ends(
 
 
 async def test_a_huge_first_event_does_not_stall_other_clients(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
     """While a 16 MiB first event streams to one client, another client's requests are
     answered promptly all along."""
@@ -397,7 +396,7 @@ async def test_a_huge_first_event_does_not_stall_other_clients(
         return True
 
     target = Target(flood)
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         stream = await connect(port)
         await stream.send(get("/mcp", "Accept: text/event-stream"))
         assert (await stream.head()).status == 200
@@ -435,12 +434,12 @@ async def test_a_huge_first_event_does_not_stall_other_clients(
 @pytest.mark.parametrize("line", [b"TRACE /mcp HTTP/1.1", b"CONNECT 127.0.0.1:443 HTTP/1.1"],
                          ids=["TRACE", "CONNECT"])
 async def test_trace_and_connect_get_405_and_are_never_forwarded(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, line: bytes
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, line: bytes
 ) -> None:
     """TRACE (which would echo the credential) and CONNECT get 405 with a JSON body; the
     target never hears of them."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\ntrace"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(line + b"\r\nHost: 127.0.0.1\r\nMax-Forwards: 0\r\n\r\n")
         answer = await conn.response()
@@ -454,12 +453,12 @@ async def test_trace_and_connect_get_405_and_are_never_forwarded(
 # --- 7: HTTP/1.0 with chunked framing --------------------------------------------------
 
 async def test_http10_with_chunked_framing_gets_400_and_the_connection_closes(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
     """An HTTP/1.0 request claiming chunked framing is refused (400) and its connection
     closed: a pipelined request after it is never served, nothing reaches the target."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(b"POST /mcp HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n"
                         b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"hello") + b"0\r\n\r\n"
@@ -475,12 +474,12 @@ async def test_http10_with_chunked_framing_gets_400_and_the_connection_closes(
 
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"x-custom, chunked"])
 async def test_an_unknown_transfer_coding_gets_501(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, coding: bytes
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, coding: bytes
 ) -> None:
     """A request body in a transfer coding the proxy cannot decode gets 501; nothing of it
     reaches the target."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         await conn.send(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: " + coding
                         + b"\r\n\r\n" + chunk(b"\x1f\x8b\x08\x00coded") + b"0\r\n\r\n")
@@ -499,13 +498,13 @@ UTF8 = "caf\u00e9 \u2603".encode()
 
 @pytest.mark.parametrize("upload", UPLOADS)
 async def test_header_bytes_above_0x7f_pass_through_exactly_both_ways(
-    raw_target: RawTarget, make_authproxy: Any, connect: Connect, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
 ) -> None:
     """Latin-1 and UTF-8 bytes in header values reach the target and the client exactly
     as sent, and so does the target's reason phrase."""
     target = Target(fixed(b"HTTP/1.1 200 OK r\xe9sum\xe9\r\nContent-Disposition: " + LATIN1
                           + b"\r\nX-Utf8: " + UTF8 + b"\r\nContent-Length: 2\r\n\r\nok"))
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         conn = await connect(port)
         extra = ("X-File: r\xe9sum\xe9.txt", "X-Utf8: " + UTF8.decode("latin-1"))
         body = await send_request(conn, target, upload, extra=extra)
@@ -564,12 +563,12 @@ class Scripted:
 
 
 @pytest.fixture
-async def scripted(raw_target: RawTarget, make_authproxy: Any
+async def scripted(raw_upstream: RawUpstreams, make_authproxy: Any
                    ) -> AsyncIterator[tuple[Scripted, Target, int]]:
     """One scripted target and proxy for all the examples of a property."""
     script = Scripted()
     target = Target(script.answer)
-    async with proxied(raw_target, make_authproxy, target) as port:
+    async with proxied(raw_upstream, make_authproxy, target) as port:
         yield script, target, port
 
 

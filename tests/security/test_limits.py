@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from .raw import WAIT, exchange, get_ok, parse, read_until_closed, request
+from .raw import RawAnswer, exchange, get_ok, parse, read_until_closed, request
+from helpers import WAIT, eventually
 
 LIMIT = 64 * 1024
 
@@ -155,6 +156,12 @@ async def test_malformed_requests_get_a_client_error(
     await get_ok(proxy.port)
 
 
+async def answered(port: int, status: int) -> RawAnswer | None:
+    """The answer to a plain GET when it has `status`, else None (for `eventually`)."""
+    answer = await request(port, ["Host: 127.0.0.1"])
+    return answer if answer is not None and answer.status == status else None
+
+
 async def test_connections_above_the_cap_get_503_with_a_json_body(
     make_authproxy: Any, recorder: Any
 ) -> None:
@@ -163,25 +170,14 @@ async def test_connections_above_the_cap_get_503_with_a_json_body(
     held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(3)]
     try:
         # The held connections must be counted before the next one arrives.
-        answer = None
-        for _ in range(200):
-            answer = await request(proxy.port, ["Host: 127.0.0.1"])
-            if answer is not None and answer.status == 503:
-                break
-            await asyncio.sleep(0.01)
-        assert answer is not None and answer.status == 503
+        answer = await eventually(lambda: answered(proxy.port, 503))
         assert answer.json()["error"] == "service_unavailable"
         assert b"Retry-After" in answer.head
         assert recorder.seen == []
     finally:
         for _, writer in held:
             writer.close()
-    for _ in range(200):
-        answer = await request(proxy.port, ["Host: 127.0.0.1"])
-        if answer is not None and answer.status == 200:
-            break
-        await asyncio.sleep(0.01)
-    assert answer is not None and answer.status == 200
+    await eventually(lambda: answered(proxy.port, 200))
 
 
 def test_the_connection_cap_fits_the_descriptor_limit() -> None:
@@ -224,12 +220,7 @@ async def test_under_a_low_fd_limit_excess_clients_get_503_not_a_hang(
         for _, writer in held:
             writer.close()
         held = []
-        for _ in range(200):
-            answer = await request(port, ["Host: 127.0.0.1"])
-            if answer is not None and answer.status == 200:
-                break
-            await asyncio.sleep(0.01)
-        assert answer is not None and answer.status == 200
+        await eventually(lambda: answered(port, 200))
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 20)
         leak_watch.texts.append(err.decode())

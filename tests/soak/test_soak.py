@@ -24,13 +24,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from helpers import SLOW_WAIT
+
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(1200)]
 
 REQUESTS = 100_000
 STREAMS = 2_000
 CONCURRENCY = 64
 ROUNDS = 2  # each round: half the requests, then all the streams
-WAIT = 30.0
 
 TARGET = textwrap.dedent("""
     import asyncio, sys
@@ -110,7 +111,7 @@ async def spawn(args: list[str], stderr_path: Path) -> tuple[asyncio.subprocess.
     finally:
         os.close(err)
     assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode().strip()
+    line = (await asyncio.wait_for(proc.stdout.readline(), SLOW_WAIT)).decode().strip()
     assert line, _tail(stderr_path)
     return proc, line
 
@@ -119,10 +120,10 @@ async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> i
     if proc.returncode is None:
         proc.send_signal(sig)
     try:
-        return await asyncio.wait_for(proc.wait(), WAIT)
+        return await asyncio.wait_for(proc.wait(), SLOW_WAIT)
     except TimeoutError:
         proc.kill()
-        return await asyncio.wait_for(proc.wait(), WAIT)
+        return await asyncio.wait_for(proc.wait(), SLOW_WAIT)
 
 
 async def requests(session: aiohttp.ClientSession, url: str, count: int) -> int:

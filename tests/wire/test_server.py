@@ -1,4 +1,4 @@
-"""The client-facing HTTP/1.1 server (`proxy.inbound`), spoken to over raw sockets.
+"""The client-facing HTTP/1.1 server (`proxy.wire.server`), spoken to over raw sockets.
 
 What aiohttp's server used to decide for the proxy, the lean protocol decides now:
 framing for HTTP/1.0 and HTTP/1.1 clients, HEAD, pipelining order, keep-alive, and
@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-WAIT = 10.0
+from helpers import LONG_WAIT, WAIT, RawConn
 
 
 async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -23,7 +23,7 @@ async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asynci
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), LONG_WAIT)
     lines = head.decode("latin-1").split("\r\n")
     headers = {}
     for line in lines[1:]:
@@ -54,7 +54,7 @@ async def test_http10_client_gets_the_streamed_body_unframed_then_close(
         assert status.startswith("HTTP/1.0 200")
         assert "transfer-encoding" not in headers and headers["connection"] == "close"
         # An HTTP/1.0 client reads to the end of the connection: it must end.
-        assert await asyncio.wait_for(reader.read(), WAIT) == b"one-two-three"
+        assert await asyncio.wait_for(reader.read(), LONG_WAIT) == b"one-two-three"
     finally:
         writer.close()
 
@@ -74,7 +74,7 @@ async def test_http10_keep_alive_is_honoured_when_the_length_is_known(
             status, headers = await _read_head(reader)
             assert status.startswith("HTTP/1.0 200") and headers["connection"] == "keep-alive"
             body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])),
-                                          WAIT)
+                                          LONG_WAIT)
             assert body == b"fixed:/mcp"
             writer.write(ask)
     finally:
@@ -99,7 +99,7 @@ async def test_head_answer_has_no_body_and_the_connection_stays_usable(
         # No body after the HEAD answer: the next bytes are the GET's status line.
         status, headers = await _read_head(reader)
         assert status.startswith("HTTP/1.1 200")
-        assert await asyncio.wait_for(reader.readexactly(5), WAIT) == b"12345"
+        assert await asyncio.wait_for(reader.readexactly(5), LONG_WAIT) == b"12345"
     finally:
         writer.close()
 
@@ -124,37 +124,33 @@ async def test_pipelined_requests_are_answered_in_order(
         for _ in range(3):
             _, headers = await _read_head(reader)
             bodies.append(await asyncio.wait_for(
-                reader.readexactly(int(headers["content-length"])), WAIT))
+                reader.readexactly(int(headers["content-length"])), LONG_WAIT))
         assert bodies == [b"answer-0", b"answer-1", b"answer-2"]
     finally:
         writer.close()
     assert seen == ["0", "1", "2"]
 
 
-async def test_only_a_date_is_added_to_the_targets_headers(make_proxy: Any) -> None:
-    async def bare(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
-        writer.close()
+async def test_only_a_date_is_added_to_the_targets_headers(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """A bare answer reaches the client with a Date added and no header of the proxy's own."""
 
-    target = await asyncio.start_server(bare, "127.0.0.1", 0)
-    port = target.sockets[0].getsockname()[1]
+    async def bare(conn: RawConn) -> None:
+        await conn.read_head()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    proxy = await make_proxy((await raw_upstream(bare)).url())
+    reader, writer = await _exchange(
+        proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     try:
-        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
-        reader, writer = await _exchange(
-            proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        try:
-            status, headers = await _read_head(reader)
-            assert status == "HTTP/1.1 200 OK"
-            # No Content-Type or Server of the proxy's own: only a Date, and the close.
-            assert set(headers) == {"content-length", "date", "connection"}
-            assert await asyncio.wait_for(reader.read(), WAIT) == b"{}"
-        finally:
-            writer.close()
+        status, headers = await _read_head(reader)
+        assert status == "HTTP/1.1 200 OK"
+        # No Content-Type or Server of the proxy's own: only a Date, and the close.
+        assert set(headers) == {"content-length", "date", "connection"}
+        assert await asyncio.wait_for(reader.read(), LONG_WAIT) == b"{}"
     finally:
-        target.close()
-        await target.wait_closed()
+        writer.close()
 
 
 async def test_request_after_a_malformed_one_is_not_served(
@@ -173,12 +169,12 @@ async def test_request_after_a_malformed_one_is_not_served(
     try:
         first, headers = await _read_head(reader)
         assert first.startswith("HTTP/1.1 200")
-        await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), WAIT)
+        await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), LONG_WAIT)
         writer.write(b"GET /mcp?n=2 HTTP/1.1\r\nBad Header Line\r\n\r\n"
                      b"GET /mcp?n=3 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         second, headers = await _read_head(reader)
         assert second.startswith("HTTP/1.1 400") and headers["connection"] == "close"
-        rest = await asyncio.wait_for(reader.read(), WAIT)
+        rest = await asyncio.wait_for(reader.read(), LONG_WAIT)
         assert b"bad_request" in rest and b"Bad Header" not in rest
     finally:
         writer.close()
@@ -204,7 +200,7 @@ async def test_a_flood_of_pipelined_requests_is_served_in_order(
         for i in range(count):
             _, headers = await _read_head(reader)
             body = await asyncio.wait_for(
-                reader.readexactly(int(headers["content-length"])), WAIT)
+                reader.readexactly(int(headers["content-length"])), LONG_WAIT)
             assert body == f"n={i}".encode()
     finally:
         writer.close()
@@ -238,7 +234,7 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
     try:
         status, headers = await _read_head(reader)
         assert status.startswith("HTTP/1.1 500") and headers["connection"] == "close"
-        rest = await asyncio.wait_for(reader.read(), WAIT)
+        rest = await asyncio.wait_for(reader.read(), LONG_WAIT)
         assert b"internal_error" in rest and b"secret" not in rest and b"abc" not in rest
     finally:
         writer.close()

@@ -14,7 +14,7 @@ from proxy.credentials.base import Credential, CredentialReporter
 from proxy.errors import CredentialRetrying
 from proxy.forwarding.observe import Exchange
 
-WAIT = 5.0
+from helpers import WAIT
 
 
 class StaticBearer:

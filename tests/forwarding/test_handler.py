@@ -15,7 +15,7 @@ from yarl import URL
 
 from proxy.forwarding.observe import Exchange
 
-WAIT = 5.0  # bound for every wait on an event; never reached when things work
+from helpers import WAIT, eventually
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -376,7 +376,7 @@ async def test_a_chunked_body_crossing_the_limit_gets_413_and_the_target_never_g
     # target got of the big upload, it has finished with it by now.
     async with client.post(proxy.url, data=b"small") as resp:
         assert resp.status == 200
-    await asyncio.wait_for(_until(lambda: 5 in received), WAIT)
+    await eventually(lambda: 5 in received)
     assert all(total < 20_000 for total in received)
 
 
@@ -433,7 +433,7 @@ async def test_a_client_hanging_up_on_an_idle_stream_frees_the_target_side(
     await asyncio.wait_for(resp.content.readuntil(b"\n\n"), WAIT)
     resp.close()
     await asyncio.wait_for(closed.wait(), 2.0)
-    await asyncio.wait_for(_until(lambda: proxy.in_flight == 0), WAIT)
+    await eventually(lambda: proxy.in_flight == 0)
 
 
 async def test_a_target_dying_mid_stream_ends_the_clients_stream_with_an_error(
@@ -489,7 +489,7 @@ async def test_observers_hear_each_request_once_and_a_failing_one_breaks_nothing
             assert await resp.text() == "hello"
         async with client.get(proxy.url, headers={"Origin": "https://evil.example"}) as resp:
             assert resp.status == 403
-    await asyncio.wait_for(_until(lambda: len(good.completed) == 2), WAIT)
+    await eventually(lambda: len(good.completed) == 2)
     assert good.responses == [(200, True)]
     assert good.completed[0] == (200, 5, False)
     assert good.completed[1][0] == 403 and good.completed[1][2]
@@ -505,8 +505,7 @@ async def test_each_request_is_logged_once_without_query_values_or_credentials(
         async with client.get(proxy.url + "?token=abc123",
                               headers={"Authorization": "Bearer clienttoken"}) as resp:
             await resp.read()
-        await asyncio.wait_for(_until(lambda: any(e["event"] == "request" for e in logs)),
-                               WAIT)
+        await eventually(lambda: any(e["event"] == "request" for e in logs))
     events = [e for e in logs if e["event"] == "request"]
     assert len(events) == 1
     event = events[0]
@@ -521,14 +520,6 @@ async def test_each_request_is_logged_once_without_query_values_or_credentials(
 
 async def _hello(request: web.Request) -> web.Response:
     return web.Response(text="hello")
-
-
-async def _until(predicate: Any) -> None:
-    """Poll a condition the code under test has no event for (bounded by the caller)."""
-    for _ in range(10_000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
 
 
 async def test_head_gets_the_targets_headers_and_no_body(

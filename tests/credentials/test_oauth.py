@@ -32,6 +32,8 @@ from proxy.credentials.token_endpoint import (
 )
 from proxy.errors import CredentialInvalid, CredentialRetrying
 
+from helpers import RawConn, eventually
+
 TARGET = "http://127.0.0.1:9/mcp?api_key=k"
 RESOURCE = "http://127.0.0.1:9/mcp"
 SECRET = "s3cr:et&/+ x"
@@ -322,10 +324,11 @@ async def test_token_is_refreshed_before_it_expires(
     await source.start(Reports())
     assert (await source.get()).authorization == "Bearer access-1"
     await endpoint.next_request(2)
-    async with asyncio.timeout(5):
-        # The refresh runs in the background: nothing to wait on but the answer itself.
-        while (await source.get()).authorization != "Bearer access-2":  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    async def refreshed() -> bool:
+        return (await source.get()).authorization == "Bearer access-2"
+
+    # The refresh runs in the background: nothing to wait on but the answer itself.
+    await eventually(refreshed, what="the background refresh")
 
 
 async def test_hundred_waiters_share_one_refresh(
@@ -415,24 +418,21 @@ async def test_failure_shapes_are_acted_on(
     assert source.current_version is None
 
 
-async def test_reset_connection_is_transient(make_source: Callable[..., OAuthSource]) -> None:
+async def test_reset_connection_is_transient(
+    raw_upstream: Any, make_source: Callable[..., OAuthSource]
+) -> None:
     """A token endpoint that drops the connection is retried, not given up on."""
-    async def reset(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.abort()
+    async def reset(conn: RawConn) -> None:
+        conn.writer.transport.abort()
 
-    server = await asyncio.start_server(reset, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        source = make_source(f"http://127.0.0.1:{port}/token", auth_retrying_after=0.0)
-        reports = Reports()
-        await source.start(reports)
-        last = await reports.wait_for(lambda r: not r[0])
-        assert last[1] == "TokenRefreshRetrying" and last[3] is False
-        assert "network" in last[2]
-        await source.close()
-    finally:
-        server.close()
-        await server.wait_closed()
+    endpoint = await raw_upstream(reset)
+    source = make_source(endpoint.url("/token"), auth_retrying_after=0.0)
+    reports = Reports()
+    await source.start(reports)
+    last = await reports.wait_for(lambda r: not r[0])
+    assert last[1] == "TokenRefreshRetrying" and last[3] is False
+    assert "network" in last[2]
+    await source.close()
 
 
 async def test_retrying_source_recovers(

@@ -4,7 +4,7 @@ ranges allow, forwarding a JSON answer and an event stream; and a version outsid
 stopping the proxy at start-up with one line.
 
 Slow (each venv installs from PyPI, through pip's cache), so marked `bounds` and run
-explicitly: `.venv/bin/python -m pytest -q -m bounds tests/test_dependency_bounds.py`.
+explicitly: `.venv/bin/python -m pytest -q -m bounds tests/packaging/test_dependency_bounds.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from proxy.wire.compat import SUPPORTED, supported_range
 
 pytestmark = [pytest.mark.bounds, pytest.mark.timeout(900)]
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 INSTALL_TIMEOUT = 600.0
 WAIT = 15.0
 EVENTS = 5

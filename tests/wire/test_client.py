@@ -4,7 +4,7 @@ closed on time and at shutdown, and requests written byte-exact in one piece."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -13,90 +13,31 @@ from multidict import CIMultiDict
 
 from proxy.wire.client import request_head
 
-WAIT = 5.0
+from helpers import WAIT, RawConn, RawServe, RawUpstream, chunk
+
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-class RawUpstream:
-    """A loopback HTTP/1.1 server on raw streams that counts and controls connections."""
+def answering(answer: Callable[[int, int], Any]) -> RawServe:
+    """Answer request `index` on connection `number` with `answer(number, index)`: the
+    bytes to send, or None to hang up (or a coroutine giving either)."""
 
-    def __init__(self, answer: Callable[[int, int], Any]) -> None:
-        # answer(connection number, request number on it) -> bytes, or None to hang up
-        # (or a coroutine giving either).
-        self._answer = answer
-        self.connections = 0
-        self.open = 0
-        self.requests: list[bytes] = []
-        self.changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+    async def serve(conn: RawConn) -> None:
+        for index in range(1000):
+            await conn.read_request()
+            reply = answer(conn.number, index)
+            if asyncio.iscoroutine(reply):
+                reply = await reply
+            if reply is None:
+                return
+            await conn.send(reply)
 
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}/mcp"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
-        self.open += 1
-        number = self.connections
-        self.changed.set()
-        try:
-            for index in range(1000):
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                self.requests.append(head + await reader.readexactly(length))
-                self.changed.set()
-                answer = self._answer(number, index)
-                if asyncio.iscoroutine(answer):
-                    answer = await answer
-                if answer is None:
-                    break
-                writer.write(answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self.open -= 1
-            self.changed.set()
-            self._tasks.discard(task)
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+    return serve
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[..., Any]]:
-    started: list[RawUpstream] = []
-
-    async def factory(answer: Callable[[int, int], Any]) -> tuple[RawUpstream, str]:
-        upstream = RawUpstream(answer)
-        url = await upstream.start()
-        started.append(upstream)
-        return upstream, url
-
-    yield factory
-    for upstream in started:
-        await upstream.stop()
+async def start(raw_upstream: Any, answer: Callable[[int, int], Any]) -> tuple[RawUpstream, str]:
+    upstream: RawUpstream = await raw_upstream(answering(answer))
+    return upstream, upstream.url()
 
 
 async def call(client: aiohttp.ClientSession, url: str, method: str = "POST",
@@ -110,7 +51,7 @@ async def test_sequential_requests_share_one_upstream_connection(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """Back-to-back calls do not pay a new upstream connection each."""
-    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
     proxy = await make_proxy(url)
     for _ in range(5):
         assert await call(client, proxy.url) == (200, b"ok")
@@ -128,7 +69,7 @@ async def test_concurrent_requests_are_not_queued_behind_a_pool_limit(
         await release.wait()  # every call is held at the target until all have arrived
         return ANSWER
 
-    upstream, url = await raw_upstream(gated)
+    upstream, url = await start(raw_upstream, gated)
     proxy = await make_proxy(url)
 
     n = 150
@@ -149,7 +90,7 @@ async def test_a_kept_alive_connection_the_target_dropped_is_retried_for_a_get(
     """A target that silently drops an idle keep-alive connection costs a GET nothing."""
     # The first connection answers once, then hangs up on the next request unanswered:
     # what a target whose keep-alive timer fired just as the proxy reused it does.
-    upstream, url = await raw_upstream(
+    upstream, url = await start(raw_upstream,
         lambda conn, index: ANSWER if (conn, index) != (1, 1) else None)
     proxy = await make_proxy(url)
     assert await call(client, proxy.url, "GET", None) == (200, b"ok")
@@ -161,7 +102,7 @@ async def test_a_post_on_a_dropped_connection_is_not_sent_twice(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """A tool call the target may have seen is never repeated behind the client's back."""
-    upstream, url = await raw_upstream(
+    upstream, url = await start(raw_upstream,
         lambda conn, index: ANSWER if (conn, index) != (1, 1) else None)
     proxy = await make_proxy(url)
     assert await call(client, proxy.url) == (200, b"ok")
@@ -174,7 +115,7 @@ async def test_idle_upstream_connections_close_after_upstream_idle_timeout(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """The proxy does not hold the target's connections open forever after traffic stops."""
-    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
     proxy = await make_proxy(url, upstream_idle_timeout=0.2)
     assert await call(client, proxy.url) == (200, b"ok")
     assert upstream.open == 1
@@ -185,7 +126,7 @@ async def test_shutdown_closes_idle_upstream_connections(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """Stopping the proxy leaves no connection open at the target."""
-    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
     proxy = await make_proxy(url)
     assert await call(client, proxy.url) == (200, b"ok")
     await proxy.shutdown(drain_timeout=0.5)
@@ -196,7 +137,7 @@ async def test_the_request_reaches_the_target_byte_exact_with_host_first(
     raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """The target sees the client's path, query and body untouched and its own Host."""
-    upstream, url = await raw_upstream(lambda conn, index: ANSWER)
+    upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
     proxy = await make_proxy(url)
     body = b'{"jsonrpc":"2.0","id":7,"method":"tools/call"}'
     target = proxy.url.replace("/mcp", "/mcp/a%2Fb?x=1&y=%20")
@@ -244,7 +185,7 @@ async def test_a_response_timeout_cuts_only_the_request_that_ran_out(
             await hang.wait()
         return ANSWER
 
-    upstream, url = await raw_upstream(answer)
+    upstream, url = await start(raw_upstream, answer)
     proxy = await make_proxy(url, response_timeout=0.3)
     hung = asyncio.create_task(call(client, proxy.url))
     await upstream.wait_for(lambda: len(upstream.requests) == 1)
@@ -319,37 +260,26 @@ async def test_posted_event_stream_events_arrive_one_by_one(
 
 
 async def test_a_target_dying_mid_event_stream_ends_the_clients_stream_with_an_error(
-    make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
 ) -> None:
     """A streamed answer cut by the target is an error for the client, never a clean end."""
     cut = asyncio.Event()
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:"))
-        await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
-        event = b"data: 1\n\n"
-        writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-        await writer.drain()
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + chunk(b"data: 1\n\n"))
         await cut.wait()
-        writer.transport.abort()
+        conn.writer.transport.abort()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        proxy = await make_proxy(f"http://127.0.0.1:{port}/mcp")
-        async with asyncio.timeout(WAIT):
-            async with client.post(proxy.url, data=b"{}") as resp:
-                assert await resp.content.readline() == b"data: 1\n"
-                cut.set()
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await resp.content.read()
-    finally:
-        server.close()
-        await server.wait_closed()
+    upstream = await raw_upstream(serve)
+    proxy = await make_proxy(upstream.url())
+    async with asyncio.timeout(WAIT):
+        async with client.post(proxy.url, data=b"{}") as resp:
+            assert await resp.content.readline() == b"data: 1\n"
+            cut.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.content.read()
 
 
 async def test_a_client_leaving_a_posted_event_stream_frees_the_target(
@@ -398,7 +328,7 @@ async def test_one_connection_parses_answer_after_answer_of_every_shape(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
         ANSWER,
     ]
-    upstream, url = await raw_upstream(lambda conn, index: answers[index])
+    upstream, url = await start(raw_upstream, lambda conn, index: answers[index])
     proxy = await make_proxy(url)
     assert await call(client, proxy.url) == (200, b"ok")
     assert await call(client, proxy.url, "HEAD", None) == (200, b"")

@@ -13,7 +13,7 @@ from aiohttp import web
 from proxy.config import ProxyConfig
 from proxy.forwarding.listener import ForwardingServer, display_host
 
-WAIT = 5.0
+from helpers import WAIT, eventually
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -100,15 +100,14 @@ async def test_connections_above_the_cap_get_503_and_are_closed(
         assert b'"service_unavailable"' in answer
         # Freeing one connection makes room again.
         held.pop()[1].close()
-        for _ in range(200):
+        async def served() -> bool:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(request)
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
             writer.close()
-            if head.startswith(b"HTTP/1.1 200"):
-                break
-            await asyncio.sleep(0.01)
-        assert head.startswith(b"HTTP/1.1 200")
+            return head.startswith(b"HTTP/1.1 200")
+
+        await eventually(served, what="a connection to be served again")
     finally:
         for _, w in held:
             w.close()
@@ -140,11 +139,7 @@ async def test_shutdown_lets_a_request_finish_and_cuts_an_endless_stream(
     stream = await client.get(base + "/mcp")
     await asyncio.wait_for(streaming.wait(), WAIT)
     slow = asyncio.ensure_future(client.get(base + "/slow"))
-    for _ in range(500):
-        if server.in_flight == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert server.in_flight == 2
+    await eventually(lambda: server.in_flight == 2)
     stopping = asyncio.ensure_future(server.shutdown(drain_timeout=0.5))
     finish.set()
     slow_resp = await asyncio.wait_for(slow, WAIT)

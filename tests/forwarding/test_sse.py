@@ -18,9 +18,10 @@ from proxy.forwarding.sse import (
     rewrite_endpoint_url,
 )
 
+from helpers import WAIT
+
 TARGET = URL("https://mcp.example:8443")
 PROXY = "http://127.0.0.1:9000"
-WAIT = 5.0
 
 
 def run(chunks: list[bytes]) -> bytes:

@@ -28,8 +28,9 @@ from proxy.monitor.health import (
 )
 from proxy.status.model import ConditionType, Serving, Started, WorkloadStatus
 
+from helpers import WAIT
+
 TOKEN = "s3cr3t-probe-token"
-WAIT = 5.0  # bound on every wait; the happy path takes milliseconds
 
 
 # --- the classifier ----------------------------------------------------------------

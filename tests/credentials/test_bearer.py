@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,8 @@ from proxy.credentials.bearer import EnvBearerSource, FileBearerSource
 from proxy.credentials.files import check_secret_text
 from proxy.credentials.oauth import OAuthSource
 from proxy.errors import CredentialInvalid
+
+from helpers import eventually
 
 POLL = 0.02
 
@@ -33,13 +33,6 @@ class Reports:
     @property
     def last(self) -> tuple[bool, str, str, bool]:
         return self.calls[-1]
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Bounded polling: the file watcher has no event to wait on."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - polls a file watcher, which has no event
-            await asyncio.sleep(POLL)
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> None:
@@ -144,12 +137,11 @@ async def test_rewritten_file_with_same_length_gives_new_version(
         else:
             replace_atomically(token, "token-bbbb")
 
-        async def changed() -> Credential:
-            while (credential := await source.get()).version == first.version:  # noqa: ASYNC110
-                await asyncio.sleep(POLL)
-            return credential
+        async def changed() -> Credential | None:
+            credential = await source.get()
+            return credential if credential.version != first.version else None
 
-        second = await asyncio.wait_for(changed(), 5.0)
+        second = await eventually(changed, what="the file watcher to see the new token")
         assert second.authorization == "Bearer token-bbbb"
         assert second.version > first.version
         assert reports.calls == [reports.calls[0]]  # stayed available: nothing to report

@@ -13,7 +13,7 @@ import pytest
 from proxy.cli.main import main
 from proxy.wire import compat
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_the_checked_ranges_are_the_declared_ones() -> None:

@@ -1,9 +1,8 @@
-"""Chunked bulk bodies (downloads, not event streams) passed on byte for byte.
+"""Chunked bulk bodies (downloads, not event streams) pushed on as they arrive.
 
-The pure part: the framing checker hands the target's reads on unchanged and takes over
-cleanly from aiohttp's parser wherever that stopped. Through the proxy: the body arrives
-whole, its connection is reused, a body cut short is an error for the client, and a
-client that reads nothing stalls the target while the proxy's buffer stays bounded.
+Through the proxy: the body arrives whole, its connection is reused, a body cut short is
+an error for the client, and a client that reads nothing stalls the target while the
+proxy's buffer stays bounded.
 """
 
 from __future__ import annotations
@@ -20,19 +19,14 @@ import pytest
 
 from proxy.wire.server import WRITE_HIGH_WATER as PUSH_HIGH_WATER
 
-WAIT = 10.0
+from helpers import LONG_WAIT, RawConn, chunk
+
 BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
 READ_MAX = 2**18  # the largest single read an event loop hands a protocol (256 KiB)
 BOUND = PUSH_HIGH_WATER + 2 * READ_MAX  # the proxy's buffer toward a client that reads nothing
 
 Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
 
 
 def cut(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -45,16 +39,6 @@ def cut(data: bytes, sizes: list[int]) -> list[bytes]:
     if pos < len(data):
         pieces.append(data[pos:])
     return pieces
-
-
-# --- the pure framing checker ------------------------------------------------------------
-
-
-
-
-
-
-
 
 
 # --- through the proxy -------------------------------------------------------------------
@@ -75,15 +59,13 @@ def odd_body(seed: int) -> tuple[bytes, bytes]:
 
 
 async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_request(
-    raw_target: Any, make_proxy: Any,
+    raw_upstream: Any, make_proxy: Any,
 ) -> None:
     """Reads cut anywhere (size lines included); every byte arrives; one connection."""
-    connections = 0
     framed, payload = odd_body(7)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def serve(conn: RawConn) -> None:
+        reader, writer = conn.reader, conn.writer
         while True:  # keep-alive: one download per request
             try:
                 await read_request(reader)
@@ -94,44 +76,45 @@ async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_
                 writer.write(data[pos:pos + 7001])
                 await writer.drain()
 
-    async with raw_target(serve) as url:
-        proxy = await make_proxy(url)
-        async with aiohttp.ClientSession() as session:
-            for _ in range(3):
-                async with session.get(proxy.url) as response:
-                    assert response.headers["Transfer-Encoding"] == "chunked"
-                    assert await asyncio.wait_for(response.read(), WAIT) == payload
-    assert connections == 1
+    upstream = await raw_upstream(serve)
+    proxy = await make_proxy(upstream.url())
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(proxy.url) as response:
+                assert response.headers["Transfer-Encoding"] == "chunked"
+                assert await asyncio.wait_for(response.read(), LONG_WAIT) == payload
+    assert upstream.connections == 1
 
 
 @pytest.mark.parametrize("ending", [b"", b"\r\nzz\r\n"], ids=["target-dies", "broken-framing"])
 async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
-    raw_target: Any, make_proxy: Any, ending: bytes
+    raw_upstream: Any, make_proxy: Any, ending: bytes
 ) -> None:
     """A truncated download never looks like a complete one."""
     streaming = asyncio.Event()
     block = b"x" * 65536
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(conn: RawConn) -> None:
+        reader, writer = conn.reader, conn.writer
         await read_request(reader)
         writer.write(BULK_HEAD + chunk(block) * 8 + b"%x\r\n" % len(block) + block[:1000])
         await writer.drain()
-        await asyncio.wait_for(streaming.wait(), WAIT)
+        await asyncio.wait_for(streaming.wait(), LONG_WAIT)
         writer.write(block[1000:] + ending if ending else b"")
         await writer.drain()
 
-    async with raw_target(serve) as url:
-        proxy = await make_proxy(url)
-        async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
-            assert len(await asyncio.wait_for(response.content.readexactly(65536), WAIT)) \
-                == 65536
-            streaming.set()
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await asyncio.wait_for(response.read(), WAIT)
+    upstream = await raw_upstream(serve)
+    proxy = await make_proxy(upstream.url())
+    async with aiohttp.ClientSession() as session, session.get(proxy.url) as response:
+        assert len(await asyncio.wait_for(response.content.readexactly(65536), LONG_WAIT)) \
+            == 65536
+        streaming.set()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(response.read(), LONG_WAIT)
 
 
 async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_proxys_buffer(
-    raw_target: Any, make_proxy: Any,
+    raw_upstream: Any, make_proxy: Any,
 ) -> None:
     """Bounded memory: while the client reads nothing, the proxy holds at most its high
     water mark plus one read, the target's writes block, and the client hanging up then
@@ -154,7 +137,8 @@ async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_prox
                  for conn in proxy._server.connections if conn.transport is not None]
         return max(sizes, default=0)
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(conn: RawConn) -> None:
+        reader, writer = conn.reader, conn.writer
         nonlocal accepted, peak
         await read_request(reader)
         transport = writer.transport
@@ -173,22 +157,22 @@ async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_prox
             await reader.read()  # ends when the proxy closes this connection
         closed.set()
 
-    async with raw_target(serve) as url:
-        proxy = await make_proxy(url)
-        client = socket.socket()
-        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-        client.setblocking(False)
-        loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), WAIT)
-            await loop.sock_sendall(client, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            await asyncio.wait_for(stalled.wait(), 60)
-            assert peak <= BOUND, f"the proxy buffered {peak} bytes"
-            assert proxy_buffered() <= BOUND
-            assert accepted < 64 * 1024 * 1024, f"{accepted >> 20} MiB left the target"
-            head = await asyncio.wait_for(loop.sock_recv(client, 64), WAIT)
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
-        finally:
-            client.close()
-        await asyncio.wait_for(closed.wait(), WAIT)
+    upstream = await raw_upstream(serve)
+    proxy = await make_proxy(upstream.url())
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    client.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", proxy.port)), LONG_WAIT)
+        await loop.sock_sendall(client, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        await asyncio.wait_for(stalled.wait(), 60)
+        assert peak <= BOUND, f"the proxy buffered {peak} bytes"
+        assert proxy_buffered() <= BOUND
+        assert accepted < 64 * 1024 * 1024, f"{accepted >> 20} MiB left the target"
+        head = await asyncio.wait_for(loop.sock_recv(client, 64), LONG_WAIT)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        client.close()
+    await asyncio.wait_for(closed.wait(), LONG_WAIT)
 
