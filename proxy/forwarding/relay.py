@@ -29,11 +29,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import hdrs
-from multidict import CIMultiDict
 
 from ..wire.client import UpstreamResponse
 from ..wire.server import InboundRequest, Reply
-from .rules import REDIRECT_STATUSES, response_headers
+from .rules import REDIRECT_STATUSES, response_fields
 
 # --- the request body ---------------------------------------------------------------
 
@@ -145,8 +144,8 @@ RELAY_PATHS = (COMPLETE, PUSHED, REWRITTEN)
 
 def needs_rewrite(method: str, upstream: UpstreamResponse) -> bool:
     """The legacy SSE endpoint's stream: a GET answered with an event stream."""
-    return method == hdrs.METH_GET and upstream.headers.get(
-        hdrs.CONTENT_TYPE, "").startswith("text/event-stream")
+    return method == hdrs.METH_GET and (upstream.header(hdrs.CONTENT_TYPE) or "").startswith(
+        "text/event-stream")
 
 
 def relay_path(method: str, upstream: UpstreamResponse) -> str:
@@ -172,13 +171,13 @@ class Progress:
         self.upstream_status: int | None = None
 
 
-def client_headers(upstream: UpstreamResponse, path: str) -> CIMultiDict[str]:
-    """The head passed on: the target's minus hop-by-hop fields (and its length, when
-    the body is rewritten or comes whole and is counted again)."""
-    headers = response_headers(upstream.headers)
-    if path == REWRITTEN:
-        headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
-    return headers
+def client_headers(upstream: UpstreamResponse, path: str) -> list[tuple[str, str]]:
+    """The head passed on: the target's fields minus hop-by-hop ones (and its length, when
+    the body is rewritten)."""
+    fields = response_fields(upstream.fields)
+    if path == REWRITTEN:  # a rewrite changes the length
+        fields = [(n, v) for n, v in fields if n.lower() != "content-length"]
+    return fields
 
 
 def send_complete(request: InboundRequest, upstream: UpstreamResponse,

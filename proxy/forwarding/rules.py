@@ -105,6 +105,26 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
+def response_fields(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`response_headers` for a head's fields as a list (no multidict made)."""
+    named: frozenset[str] = frozenset()
+    out = []
+    for name, value in fields:
+        hop = _RESPONSE_NAMES.get(name)
+        if hop is None:
+            hop = name.lower() in HOP_BY_HOP
+            if len(_RESPONSE_NAMES) < _NAMES_KEPT:
+                _RESPONSE_NAMES[name] = hop
+        if hop:
+            if name.lower() == "connection":
+                named = named | {token.strip().lower() for token in value.split(",")}
+            continue
+        out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+    return out
+
+
 def split_raw_path(raw: str) -> tuple[str, str]:
     """(path, query) of a request target, as sent; absolute-form targets are reduced."""
     if not raw.startswith("/"):

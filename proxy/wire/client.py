@@ -122,17 +122,18 @@ class UpstreamResponse:
     read with `read()` (the awaited loop); `complete` once every byte arrived.
     """
 
-    __slots__ = ("_buffer", "_conn", "_pool", "_size", "_waiter", "complete", "error",
-                 "headers", "reason", "received", "sink", "status", "version")
+    __slots__ = ("_buffer", "_conn", "_headers", "_pool", "_size", "_waiter", "complete",
+                 "error", "fields", "reason", "received", "sink", "status", "version")
 
     def __init__(self, pool: UpstreamPool, conn: _Connection, status: int, reason: str,
-                 version: str, headers: CIMultiDictProxy[str]) -> None:
+                 version: str, fields: list[tuple[str, str]]) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
         self.status = status
         self.reason = reason
         self.version = version
-        self.headers = headers
+        self.fields = fields  # the head's fields in order, latin-1 text: what was sent
+        self._headers: CIMultiDictProxy[str] | None = None
         self.complete = False
         self.error: BaseException | None = None
         self.sink: BodySink | None = None
@@ -140,6 +141,23 @@ class UpstreamResponse:
         self._buffer: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The fields as a multidict, made when first asked for: a whole answer sent from
+        the socket callback is written from `fields` and needs none before it is out."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        return headers
+
+    def header(self, name: str) -> str | None:
+        """The first value of field `name` (any case), without making the multidict."""
+        low = name.lower()
+        for field, value in self.fields:
+            if field.lower() == low:
+                return value
+        return None
 
     @property
     def finished(self) -> bool:
@@ -407,11 +425,10 @@ class _Connection(asyncio.Protocol):
             self._interim = True  # not the response: its end is followed by the real one
             return
         self._interim = False
-        headers = CIMultiDict(fields)
         if not parser.should_keep_alive():
             self._reusable = False
         response = UpstreamResponse(self._pool, self, status, self._reason,
-                                    parser.get_http_version(), CIMultiDictProxy(headers))
+                                    parser.get_http_version(), fields)
         self._response = response
         if self._head_only:
             # The answer to HEAD has no body, whatever its framing headers say. llhttp
@@ -438,13 +455,12 @@ class _Connection(asyncio.Protocol):
         response = self._response
         if response is None:
             return False
-        headers = response.headers
         if response.status in (204, 304) or self._head_only:
             return False
-        codings = headers.get("Transfer-Encoding")
+        codings = response.header("Transfer-Encoding")
         if codings is not None:  # RFC 9112 §6.3: chunked last, else until the close
             return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
-        return "Content-Length" not in headers
+        return response.header("Content-Length") is None
 
     def _broken(self, error: BaseException) -> None:
         self._reusable = False

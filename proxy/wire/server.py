@@ -237,7 +237,9 @@ class WriteListener(Protocol):
 class Reply:
     """The answer to one request: status line, headers, then the body as it comes.
 
-    `body` set: sent whole with a Content-Length by `finish()`. Otherwise `start()`
+    `headers` is a multidict or a list of (name, value) fields, in order; a body's length
+    as given there is trusted. `body` set: sent whole with a Content-Length by `finish()`.
+    Otherwise `start()`
     frames it: the headers' Content-Length as given, chunked for an HTTP/1.1 client,
     else until the connection closes. Returned by the handler; the connection finishes
     whatever the handler did not. `start()` raises ValueError for a head that cannot be
@@ -248,13 +250,18 @@ class Reply:
                  "finished", "headers", "prepared", "reason", "status")
 
     def __init__(self, status: int, reason: str | None = None,
-                 headers: CIMultiDict[str] | None = None, body: bytes | None = None,
-                 content_type: str | None = None) -> None:
+                 headers: CIMultiDict[str] | list[tuple[str, str]] | None = None,
+                 body: bytes | None = None, content_type: str | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        # As given: `start()` adds the framing fields to the head it writes, not here.
+        self.headers: CIMultiDict[str] | list[tuple[str, str]] = (
+            headers if headers is not None else CIMultiDict())
         if content_type is not None:
-            self.headers["Content-Type"] = content_type
+            if isinstance(self.headers, list):
+                self.headers.append(("Content-Type", content_type))
+            else:
+                self.headers.add("Content-Type", content_type)
         self.body = body
         self.prepared = False
         self.finished = False
@@ -288,6 +295,8 @@ class Reply:
             return self
         conn = request.protocol
         headers = self.headers
+        fields = list(headers) if isinstance(headers, list) else list(headers.items())
+        names = {name.lower() for name, _ in fields}
         status = self.status
         version = request.version
         no_body = self._no_body = (request.method == "HEAD" or status < 200
@@ -295,26 +304,27 @@ class Reply:
         keep = not (self._close or request.should_close or conn.closing)
         chunked = False
         if self.body is not None:
-            if not no_body or request.method == "HEAD":
-                headers["Content-Length"] = str(len(self.body))
-        elif no_body or "Content-Length" in headers:
+            if (not no_body or request.method == "HEAD") and "content-length" not in names:
+                fields.append(("Content-Length", str(len(self.body))))
+        elif no_body or "content-length" in names:
             pass
         elif version >= HTTP11:
-            headers["Transfer-Encoding"] = "chunked"
+            fields.append(("Transfer-Encoding", "chunked"))
             chunked = True
         else:
             keep = False  # an HTTP/1.0 client reads this body until the connection closes
+        if "connection" in names:
+            fields = [(n, v) for n, v in fields if n.lower() != "connection"]
         if not keep:
-            headers["Connection"] = "close"
+            fields.append(("Connection", "close"))
         elif version == HTTP10:
-            headers["Connection"] = "keep-alive"
-        if "Date" not in headers:
-            headers["Date"] = http_date()
+            fields.append(("Connection", "keep-alive"))
+        if "date" not in names:
+            fields.append(("Date", http_date()))
         reason = self.reason
         if reason is None:
             reason = _REASONS.get(status, "")
-        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}",
-                              headers.items())
+        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", fields)
         # Nothing above wrote or changed the connection: a bad head leaves it answerable.
         self.prepared = True
         self._conn = conn
