@@ -42,12 +42,15 @@ class _Reporter:
     def __init__(self) -> None:
         self._monitor: AuthMonitor | None = None
         self._last: tuple[bool, str, str, bool] | None = None
+        self.health: HealthProber | None = None  # told when the source has a credential
 
     def __call__(self, available: bool, reason: str, message: str, permanent: bool) -> None:
         if self._monitor is None:
             self._last = (available, reason, message, permanent)
         else:
             self._monitor.credential_state(available, reason, message, permanent)
+        if available and self.health is not None:
+            self.health.credential_changed()  # a healed source is probed at once (rule 7)
 
     def attach(self, monitor: AuthMonitor) -> None:
         self._monitor = monitor
@@ -146,7 +149,9 @@ class AuthProxy:
                     observer=self._monitor,
                     metrics=self.metrics,
                     logger=self._logger,
+                    proof_wanted=lambda: self._monitor.episode_open,
                 )
+                self._reporter.health = self._health
                 await self._health.start()
             if config.admin_port is not None:
                 self._admin = AdminServer(

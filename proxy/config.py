@@ -23,7 +23,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 
-CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth"]
+CredentialKind = Literal["none", "bearer_file", "bearer_env", "oauth", "signin"]
 
 
 def _flag(field_name: str) -> str:
@@ -80,6 +80,7 @@ class ProxyConfig:
     oauth_client_secret_file: str | Path | None = None
     oauth_refresh_token_file: str | Path | None = None
     oauth_scopes: tuple[str, ...] = ()
+    oauth: bool = False
     pass_401: bool = False
     health_interval: float = 30.0
     health_timeout: float = 5.0
@@ -90,6 +91,7 @@ class ProxyConfig:
     max_request_bytes: int = 8 * 1024 * 1024
     response_timeout: float = 300.0
     admin_port: int | None = None
+    admin_host: str = "127.0.0.1"
     on_unauthorized_exec: str | None = None
     log_format: Literal["console", "json"] | None = None
     log_level: str = "info"
@@ -98,6 +100,7 @@ class ProxyConfig:
     credential_wait: float = 10.0
     auth_retrying_after: float = 60.0
     auth_give_up_after: float = 24 * 3600.0
+    auth_slow_retry: float = 300.0
     replay_limit: int = 1024 * 1024
     drain_timeout: float = 10.0
     max_connections: int = 4096
@@ -200,6 +203,7 @@ class ProxyConfig:
         number("credential_wait", minimum=0, strict=True)
         number("auth_retrying_after", minimum=0)
         number("auth_give_up_after", minimum=0)
+        number("auth_slow_retry", minimum=0, strict=True)
         number("replay_limit", minimum=0, integer=True)
         number("drain_timeout", minimum=0)
         number("max_connections", minimum=1, integer=True)
@@ -217,12 +221,16 @@ class ProxyConfig:
                 ("--bearer-token-file", self.bearer_token_file is not None),
                 ("--bearer-token-env", self.bearer_token_env is not None),
                 ("--oauth-token-url", uses_oauth),
+                ("--oauth", self.oauth is True),
             ) if used
         ]
         if len(chosen) > 1:
             raise ConfigError(
                 f"{chosen[1]}: only one credential source may be given (also got {chosen[0]})"
             )
+        for flag_field in ("oauth", "pass_401"):
+            if not isinstance(getattr(self, flag_field), bool):
+                raise _fail(flag_field, "must be True or False")
         if self.bearer_token_env is not None:
             var = self.bearer_token_env
             if not var or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):
@@ -246,6 +254,8 @@ class ProxyConfig:
     def _validate_network(self) -> None:
         if not self.host:
             raise _fail("host", "must not be empty")
+        if not isinstance(self.admin_host, str) or not self.admin_host:
+            raise _fail("admin_host", "must not be empty")
         origins = []
         for origin in self.allowed_origins:
             try:
@@ -287,8 +297,21 @@ class ProxyConfig:
             return "bearer_env"
         if self.oauth_token_url is not None:
             return "oauth"
+        if self.oauth:
+            return "signin"
         return "none"
 
     @property
     def binds_loopback(self) -> bool:
         return is_loopback_host(self.host)
+
+    @property
+    def checks_host(self) -> bool:
+        """The DNS-rebinding `Host` guard is on: always on a loopback bind, and on any
+        other bind as soon as one `--allowed-host` is given."""
+        return self.binds_loopback or bool(self.allowed_hosts)
+
+    @property
+    def admin_checks_host(self) -> bool:
+        """The same guard for the admin port, which binds `admin_host`."""
+        return is_loopback_host(self.admin_host) or bool(self.allowed_hosts)

@@ -2,8 +2,10 @@
 
     ProxyError
     ├── ConfigError (ValueError)        bad flag or configuration -> exit 2
+    │   └── UnsafePath                  a state/credentials path others could change
     ├── StateError                      status store problems
     │   └── NameInUse                   another live process owns the workload name
+    ├── SignInError                     `login` failed at a named step -> exit 1
     └── CredentialUnavailable           no credential at hand -> 503 + Retry-After
         ├── CredentialInvalid           permanent: the source must heal first
         └── CredentialRetrying          transient: a refresh is failing or in flight
@@ -24,6 +26,10 @@ class ConfigError(ProxyError, ValueError):
     """A bad option. The message names the option (flag or field) and fits on one line."""
 
 
+class UnsafePath(ConfigError):
+    """A directory or file others could write or redirect (`safe_fs`); names the flag."""
+
+
 class StateError(ProxyError):
     """The status store could not be read or written."""
 
@@ -35,6 +41,17 @@ class NameInUse(StateError):
         super().__init__(f"workload {name!r} is already run by live process {pid}")
         self.name = name
         self.pid = pid
+
+
+class SignInError(ProxyError):
+    """A sign-in step failed. `str()` is the one line a person reads: the step, what
+    went wrong and the server's `error` code when it sent one; never a credential."""
+
+    def __init__(self, step: str, message: str, code: str | None = None) -> None:
+        detail = f" ({code})" if code else ""
+        super().__init__(f"{step}: {message}{detail}")
+        self.step = step
+        self.code = code
 
 
 class CredentialUnavailable(ProxyError):

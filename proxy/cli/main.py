@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from ..config import LOG_LEVELS, ProxyConfig, default_state_dir
 from ..errors import ConfigError, NameInUse
+from .login import add_login_parser, both, login_main, signin_command, start_step_ups
 
 PROG = "mcp-authproxy"
 
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     cred.add_argument("--pass-401", action="store_true", default=None,
                       help="with a credential source, pass the target's 401 to the client "
                       "unchanged instead of a 503 upstream_unauthorized")
+    cred.add_argument("--oauth", action="store_true", default=None,
+                      help="the sign-in 'mcp-authproxy login NAME' stored for this workload; "
+                      "refreshed and picked up again without a restart")
     health = run.add_argument_group("health probes")
     health.add_argument("--health-interval", type=_number(float), metavar="S",
                         help="seconds between probes, 0 = off (30)")
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="ORIGIN", help="browser Origin accepted besides loopback ones "
                        "(repeatable)")
     guard.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="HOST",
-                       help="extra Host accepted when bound to loopback (repeatable)")
+                       help="extra Host accepted; turns the Host guard on for any bind "
+                       "(always on for loopback) (repeatable)")
     guard.add_argument("--ca-file", metavar="PATH", help="extra CA bundle for an https target")
     guard.add_argument("--max-request-bytes", type=_number(int), metavar="N",
                        help="largest request body forwarded (8388608)")
@@ -111,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ops = run.add_argument_group("operations")
     ops.add_argument("--admin-port", type=_number(int), metavar="N",
                      help="serve /healthz /readyz /status /metrics here; 0 = a free port")
+    ops.add_argument("--admin-host", metavar="HOST",
+                     help="address the admin port binds (127.0.0.1)")
     ops.add_argument("--on-unauthorized-exec", metavar="CMD",
                      help="command run when an unauthorized episode begins (event JSON in "
                      "$MCP_AUTHPROXY_EVENT)")
@@ -122,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME")
     status.add_argument("--json", action="store_true", help="print the status file contents")
     status.add_argument("--state-dir", metavar="DIR")
+
+    add_login_parser(sub, _Parser, _number)
 
     sub.add_parser("demo", help="walk through a revoked and restored token against a local "
                    "MCP server")
@@ -166,7 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         state_dir = Path(args.state_dir or os.environ.get("MCP_AUTHPROXY_STATE_DIR") or
                          default_state_dir())
-        return show_status(state_dir, args.name, as_json=args.json)
+        try:
+            return show_status(state_dir, args.name, as_json=args.json)
+        except ConfigError as exc:
+            _print_error(str(exc))
+            return 2
+    if args.command == "login":
+        return login_main(args, dict(os.environ), _print_error)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -223,9 +238,14 @@ async def _serve(config: ProxyConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    on_unauthorized = (
-        exec_callback(config.on_unauthorized_exec) if config.on_unauthorized_exec else None
-    )
+    callbacks = [exec_callback(config.on_unauthorized_exec)] if (
+        config.on_unauthorized_exec) else []
+    # Someone is watching this terminal: start the sign-in the workload needs.
+    interactive = config.oauth and sys.stderr.isatty()
+    if interactive:
+        callbacks.append(exec_callback(signin_command(config)))
+    on_unauthorized = both(*callbacks) if callbacks else None
+    step_ups: asyncio.Task[None] | None = None
     try:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.
@@ -233,8 +253,13 @@ async def _serve(config: ProxyConfig) -> int:
             tune_malloc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
+            if interactive:
+                step_ups = asyncio.create_task(start_step_ups(
+                    lambda: running.status, signin_command(config)))
             await stop.wait()
     finally:
+        if step_ups is not None:
+            step_ups.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return 0

@@ -1,7 +1,9 @@
 """`mcp-authproxy status`: show the status files of one workload or all, read-only.
 
 A record whose process is gone is shown as such (`gone`), never as its last status:
-a crashed proxy cannot say `stopped` itself.
+a crashed proxy cannot say `stopped` itself. Files are read without following links or
+blocking (a planted FIFO shows as corrupt), from a state directory only this user can
+write (`UnsafePath`, exit 2, otherwise).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..safe_fs import check_owned_dir, ensure_private_dir, read_regular
 from ..status.model import Lifecycle, WorkloadRecord
 from ..status.store import MAX_FILE_BYTES, decode, pid_alive
+
+FLAG = "--state-dir"
 
 ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
 
@@ -21,7 +26,9 @@ ENDED = (Lifecycle.STOPPED, Lifecycle.FAILED)
 def _load(path: Path) -> tuple[dict[str, Any] | None, WorkloadRecord | None]:
     """The file's object (for --json) and its record, via the store's one decoder."""
     try:
-        raw = path.read_bytes()[: MAX_FILE_BYTES + 1]
+        raw = read_regular(path, MAX_FILE_BYTES)
+        if raw is None:
+            return None, None
         record = decode(raw, path.name.removesuffix(".json"))
     except (OSError, ValueError):
         return None, None
@@ -44,9 +51,14 @@ def shown_status(record: WorkloadRecord) -> str:
 
 
 def show_status(state_dir: Path, name: str | None, *, as_json: bool) -> int:
+    """Print one workload or all; raises `UnsafePath` for a state dir others could write."""
     folder = state_dir / "workloads"
-    paths = [folder / f"{name}.json"] if name else sorted(folder.glob("*.json"))
-    if name and not paths[0].is_file():
+    if check_owned_dir(state_dir, flag=FLAG) and ensure_private_dir(folder, flag=FLAG,
+                                                                    create=False):
+        paths = [folder / f"{name}.json"] if name else sorted(folder.glob("*.json"))
+    else:
+        paths = [folder / f"{name}.json"] if name else []
+    if name and not paths[0].exists() and not paths[0].is_symlink():
         print(f"mcp-authproxy: error: no workload named {name!r} in {folder}", file=sys.stderr)
         return 1
     loaded = [(path, *_load(path)) for path in paths]

@@ -1,7 +1,8 @@
 """Outgoing credentials: one interface (`base.CredentialSource`) for every source the
 proxy can inject from, and the factory that picks one from a `ProxyConfig`.
 
-Sources: `bearer.FileBearerSource`, `bearer.EnvBearerSource`, `oauth.OAuthSource`.
+Sources: `bearer.FileBearerSource`, `bearer.EnvBearerSource`, `oauth.OAuthSource`,
+`stored.StoredSignInSource` (the sign-in `mcp-authproxy login` stored).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from .base import Credential, CredentialReporter, CredentialSource, RefreshListener
 from .bearer import EnvBearerSource, FileBearerSource
 from .oauth import OAuthSource
+from .stored import StoredSignInSource
 
 if TYPE_CHECKING:
     import aiohttp
@@ -26,6 +28,7 @@ __all__ = [
     "FileBearerSource",
     "OAuthSource",
     "RefreshListener",
+    "StoredSignInSource",
     "build_credential_source",
 ]
 
@@ -47,8 +50,9 @@ def build_credential_source(
     if kind == "bearer_env":
         assert config.bearer_token_env is not None
         return EnvBearerSource(config.bearer_token_env)
-    if kind == "oauth":
-        source = OAuthSource(config, session_factory=session_factory)
+    if kind in ("oauth", "signin"):
+        source = (OAuthSource if kind == "oauth" else StoredSignInSource)(
+            config, session_factory=session_factory)
         source.refresh_listener = refresh_listener
         return source
     return None

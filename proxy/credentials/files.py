@@ -107,6 +107,11 @@ class FileWatch:
         self._signature: FileSignature | None = None
         self._seen = False
 
+    @property
+    def signature(self) -> FileSignature | None:
+        """The signature last marked (None before any, or when the file was missing)."""
+        return self._signature
+
     def mark(self, signature: FileSignature | None) -> None:
         self._signature = signature
         self._seen = True

@@ -81,10 +81,10 @@ class OAuthSource:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        assert config.oauth_token_url is not None and config.oauth_client_id is not None
         self._config = config
-        self._token_url = config.oauth_token_url
-        self._client_id = config.oauth_client_id
+        # A subclass with another home for its client (a stored sign-in) fills these in.
+        self._token_url = config.oauth_token_url or ""
+        self._client_id = config.oauth_client_id or ""
         self._secret_path = _as_path(config.oauth_client_secret_file)
         self._refresh_path = _as_path(config.oauth_refresh_token_file)
         self._resource = str(URL(config.target_url).with_query(None).with_fragment(None))
@@ -114,6 +114,9 @@ class OAuthSource:
         self._rejected: int | None = None  # version the target answered 401 to
         # Failure state of the current run of failures.
         self._permanent: tuple[str, str] | None = None  # (reason, message)
+        # Given up after `auth_give_up_after` of transient failures (not a refusal): still
+        # retried every `auth_slow_retry`, so an endpoint that comes back heals the source.
+        self._slow = False
         self._failures = 0
         self._first_failure_at: float | None = None
         self._next_attempt_at: float | None = None
@@ -242,7 +245,9 @@ class OAuthSource:
     def _next_due(self, now: float) -> float | None:
         """When the driver should next act: an attempt, or a report that falls due."""
         if self._permanent is not None:
-            return None  # only a change of the files heals it
+            # A refusal is healed only by a change of the files; a give-up after transient
+            # failures also by the slow retry.
+            return self._next_attempt_at if self._slow else None
         if self._first_failure_at is not None:
             moments = [self._next_attempt_at or now,
                        self._first_failure_at + self._config.auth_give_up_after]
@@ -264,7 +269,7 @@ class OAuthSource:
             due = self._next_due(now)
             idle = self._inflight is None or self._inflight.done()
             if idle and due is not None and due <= now and not self._in_backoff(now) and (
-                    self._permanent is None):
+                    self._permanent is None or self._slow):
                 self._start_attempt()
                 idle = False
             if not idle:
@@ -297,7 +302,7 @@ class OAuthSource:
         assert self._session is not None
         headers, form = token_request(
             client_id=self._client_id, secret=self._secret,
-            refresh_token=self._refresh_token if self._refresh_path else None,
+            refresh_token=self._grant_refresh_token(),
             resource=self._resource, scopes=self._config.oauth_scopes,
         )
         status: int | None = None
@@ -320,10 +325,18 @@ class OAuthSource:
         assert parsed is not None
         return parsed
 
-    async def _succeeded(self, answer: TokenResponse, now: float) -> None:
+    def _grant_refresh_token(self) -> str | None:
+        """The refresh token to grant with; None asks for client_credentials."""
+        return self._refresh_token if self._refresh_path else None
+
+    async def _keep(self, answer: TokenResponse) -> None:
+        """Persist what a successful answer changed: here a rotated refresh token."""
         if (answer.refresh_token and self._refresh_path is not None
                 and answer.refresh_token != self._refresh_token):
             await self._store_refresh_token(answer.refresh_token)
+
+    async def _succeeded(self, answer: TokenResponse, now: float) -> None:
+        await self._keep(answer)
         authorization = f"Bearer {answer.access_token}"
         if self._credential is None or self._credential.authorization != authorization:
             self._version += 1
@@ -363,6 +376,14 @@ class OAuthSource:
         self._last_ok = False
         self._last_failure = failure
         self._tell("refused" if failure.permanent else "transient_error", None)
+        if self._slow and not failure.permanent:
+            # Still down after giving up: stay given up, try again in a while.
+            self._next_attempt_at = now + max(self._config.auth_slow_retry,
+                                              failure.retry_after or 0.0)
+            get_logger().info("token_refresh_slow_retry", endpoint=self.description,
+                              error=failure.code,
+                              delay=round(self._next_attempt_at - now, 3))
+            return
         if failure.permanent:
             self._give_up("TokenRefreshFailed", failure.message())
             get_logger().warning("token_refresh_failed", endpoint=self.description,
@@ -398,7 +419,10 @@ class OAuthSource:
         failure = self._last_failure.message() if self._last_failure else "no token"
         if elapsed >= self._config.auth_give_up_after:
             self._give_up("TokenRefreshFailed",
-                          f"{failure}; gave up after {elapsed:.0f} s of failures")
+                          f"{failure}; gave up after {elapsed:.0f} s of failures, "
+                          f"retrying every {self._config.auth_slow_retry:g} s")
+            self._slow = True
+            self._next_attempt_at = now + self._config.auth_slow_retry
         elif elapsed >= self._config.auth_retrying_after and not self._retrying:
             self._retrying = True
             self._state(False, "TokenRefreshRetrying",
@@ -407,11 +431,13 @@ class OAuthSource:
     def _give_up(self, reason: str, message: str) -> None:
         message = self._scrub(message)
         self._permanent = (reason, message)
+        self._slow = False
         self._next_attempt_at = None
         self._state(False, reason, message, True)
 
     def _reset_failures(self) -> None:
         self._permanent = None
+        self._slow = False
         self._failures = 0
         self._first_failure_at = None
         self._next_attempt_at = None
@@ -432,15 +458,18 @@ class OAuthSource:
     def _load_files(self, *, initial: bool) -> bool:
         """(Re-)read changed files; True when something the grant uses changed."""
         changed = False
+        touched = False  # a file's identity (mtime, size, inode) changed, contents or not
         for watch in self._watches:
             if self._storing and watch.path == self._refresh_path:
                 continue  # our own write in flight (see _store_refresh_token)
             if not initial and not watch.changed():
                 continue
+            before = watch.signature
             what = "client secret file" if watch.path == self._secret_path else (
                 "refresh token file")
             result = read_secret_file(watch.path, what, spaces=True)
             watch.mark(result.signature)
+            touched = touched or result.signature != before
             if watch.path not in self._warned and warn_if_shared(
                     watch.path, result.signature, what):
                 self._warned.add(watch.path)
@@ -459,8 +488,11 @@ class OAuthSource:
             self._refresh_path is not None and self._refresh_token is None)
         if initial or missing:
             return changed
-        if changed and (self._permanent is not None or self._first_failure_at is not None
-                        or self._rejected is not None):
+        # After a give-up, any change of a file is the user's word to try again, even
+        # one that rewrote the same contents (a `touch`, a secret manager's re-sync).
+        if (changed or (touched and self._permanent is not None)) and (
+                self._permanent is not None or self._first_failure_at is not None
+                or self._rejected is not None):
             # The user fixed something: forget the failures and try again at once.
             self._reset_failures()
             self._last_failure = None

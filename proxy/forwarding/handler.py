@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import hdrs
 from multidict import CIMultiDict
+from yarl import URL
 
 from ..config import ProxyConfig
 from ..credentials.base import Credential, CredentialSource
@@ -44,9 +45,11 @@ from .relay import (
     send_complete,
 )
 from .rules import (
+    ALLOWED_METHODS,
     REDIRECT_STATUSES,
     held_auth_answer,
     host_allowed,
+    is_mcp_path,
     merge_query,
     origin_allowed,
     path_with_query,
@@ -63,6 +66,7 @@ _BODY_HEADERS = (hdrs.CONTENT_LENGTH, hdrs.CONTENT_TYPE, hdrs.TRANSFER_ENCODING,
 MAX_REDIRECTS = 10
 _NOT_FORWARDED = frozenset({hdrs.METH_TRACE, hdrs.METH_CONNECT})
 _CACHE_LIMIT = 256  # distinct Origin/Host values remembered; more is an attack or a bug
+_ENDPOINTS_KEPT = 64  # legacy `endpoint` paths remembered (one per server, in practice)
 
 
 class _ProxyAnswer(Exception):
@@ -116,9 +120,12 @@ class Forwarder:
         # The proxy owns the credential: the target's challenge is not the client's to act on.
         self._hold_auth = credentials is not None and not config.pass_401
         self._mcp_path = config.mcp_path
+        # Paths of the legacy transport's `endpoint` events, announced on an MCP path:
+        # MCP paths too (an insertion-ordered set, oldest dropped first).
+        self._endpoints: dict[str, None] = {}
         self._allowed_origins = config.allowed_origins
         self._allowed_hosts = config.allowed_hosts
-        self._check_host = config.binds_loopback
+        self._check_host = config.checks_host
         self._origin_ok: dict[str, bool] = {}
         self._host_ok: dict[str, bool] = {}
         self._timeout = config.response_timeout or None
@@ -160,7 +167,7 @@ class Forwarder:
         # made most access-log durations 0.0 and metrics histograms useless.
         started = time.perf_counter()
         path, query = split_raw_path(request.raw_path)
-        exchange = Exchange(method=request.method, path=path, on_mcp_path=path == self._mcp_path)
+        exchange = Exchange(method=request.method, path=path, on_mcp_path=self.is_mcp(path))
         progress = Progress()
         task = asyncio.current_task()
         assert task is not None
@@ -191,6 +198,24 @@ class Forwarder:
             response.force_close()
         return response
 
+    def is_mcp(self, path: str) -> bool:
+        """Is `path` an MCP path (the credential's only destination)?"""
+        return path == self._mcp_path or is_mcp_path(path, self._mcp_path, self._endpoints)
+
+    def _note_endpoint(self, url: str, stream: URL) -> None:
+        """The target announced a legacy `endpoint` on an MCP path's event stream."""
+        try:
+            announced = stream.join(URL(url.strip(), encoded=True))
+        except ValueError:
+            return
+        if announced.origin() != self._origin_url:
+            return  # another origin: the credential never goes there anyway
+        path = announced.raw_path
+        self._endpoints.pop(path, None)
+        self._endpoints[path] = None
+        while len(self._endpoints) > _ENDPOINTS_KEPT:
+            del self._endpoints[next(iter(self._endpoints))]
+
     def _check(self, request: InboundRequest) -> None:
         if request.version < HTTP10:
             # HTTP/0.9 has no headers, yet the parser reads some after a bare-LF request
@@ -202,6 +227,7 @@ class Forwarder:
             # TRACE would echo the injected credential back to the client; CONNECT asks
             # for a tunnel (whatever follows its head is not HTTP: close after the answer).
             raise _ProxyAnswer(405, "method_not_allowed", f"{method} is not forwarded",
+                               headers={hdrs.ALLOW: ALLOWED_METHODS},
                                close=method == hdrs.METH_CONNECT)
         # Transfer codings other than chunked (501) and chunked from HTTP/1.0 (400) never
         # get here: `wire.server` refuses them as it parses the head.
@@ -250,16 +276,20 @@ class Forwarder:
         self._check(request)
         source = self._credentials
         credential = None
-        if source is not None:
+        # The one place that decides injection: the configured credential goes on MCP
+        # paths only; elsewhere nothing is injected and, when a source is configured,
+        # the client's own Authorization is not passed on either.
+        if source is not None and exchange.on_mcp_path:
             credential = source.ready()
             if credential is None:
                 credential = await self._credential()
-        if exchange.on_mcp_path:
+        if exchange.path == self._mcp_path:
             query = merge_query(query, self._target)
         path_qs = path_with_query(exchange.path, query)
         headers = request_headers(
             request.headers, client_ip=request.remote or "", target_scheme=self._scheme,
             authorization=credential.authorization if credential is not None else None,
+            client_authorization=source is None,
         )
         body = (RequestBody(request, limit=self._config.max_request_bytes,
                             keep=self._config.replay_limit)
@@ -384,6 +414,9 @@ class Forwarder:
                         body = None
                     method, path_qs, data = new_method, nxt.raw_path_qs, replay
                     redirects += 1
+                    exchange.on_mcp_path = self.is_mcp(nxt.raw_path)
+                    credential = self._hop_credential(headers, exchange.on_mcp_path,
+                                                      credential)
                     continue
                 source = self._credentials
                 if status == 401 and source is not None and credential is not None and not replayed:
@@ -423,6 +456,23 @@ class Forwarder:
         exchange.upstream_headers = upstream.headers
         self._respond(exchange)  # the auth monitor opens the episode on the target's answer
         raise _ProxyAnswer.of(status, body, headers)
+
+    def _hop_credential(self, headers: CIMultiDict[str], on_mcp_path: bool,
+                        credential: Credential | None) -> Credential | None:
+        """Set the credential for a followed redirect, in place: on an MCP path only.
+
+        A redirect from elsewhere onto an MCP path gets the credential at hand, if any
+        (no waiting mid-redirect); without one it goes on bare and proves nothing.
+        """
+        if self._credentials is None:
+            return None
+        if on_mcp_path and credential is None:
+            credential = self._credentials.ready()
+        if not on_mcp_path or credential is None:
+            headers.popall(hdrs.AUTHORIZATION, None)
+            return None
+        headers[hdrs.AUTHORIZATION] = credential.authorization
+        return credential
 
     async def _relay(self, request: InboundRequest, upstream: UpstreamResponse,
                      exchange: Exchange, progress: Progress, early: EarlyReply) -> Reply:
@@ -464,10 +514,10 @@ class Forwarder:
             assert early.pushed is not None
             await early.pushed.done
             return early.pushed.reply
-        return await self._rewritten(request, upstream, progress)
+        return await self._rewritten(request, upstream, exchange, progress)
 
     async def _rewritten(self, request: InboundRequest, upstream: UpstreamResponse,
-                         progress: Progress) -> Reply:
+                         exchange: Exchange, progress: Progress) -> Reply:
         """Path `rewritten`: the awaited loop through the endpoint rewriter."""
         reply = Reply(upstream.status, upstream.reason, client_headers(upstream, REWRITTEN))
         try:
@@ -475,8 +525,11 @@ class Forwarder:
         except ValueError:
             raise _ProxyAnswer(502, "bad_gateway", "the target's response head is malformed",
                                close=True) from None
+        stream_url = upstream_url(self._origin, exchange.path)
         rewriter: EndpointRewriter | None = EndpointRewriter(
-            self._origin_url, f"http://{request.host}")
+            self._origin_url, f"http://{request.host}",
+            on_endpoint=(lambda url: self._note_endpoint(url, stream_url))
+            if exchange.on_mcp_path else None)
         try:
             while True:
                 try:

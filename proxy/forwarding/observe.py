@@ -20,7 +20,7 @@ class Exchange:
 
     method: str
     path: str  # the request's path (as sent to the target, without query)
-    on_mcp_path: bool  # path == the --target-url path: only these answers prove a credential
+    on_mcp_path: bool  # an MCP path (the final one): only its answers speak of the credential
     status: int = 0  # final answer to the client (upstream's, or the proxy's own)
     upstream_headers: CIMultiDictProxy[str] | None = None  # None when the proxy answered itself
     credential: Credential | None = None  # the credential sent with the final upstream request

@@ -8,7 +8,8 @@ add a credential to anything bound for another origin than the target's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from urllib.parse import unquote
 
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -27,7 +28,8 @@ HOP_BY_HOP = frozenset({
 _DROP_REQUEST = HOP_BY_HOP | {"host", "forwarded", "expect"}
 _X_FORWARDED = "x-forwarded-"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-
+# The `Allow` of the proxy's 405 to TRACE and CONNECT (RFC 9110 §15.5.6 requires one).
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -67,11 +69,14 @@ def request_headers(
     client_ip: str,
     target_scheme: str,
     authorization: str | None,
+    client_authorization: bool = True,
 ) -> CIMultiDict[str]:
     """The headers to send to the target for a client's request.
 
     `authorization` is the injected credential: when given, the client's own
-    `Authorization` is dropped (no token passthrough); when None it passes as is.
+    `Authorization` is dropped (no token passthrough); when None it passes as is,
+    unless `client_authorization` is False (a source is configured, but this path is
+    not one the credential goes to).
     """
     named = connection_tokens(incoming)
     out: CIMultiDict[str] = CIMultiDict()
@@ -79,7 +84,7 @@ def request_headers(
         kind = _request_kind(name)
         if kind == _DROP or (named and name.lower() in named):
             continue
-        if kind == _AUTH and authorization is not None:
+        if kind == _AUTH and (authorization is not None or not client_authorization):
             continue
         out.add(name, value)
     if authorization is not None:
@@ -123,6 +128,34 @@ def response_fields(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if named:
         out = [(name, value) for name, value in out if name.lower() not in named]
     return out
+
+
+def is_mcp_path(path: str, mcp_path: str, endpoints: Collection[str] = ()) -> bool:
+    """Is `path` (raw, as sent) an MCP path: the target path, one below it, or a legacy
+    `endpoint` path the target announced? Only there is the credential injected and do
+    the target's answers speak about it (contract, Forwarding).
+
+    A path with a dot segment (`/mcp/../admin`, also percent-encoded or with a
+    backslash) is never one: the target may resolve it to somewhere else entirely.
+    """
+    if path in endpoints:
+        return True
+    if path != mcp_path:
+        base = mcp_path.rstrip("/") + "/"
+        if not path.startswith(base):
+            return False
+    if "." in path or "%" in path or "\\" in path:
+        decoded = path
+        for _ in range(3):  # servers that decode twice exist; more layers are an attack
+            before, decoded = decoded, unquote(decoded)
+            if decoded == before:
+                break
+        else:
+            return False
+        segments = decoded.replace("\\", "/").split("/")
+        if "." in segments or ".." in segments:
+            return False
+    return True
 
 
 def split_raw_path(raw: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ never limit the length of a line (a long one is passed on, not refused).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from yarl import URL
 
@@ -76,12 +77,16 @@ def _line_end(buf: bytearray, start: int, end: int) -> tuple[int, int] | None:
 class EndpointRewriter:
     """A streaming transformer: `feed` each chunk, send what it returns, `flush` at the end."""
 
-    __slots__ = ("_buf", "_event_start", "_events", "_offset", "_passthrough",
-                 "_proxy_origin", "_scan", "_skip_lf", "_target_origin")
+    __slots__ = ("_buf", "_event_start", "_events", "_offset", "_on_endpoint",
+                 "_passthrough", "_proxy_origin", "_scan", "_skip_lf", "_target_origin")
 
-    def __init__(self, target_origin: URL, proxy_origin: str) -> None:
+    def __init__(self, target_origin: URL, proxy_origin: str,
+                 on_endpoint: Callable[[str], None] | None = None) -> None:
+        """`on_endpoint` hears the announced URL (as the target sent it) before the
+        event goes on to the client."""
         self._target_origin = target_origin
         self._proxy_origin = proxy_origin
+        self._on_endpoint = on_endpoint
         self._buf = bytearray()
         self._event_start = 0  # where the current (not yet ended) event begins in _buf
         self._scan = 0  # where scanning resumes in _buf: the first line not yet complete
@@ -208,6 +213,8 @@ class EndpointRewriter:
             text = value.decode("utf-8")
         except UnicodeDecodeError:
             return body
+        if self._on_endpoint is not None:
+            self._on_endpoint(text)
         new = rewrite_endpoint_url(text, self._target_origin, self._proxy_origin)
         if new == text:
             return body

@@ -84,7 +84,7 @@ def _guard(config: ProxyConfig) -> Any:
                                                                 config.allowed_origins)):
             return _json({"error": "forbidden_origin",
                           "message": "this Origin may not use the admin port"}, status=403)
-        if config.binds_loopback and not host_allowed(request.headers.get(hdrs.HOST, ""),
+        if config.admin_checks_host and not host_allowed(request.headers.get(hdrs.HOST, ""),
                                                       config.allowed_hosts):
             return _json({"error": "misdirected_request",
                           "message": "the admin port does not serve that Host"}, status=421)
@@ -95,7 +95,12 @@ def _guard(config: ProxyConfig) -> Any:
 
 
 class AdminServer:
-    """The admin listener on `config.host:config.admin_port` (0: a free port)."""
+    """The admin listener on `config.admin_host:config.admin_port` (0: a free port).
+
+    It binds `admin_host` (loopback by default), never the proxy's `--host`: a proxy
+    bound to every interface must not hand `/status` and `/metrics` to the network
+    unless the user asked for it.
+    """
 
     def __init__(
         self,
@@ -121,7 +126,7 @@ class AdminServer:
 
     @property
     def url(self) -> str:
-        host = self._config.host
+        host = self._config.admin_host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
@@ -131,14 +136,15 @@ class AdminServer:
                                shutdown_timeout=1.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._config.host, self._config.admin_port or 0)
+            site = web.TCPSite(runner, self._config.admin_host, self._config.admin_port or 0)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
-        self._log.info("admin_listening", host=self._config.host, port=self._port, url=self.url)
+        self._log.info("admin_listening", host=self._config.admin_host, port=self._port,
+                       url=self.url)
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

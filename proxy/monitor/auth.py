@@ -2,8 +2,8 @@
 
 `AuthMonitor` watches every final response (it is a `ForwardObserver`) and every
 credential-source report (it is a `CredentialReporter`). An unauthorized episode opens
-on the first 401 (or an invalid source) while none is open and closes on proof that
-the current credential works (contract rules 2-5, "Auth episodes"). Episodes are
+on the first 401 on an MCP path (or an invalid source) while none is open and closes on
+proof that the current credential works (contract rules 2-5, "Auth episodes"). Episodes are
 decided synchronously in memory, so any number of concurrent 401s open exactly one.
 
 It must never do I/O or block on the request path: status writes go through
@@ -166,11 +166,14 @@ class AuthMonitor:
 
     def on_response(self, ex: Exchange) -> None:
         status = ex.status
-        if ex.upstream_headers is None or status < 100:
-            return  # the proxy's own answer says nothing about the credential
+        if ex.upstream_headers is None or status < 100 or not ex.on_mcp_path:
+            # The proxy's own answer, or one from a path the credential never goes to:
+            # neither says anything about the credential (a 401 from an admin area
+            # must not open episodes any local client could then flip).
+            return
         if status < 400:
-            if not ex.on_mcp_path or self._workload.view is self._settled:
-                return  # the common case: nothing to prove, nothing that could change
+            if self._workload.view is self._settled or ex.method == hdrs.METH_OPTIONS:
+                return  # nothing that could change; a preflight says nothing either
             self._workload.set_condition(st.ConditionType.AUTHORIZED, True, *_AUTHORIZED)
             if self._proves(ex):
                 self._close_episode()
@@ -242,10 +245,12 @@ class AuthMonitor:
             self._settled = view
 
     def _proves(self, ex: Exchange) -> bool:
-        """Rule 4: a good answer on the MCP path to the *current* credential."""
+        """Rule 4: a 2xx on an MCP path (after any redirects followed) to the *current*
+        credential; without a source, any answer below 400 there."""
         if not self._credentials_configured:
             return True
-        return ex.credential is not None and ex.credential.version == self._current_version()
+        return (200 <= ex.status < 300 and ex.credential is not None
+                and ex.credential.version == self._current_version())
 
     def _stale(self, ex: Exchange) -> bool:
         """A 401 to a credential already replaced says nothing about the current one."""
@@ -257,6 +262,8 @@ class AuthMonitor:
     def _unauthorized(self, ex: Exchange) -> None:
         if ex.probe and not self._credentials_configured:
             return  # the client authenticates itself; the probe only shows reachability
+        if self._credentials_configured and ex.credential is None:
+            return  # it carried no credential of ours (a redirect onto an MCP path)
         if self.episode_open or self._stale(ex):
             return
         assert ex.upstream_headers is not None

@@ -1,11 +1,18 @@
 """Health probes of the target: the `Reachable` condition (contract rules 4 and 7).
 
-A probe is a JSON-RPC `ping` POSTed to the target URL, one at a time, every
-`health_interval` seconds. `classify_probe` turns what came back into a `ProbeResult`
-(pure, table-tested); `HealthProber` runs the loop, counts consecutive failures and
-sets `Reachable` on a change only. Every answer is also handed to the forward observer
-as a probe `Exchange`, so a 401 opens an auth episode and a good answer proves the
-credential exactly as a client's request would.
+A probe is POSTed to the target URL, one at a time, every `health_interval` seconds,
+and at once when the credential changes. While all is well it is a JSON-RPC `ping`.
+The stateful servers MCP SDKs build by default answer a session-less `ping` with 400,
+which proves nothing, so while an auth episode is open (and once after each change of
+the credential) the probe is an MCP `initialize` instead, whose 2xx (JSON or an event
+stream) proves the credential; the session it opened is then deleted (`DELETE` with its
+`Mcp-Session-Id`), unless the target once answered that with 405.
+
+`classify_probe` turns what came back into a `ProbeResult` (pure, table-tested);
+`HealthProber` runs the loop, counts consecutive failures and sets `Reachable` on a
+change only. Every answer is also handed to the forward observer as a probe
+`Exchange`, so a 401 opens an auth episode and a good answer proves the credential
+exactly as a client's request would.
 
 This module must never log or keep a credential, never warn once per failed probe
 (only on a change of state), and never follow a redirect (the credential stays on the
@@ -16,10 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -45,6 +53,20 @@ PROBE_HEADERS: Mapping[str, str] = {
 # Enough to let a short JSON answer end cleanly (the connection can be kept alive);
 # a probe never waits for, or keeps, more than this.
 BODY_LIMIT = 4096
+# An `initialize` answer (server info, capabilities, instructions) is read up to this
+# much, JSON or the first event of a stream, to learn the negotiated protocol version.
+INITIALIZE_LIMIT = 64 * 1024
+PROTOCOL_VERSION = "2025-06-18"
+INITIALIZE_BODY = json.dumps({
+    "jsonrpc": "2.0", "id": PROBE_ID, "method": "initialize",
+    "params": {"protocolVersion": PROTOCOL_VERSION, "capabilities": {},
+               "clientInfo": {"name": "mcp-authproxy-health", "version": "1"}},
+}, separators=(",", ":")).encode()
+SESSION_HEADER = "Mcp-Session-Id"
+VERSION_HEADER = "MCP-Protocol-Version"
+# How often the wait between probes looks whether the credential changed (sources that
+# tell the prober themselves wake it at once).
+CREDENTIAL_TICK = 1.0
 
 _TOKEN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -175,7 +197,9 @@ class HealthProber:
         observer: ForwardObserver,
         metrics: ProbeRecorder | None = None,
         logger: Any = None,
+        proof_wanted: Callable[[], bool] | None = None,
     ) -> None:
+        """`proof_wanted` says whether an auth episode is open: then probes `initialize`."""
         self._config = config
         self._session = session
         self._credentials = credentials
@@ -184,7 +208,11 @@ class HealthProber:
         self._metrics = metrics
         self._log = (logger or get_logger()).bind(workload=config.workload)
         self._timeout = aiohttp.ClientTimeout(total=config.health_timeout)
+        self._proof_wanted = proof_wanted or (lambda: False)
         self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._checked_version: int | None = None  # credential an `initialize` was sent with
+        self._delete_refused = False  # the target answered a session DELETE with 405
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
         self._reachable: bool | None = None
@@ -218,6 +246,10 @@ class HealthProber:
             if current is not None and current.cancelling():
                 raise
 
+    def credential_changed(self) -> None:
+        """The credential source has news: probe now rather than at the next interval."""
+        self._wake.set()
+
     async def _run(self) -> None:
         interval = self._config.health_interval
         loop = asyncio.get_running_loop()
@@ -231,9 +263,29 @@ class HealthProber:
                 # A bug in a collaborator must not end probing for the process's life.
                 self._log.exception("health_probe_crashed")
             # Probes start on a fixed schedule; a slow probe delays the next, never
-            # overlaps it.
+            # overlaps it. A changed credential is probed at once, and the schedule
+            # starts again from there.
             next_at = max(next_at + interval, loop.time())
-            await asyncio.sleep(next_at - loop.time())
+            if await self._pause(next_at):
+                next_at = loop.time()
+
+    async def _pause(self, until: float) -> bool:
+        """Wait until `until`; True when cut short because the credential changed."""
+        loop = asyncio.get_running_loop()
+        while (remaining := until - loop.time()) > 0:
+            if self._wake.is_set() or self._credential_moved():
+                self._wake.clear()
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(remaining, CREDENTIAL_TICK))
+        self._wake.clear()
+        return False
+
+    def _credential_moved(self) -> bool:
+        if self._credentials is None:
+            return False
+        version = self._credentials.current_version
+        return version is not None and version != self._checked_version
 
     async def probe_once(self) -> ProbeResult:
         """Send one probe, record it and update `Reachable`; returns the classification."""
@@ -256,24 +308,91 @@ class HealthProber:
         except (CredentialUnavailable, TimeoutError):
             return None
 
+    def _wants_initialize(self, credential: Credential | None) -> bool:
+        """An `initialize` (which can prove) while an episode is open, or once for a
+        credential not yet checked; a cheap `ping` otherwise."""
+        if credential is None:
+            return False  # nothing to prove: the probe only shows reachability
+        return self._proof_wanted() or credential.version != self._checked_version
+
     async def _send(self, credential: Credential | None) -> ProbeResult:
         headers = dict(PROBE_HEADERS)
         if credential is not None:
             headers[hdrs.AUTHORIZATION] = credential.authorization
+        initialize = self._wants_initialize(credential)
         started = time.monotonic()
+        session_id: str | None = None
+        protocol: str | None = None
         try:
             async with self._session.post(
-                self._config.target, data=PROBE_BODY, headers=headers,
-                timeout=self._timeout, allow_redirects=False,
+                self._config.target, data=INITIALIZE_BODY if initialize else PROBE_BODY,
+                headers=headers, timeout=self._timeout, allow_redirects=False,
             ) as response:
                 elapsed = time.monotonic() - started
                 result = classify_probe(response.status, response.headers, None,
                                         credentials_configured=credential is not None)
+                if initialize and credential is not None and not result.failed:
+                    self._checked_version = credential.version
                 self._notify(result, response.headers, credential, elapsed)
-                await self._drain(response)
-                return result
+                if initialize and 200 <= response.status < 300:
+                    session_id = response.headers.get(SESSION_HEADER)
+                    protocol = await self._initialize_answer(response)
+                else:
+                    await self._drain(response)
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            return classify_probe(None, None, error, credentials_configured=False)
+            result = classify_probe(None, None, error, credentials_configured=False)
+        if session_id:
+            await self._end_session(session_id, protocol, credential)
+        return result
+
+    async def _initialize_answer(self, response: aiohttp.ClientResponse) -> str | None:
+        """The protocol version the target chose, from a JSON answer or the first event of
+        a stream (read within the probe's limits); None when it cannot be read."""
+        data = b""
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            if response.headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
+                lines: list[bytes] = []
+                async for line in response.content:  # ends at the first complete event
+                    if len(data) > INITIALIZE_LIMIT:
+                        break
+                    data += line
+                    if line.strip() == b"":
+                        if lines:
+                            break
+                        continue
+                    if line.startswith(b"data:"):
+                        lines.append(line[5:].strip())
+                data = b"\n".join(lines)
+            else:
+                data = await response.content.read(INITIALIZE_LIMIT)
+            answer = json.loads(data)
+            version = answer.get("result", {}).get("protocolVersion")
+            if isinstance(version, str) and _TOKEN.fullmatch(version):
+                return version
+        return None
+
+    async def _end_session(self, session_id: str, protocol: str | None,
+                           credential: Credential | None) -> None:
+        """Delete the session the `initialize` probe opened: a probe leaves none behind."""
+        if self._delete_refused or any(c in session_id for c in "\r\n\0"):
+            return
+        headers = {SESSION_HEADER: session_id}
+        if protocol is not None:
+            headers[VERSION_HEADER] = protocol
+        if credential is not None:
+            headers[hdrs.AUTHORIZATION] = credential.authorization
+        try:
+            async with self._session.delete(self._config.target, headers=headers,
+                                            timeout=self._timeout,
+                                            allow_redirects=False) as response:
+                if response.status == 405:
+                    # The target lets clients keep their sessions: do not ask again.
+                    self._delete_refused = True
+                    self._log.info("health_probe_session_delete_refused")
+                await self._drain(response)
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            _, detail = describe_error(error)
+            self._log.debug("health_probe_session_delete_failed", detail=detail)
 
     @staticmethod
     async def _drain(response: aiohttp.ClientResponse) -> None:

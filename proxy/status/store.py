@@ -6,9 +6,12 @@ filelock), from what the file holds (contract rule 9), and lands by atomic repla
 no reader ever sees half a file and no writer undoes another's condition. Blocking I/O
 runs in a worker thread so the event loop never waits on the disk.
 
-A store must never crash on what it finds: a corrupt or foreign file is reported once
-and replaced. I/O failures surface as `StateError` (translated at one boundary), never
-as a bare OSError. A store never holds or writes a credential: records carry none.
+A store must never crash on what it finds: a corrupt or foreign file (a FIFO or a link
+planted in its place included) is reported once and replaced. It never follows a link
+out of the state directory or blocks on a file, and refuses (`UnsafePath`) a state
+directory others could write (`safe_fs`). I/O failures surface as `StateError`
+(translated at one boundary), never as a bare OSError. A store never holds or writes a
+credential: records carry none.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ import filelock
 
 from ..errors import NameInUse, StateError
 from ..log import get_logger, mask_known_secrets
+from ..safe_fs import (
+    NotRegularFile,
+    check_owned_dir,
+    ensure_private_dir,
+    is_regular_or_missing,
+    read_regular,
+)
 from ..status import model as st
 
 MAX_FILE_BYTES = 1024 * 1024  # a status file is a few hundred bytes; more is foreign
@@ -150,9 +160,11 @@ class MemoryStore:
 class FileStore:
     """One workload's status file, shared safely by any number of processes."""
 
-    def __init__(self, state_dir: Path | str, name: str) -> None:
+    def __init__(self, state_dir: Path | str, name: str, *, flag: str = "--state-dir") -> None:
         self.name = name
-        self.directory = Path(state_dir) / "workloads"
+        self.state_dir = Path(state_dir)
+        self.flag = flag  # names the option in an `UnsafePath` message
+        self.directory = self.state_dir / "workloads"
         self.path = self.directory / f"{name}.json"
         self.lock_path = self.directory / f"{name}.json.lock"
         self._logger = get_logger().bind(workload=name)
@@ -173,6 +185,9 @@ class FileStore:
 
     def read_sync(self) -> st.WorkloadRecord | None:
         try:
+            if not check_owned_dir(self.state_dir, flag=self.flag) or not ensure_private_dir(
+                    self.directory, flag=self.flag, create=False):
+                return None
             return self._load()
         except OSError as exc:
             raise StateError(f"cannot read status file {self.path}: {exc.strerror}") from exc
@@ -216,19 +231,18 @@ class FileStore:
             lock.release()
 
     def _ensure_directory(self) -> None:
-        if not self.directory.is_dir():
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # An existing directory made by someone else's umask is tightened, if it is ours.
-        with contextlib.suppress(OSError):
-            if self.directory.stat().st_mode & 0o077:
-                self.directory.chmod(0o700)
+        """The state dir is the user's own and `workloads/` a real 0700 directory in it
+        (`UnsafePath` otherwise); a lock path taken by anything but a file is cleared."""
+        if not check_owned_dir(self.state_dir, flag=self.flag):
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            check_owned_dir(self.state_dir, flag=self.flag)
+        ensure_private_dir(self.directory, flag=self.flag)
+        if not is_regular_or_missing(self.lock_path):
+            # filelock would open it following a link (and truncate what it points to).
+            os.unlink(self.lock_path)
 
     def _read_bytes(self) -> bytes | None:
-        try:
-            with open(self.path, "rb") as f:
-                return f.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            return None
+        return read_regular(self.path, MAX_FILE_BYTES)
 
     def _write_bytes(self, data: bytes) -> None:
         """Atomically replace the file: temp file in the same dir, fsync, rename, fsync dir."""
@@ -251,7 +265,11 @@ class FileStore:
             os.close(dir_fd)
 
     def _load(self) -> st.WorkloadRecord | None:
-        data = self._read_bytes()
+        try:
+            data = self._read_bytes()
+        except NotRegularFile as exc:
+            self._report_corrupt(f"{exc.kind}, not a regular file")
+            return None  # the next write replaces it (the rename replaces the entry itself)
         if data is None:
             return None
         try:
@@ -265,7 +283,7 @@ class FileStore:
 
     def _report_corrupt(self, problem: str) -> None:
         try:
-            s = self.path.stat()
+            s = self.path.lstat()
             key = (s.st_ino, s.st_mtime_ns, s.st_size)
         except OSError:
             key = (0, 0, 0)
@@ -276,9 +294,16 @@ class FileStore:
                              action="replaced on the next write")
 
 
-def list_records(state_dir: Path | str) -> list[st.WorkloadRecord | CorruptRecord]:
-    """Every status file under `state_dir`, sorted by name; unreadable ones as CorruptRecord."""
+def list_records(state_dir: Path | str, *, flag: str = "--state-dir"
+                 ) -> list[st.WorkloadRecord | CorruptRecord]:
+    """Every status file under `state_dir`, sorted by name; unreadable ones as CorruptRecord.
+
+    Raises `UnsafePath` for a state directory others could write, or a `workloads` link.
+    """
     folder = Path(state_dir) / "workloads"
+    if not check_owned_dir(Path(state_dir), flag=flag) or not ensure_private_dir(
+            folder, flag=flag, create=False):
+        return []
     try:
         paths = sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
     except OSError:
@@ -287,9 +312,10 @@ def list_records(state_dir: Path | str) -> list[st.WorkloadRecord | CorruptRecor
     for path in paths:
         name = path.name.removesuffix(".json")
         try:
-            out.append(decode(path.read_bytes()[: MAX_FILE_BYTES + 1], name))
-        except FileNotFoundError:
-            continue  # removed meanwhile
+            data = read_regular(path, MAX_FILE_BYTES)
+            if data is None:
+                continue  # removed meanwhile
+            out.append(decode(data, name))
         except (OSError, ValueError) as exc:
             problem = exc.strerror if isinstance(exc, OSError) else str(exc)
             out.append(CorruptRecord(name=name, path=path, problem=str(problem)))

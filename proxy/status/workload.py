@@ -7,7 +7,8 @@ the store strictly in order, so the file sees them in the order they were decide
 
 It must never stop forwarding because the disk failed: a failing write (`StateError`)
 is logged once per kind of failure, the in-memory record moves on anyway, and later
-writes are still attempted. Only `NameInUse` from `claim` reaches the caller.
+writes are still attempted. Only `NameInUse` and `UnsafePath` (a state directory
+others could write) from `claim` reach the caller.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..errors import NameInUse, StateError
+from ..errors import NameInUse, StateError, UnsafePath
 from ..log import get_logger
 from ..status import model as st
 from .store import StatusStore
@@ -93,12 +94,16 @@ class Workload:
             operation, event, future = self._queue[0]
             try:
                 record = await operation(event)
-            except NameInUse as exc:
-                self._queue.popleft()
-                self._resync()
-                if not future.done():
-                    future.set_exception(exc)
-                continue
+            except (NameInUse, UnsafePath) as exc:
+                if isinstance(exc, NameInUse) or isinstance(event, st.Started):
+                    self._queue.popleft()
+                    self._resync()
+                    if not future.done():
+                        future.set_exception(exc)
+                    continue
+                # Made unsafe while running: like a failing disk, forwarding goes on.
+                self._failed(exc)
+                record = st.apply(self.record, event, name=self.name)
             except StateError as exc:
                 self._failed(exc)
                 record = st.apply(self.record, event, name=self.name)

@@ -559,3 +559,85 @@ def test_failure_message_for_transient_answer() -> None:
     """A transient failure's message names the status and code, for the status file."""
     assert TokenFailure(False, "http_503", None, 503).message() == (
         "token endpoint answered 503: http_503")
+
+
+def _rewrite_same(path: Path) -> None:
+    path.write_bytes(path.read_bytes())  # same contents, new mtime
+
+
+def _touch(path: Path) -> None:
+    info = path.stat()
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000_000))
+
+
+def _replace_same(path: Path) -> None:
+    fresh = path.with_suffix(".new")
+    fresh.write_bytes(path.read_bytes())
+    os.chmod(fresh, 0o600)
+    os.replace(fresh, path)  # same contents, another inode
+
+
+@pytest.mark.parametrize("change", [_rewrite_same, _touch, _replace_same],
+                         ids=["rewritten", "touched", "replaced"])
+async def test_a_source_that_gave_up_retries_when_its_file_changes_at_all(
+    endpoint: TokenEndpoint, make_source: Callable[..., OAuthSource], tmp_path: Path,
+    change: Callable[[Path], None],
+) -> None:
+    """After giving up on a token endpoint that was down, rewriting, touching or replacing
+    the refresh token file with the same contents retries at once and heals the source."""
+    endpoint.default = plain(503)
+    source = make_source(endpoint.url, refresh=REFRESH, auth_retrying_after=0.0,
+                         auth_give_up_after=0.2, auth_slow_retry=300.0)
+    reports = Reports()
+    await source.start(reports)
+    gave_up = await reports.wait_for(lambda r: r[3])
+    assert gave_up[:2] == (False, "TokenRefreshFailed")
+    endpoint.default = ok("access-after-touch")
+    change(tmp_path / "refresh")
+    await reports.wait_for(lambda r: r[0])
+    assert (await source.get()).authorization == "Bearer access-after-touch"
+    assert endpoint.requests[-1].form["refresh_token"] == REFRESH
+
+
+async def test_a_source_that_gave_up_keeps_retrying_slowly_and_heals_by_itself(
+    endpoint: TokenEndpoint, make_source: Callable[..., OAuthSource]
+) -> None:
+    """After `auth_give_up_after` of transient failures the source still asks the token
+    endpoint every `auth_slow_retry`, and a token endpoint that comes back heals it with
+    no file change and no restart."""
+    endpoint.default = plain(503)
+    source = make_source(endpoint.url, auth_retrying_after=0.0, auth_give_up_after=0.2,
+                         auth_slow_retry=0.3)
+    reports = Reports()
+    await source.start(reports)
+    gave_up = await reports.wait_for(lambda r: r[3])
+    assert "retrying every 0.3 s" in gave_up[2]
+    asked = len(endpoint.requests)
+    await endpoint.next_request(asked + 1)  # still asking, slowly, while down
+    with pytest.raises(CredentialInvalid):
+        await source.get()
+    endpoint.default = ok("access-came-back")
+    await reports.wait_for(lambda r: r[0])
+    assert (await source.get()).authorization == "Bearer access-came-back"
+
+
+async def test_a_refused_grant_is_not_retried_slowly(
+    endpoint: TokenEndpoint, make_source: Callable[..., OAuthSource]
+) -> None:
+    """A grant the token endpoint refused (an RFC 6749 error) waits for the user: the
+    slow retry applies only after transient trouble."""
+    endpoint.default = oauth_error(400, "invalid_client", "unknown client")
+    source = make_source(endpoint.url, auth_slow_retry=0.05)
+    reports = Reports()
+    await source.start(reports)
+    await reports.wait_for(lambda r: r[3])
+    asked = len(endpoint.requests)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(endpoint.next_request(asked + 1), 0.5)
+
+
+def test_auth_slow_retry_is_validated() -> None:
+    """A zero or negative `auth_slow_retry` is refused with a message naming it."""
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="auth-slow-retry"):
+            ProxyConfig(target_url=TARGET, auth_slow_retry=bad)

@@ -265,8 +265,8 @@ async def test_a_redirect_elsewhere_never_carries_the_credential(
 
     async def handler(request: web.Request) -> web.Response:
         if request.path == "/mcp":
-            return web.Response(status=302, headers={"Location": "/moved"})
-        if request.path == "/moved":
+            return web.Response(status=302, headers={"Location": "/mcp/moved"})
+        if request.path == "/mcp/moved":
             same_origin_auth.append(request.headers.get("Authorization"))
             return web.Response(status=307, headers={"Location": str(elsewhere.make_url("/x"))})
         return web.Response(status=404)
@@ -276,7 +276,7 @@ async def test_a_redirect_elsewhere_never_carries_the_credential(
     async with client.get(proxy.url, allow_redirects=False) as resp:
         assert resp.status == 307
         assert resp.headers["Location"] == str(elsewhere.make_url("/x"))
-    assert same_origin_auth == ["Bearer tok-1"]  # followed on the target's own origin
+    assert same_origin_auth == ["Bearer tok-1"]  # followed on the target's own MCP path
     assert other_seen == []
     async with client.get(resp.headers["Location"]) as resp2:
         assert await resp2.text() == "other"

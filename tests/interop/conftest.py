@@ -19,16 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx2
 import pytest
 import uvicorn
 from mcp.client import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .processes import Processes
 from helpers import LONG_WAIT, eventually
 
 Transport = Literal["streamable", "sse"]
@@ -61,6 +62,8 @@ class GateState:
     # When set, the legacy SSE `endpoint` event carries this origin before the path, as
     # many non-SDK servers send it; the proxy has to rewrite it to its own origin.
     absolute_endpoint_origin: str | None = None
+    # Every `Mcp-Session-Id` the upstream issued, in order (Streamable HTTP only).
+    issued_sessions: list[str] = field(default_factory=list)
 
     def accept_only(self, *tokens: str) -> None:
         self.accepted = set(tokens)
@@ -96,7 +99,7 @@ class BearerGate:
         origin = self.state.absolute_endpoint_origin
         if origin is not None and seen.method == "GET":
             send = _absolute_endpoint_sender(send, origin)
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, _session_recorder(send, self.state))
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -121,6 +124,20 @@ async def _send_401(send: Send, description: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+def _session_recorder(send: Send, state: GateState) -> Send:
+    """Wraps `send` so every session id the upstream issues is recorded."""
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            for name, value in message.get("headers", []):
+                session = value.decode("latin-1")
+                if name.lower() == b"mcp-session-id" and session not in state.issued_sessions:
+                    state.issued_sessions.append(session)
+        await send(message)
+
+    return wrapped
 
 
 def _absolute_endpoint_sender(send: Send, origin: str) -> Send:
@@ -149,13 +166,20 @@ class ProgressGate:
 
 
 def build_mcp_server(progress_gate: ProgressGate) -> MCPServer:
-    """The SDK server the tests talk to: `echo` and a progress-reporting `count`."""
+    """The SDK server the tests talk to: `echo`, a progress-reporting `count`, `release`."""
     server = MCPServer("interop-upstream", log_level="WARNING")
 
     @server.tool()
     def echo(text: str) -> str:
         """Echoes its text back."""
         return f"echo: {text}"
+
+    @server.tool()
+    def release() -> str:
+        """Lets a running `count` go on (what a client in another process calls once it
+        has seen the first progress notification)."""
+        progress_gate.client_saw_first.set()
+        return "released"
 
     @server.tool()
     async def count(steps: int, ctx: Context) -> str:
@@ -261,6 +285,16 @@ async def mcp_upstream() -> AsyncIterator[UpstreamFactory]:
         await upstream.stop()
 
 
+@pytest.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
+    """Starts subprocesses for a test (see `processes.py`); stops them all, by pid."""
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        await started.stop_all()
+
+
 def write_secret(path: Path, value: str) -> Path:
     """Writes a secret file the way a user would (mode 0600, trailing newline)."""
     path.write_text(value + "\n")
@@ -300,7 +334,10 @@ async def connect(
         if transport == "sse":
             client = Client(sse_client(url, headers=headers), mode=mode)
         else:
-            http = await stack.enter_async_context(create_mcp_http_client(headers=headers))
+            # The MCP transports' own defaults: a held stream may stay quiet for minutes.
+            http = await stack.enter_async_context(
+                httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=300.0))
+            )
             client = Client(streamable_http_client(url, http_client=http), mode=mode)
         async with asyncio.timeout(LONG_WAIT):
             await stack.enter_async_context(client)

@@ -20,6 +20,7 @@ from structlog.testing import capture_logs
 
 from proxy.credentials.base import Credential
 from proxy.forwarding.observe import Exchange
+from proxy.forwarding.rules import is_mcp_path
 from proxy.monitor.auth import AuthMonitor, ReauthorizedEvent, UnauthorizedEvent, exec_callback
 from proxy.status import model as st
 from proxy.status.model import ConditionType as C
@@ -97,7 +98,7 @@ class Harness:
         headers = {hdrs.AUTHORIZATION: cred.authorization} if cred else {}
         async with self.session.post(self.base + path, headers=headers) as resp:
             await resp.read()
-            ex = Exchange(method="POST", path=path, on_mcp_path=path == "/mcp",
+            ex = Exchange(method="POST", path=path, on_mcp_path=is_mcp_path(path, "/mcp"),
                           status=resp.status, upstream_headers=resp.headers,
                           credential=cred, probe=probe)
         self.monitor.on_response(ex)

@@ -271,11 +271,15 @@ async def make_rig(session: aiohttp.ClientSession) -> AsyncIterator[Callable[...
 # --- the probe loop against a real upstream -----------------------------------------
 
 async def test_probe_request_shape(upstream: Upstream, make_rig: Callable[..., Rig]) -> None:
-    """The target sees a JSON-RPC ping POSTed to its MCP URL, with the query and credential."""
+    """The target sees an MCP `initialize` for a credential not yet checked, then JSON-RPC
+    pings, POSTed to its MCP URL with the query and credential."""
     rig = make_rig(_config(upstream.port), Credentials())
+    await rig.prober.probe_once()
+    assert json.loads(upstream.requests[0][3])["method"] == "initialize"
+    rig.observer.exchanges.clear()
     result = await rig.prober.probe_once()
     assert result.outcome is ProbeOutcome.REACHABLE
-    method, path_qs, headers, body = upstream.requests[0]
+    method, path_qs, headers, body = upstream.requests[1]
     assert (method, path_qs) == ("POST", "/mcp?tenant=a")
     assert json.loads(body) == {"jsonrpc": "2.0", "id": "mcp-authproxy-health", "method": "ping"}
     assert body == PROBE_BODY
@@ -526,3 +530,89 @@ async def test_tls_failure_is_a_failed_probe(make_rig: Callable[..., Rig]) -> No
         await runner.cleanup()
     assert (result.outcome, result.detail) == (ProbeOutcome.UNREACHABLE, "the TLS handshake failed")
     assert rig.sink.reachable_calls() == [False]
+
+
+class SessionTarget:
+    """A stateful MCP-ish target: `initialize` opens a session (answered as an event
+    stream), a session-less `ping` gets 400, `DELETE` answers `delete_status`."""
+
+    def __init__(self, delete_status: int = 200) -> None:
+        self.delete_status = delete_status
+        self.methods: list[str] = []
+        self.deletes: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "DELETE":
+            self.deletes.append(dict(request.headers))
+            return web.Response(status=self.delete_status)
+        message = await request.json()
+        self.methods.append(message["method"])
+        if message["method"] != "initialize":
+            return web.Response(status=400, text="Bad Request: Missing session ID")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Mcp-Session-Id": f"s{len(self.methods)}"})
+        await response.prepare(request)
+        result = {"jsonrpc": "2.0", "id": message["id"],
+                  "result": {"protocolVersion": "2025-03-26", "capabilities": {}}}
+        await response.write(f"event: message\ndata: {json.dumps(result)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+
+async def test_an_open_episode_is_probed_with_initialize_and_its_session_deleted(
+    aiohttp_server: Any, session: aiohttp.ClientSession
+) -> None:
+    """While an episode is open each probe is an `initialize` whose event-stream 2xx
+    reaches the observer as proof; its session is deleted with the negotiated version."""
+    target = SessionTarget()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", target.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    observer = Observer()
+    prober = HealthProber(_config(server.port), session=session, credentials=Credentials(),
+                          conditions=Sink(), observer=observer, proof_wanted=lambda: True)
+    for _ in range(2):
+        await prober.probe_once()
+    assert target.methods == ["initialize", "initialize"]
+    assert [e.status for e in observer.exchanges] == [200, 200]
+    assert [d["Mcp-Session-Id"] for d in target.deletes] == ["s1", "s2"]
+    assert all(d["MCP-Protocol-Version"] == "2025-03-26" for d in target.deletes)
+    assert all(d[hdrs.AUTHORIZATION] == f"Bearer {TOKEN}" for d in target.deletes)
+
+
+async def test_a_target_that_refuses_delete_with_405_is_not_asked_again(
+    aiohttp_server: Any, session: aiohttp.ClientSession
+) -> None:
+    """A target answering the session DELETE with 405 gets no further DELETEs; once no
+    episode is open, probes go back to a plain `ping`."""
+    target = SessionTarget(delete_status=405)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", target.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    episode = [True]
+    prober = HealthProber(_config(server.port), session=session, credentials=Credentials(),
+                          conditions=Sink(), observer=Observer(),
+                          proof_wanted=lambda: episode[0])
+    for _ in range(3):
+        await prober.probe_once()
+    episode[0] = False
+    await prober.probe_once()
+    assert target.methods == ["initialize"] * 3 + ["ping"]
+    assert len(target.deletes) == 1
+
+
+async def test_without_a_credential_source_probes_only_ping(
+    aiohttp_server: Any, session: aiohttp.ClientSession
+) -> None:
+    """With no credential of its own the proxy has nothing to prove: every probe is a
+    plain `ping` and no session is ever opened on the target."""
+    target = SessionTarget()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", target.handle)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    prober = HealthProber(_config(server.port), session=session, credentials=None,
+                          conditions=Sink(), observer=Observer(), proof_wanted=lambda: True)
+    for _ in range(2):
+        assert (await prober.probe_once()).outcome is ProbeOutcome.REACHABLE
+    assert target.methods == ["ping", "ping"]
+    assert target.deletes == []

@@ -11,7 +11,7 @@ ROOT = Path(proxy.__file__).parent
 # Lower layers never import higher ones; packages on one layer never import each other.
 LAYERS: dict[str, int] = {
     "errors": 0, "log": 0,
-    "config": 1, "tls": 1,
+    "config": 1, "tls": 1, "safe_fs": 1,
     "status": 2,
     "wire": 3, "credentials": 3,
     "forwarding": 4,

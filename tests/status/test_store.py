@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.errors import NameInUse, StateError
+from proxy.errors import NameInUse, StateError, UnsafePath
 from proxy.status import model as st
 from proxy.status.model import ConditionType as C
 from proxy.status.model import WorkloadStatus as S
@@ -96,12 +96,15 @@ async def test_write_failure_raises_state_error_and_keeps_the_file(
     assert store.path.read_bytes() == before
 
 
-async def test_unwritable_state_dir_is_a_state_error(tmp_path: Path) -> None:
-    """A state directory that cannot be created gives StateError, not a bare OSError."""
+async def test_a_state_dir_that_is_no_directory_is_a_config_error(tmp_path: Path) -> None:
+    """A state directory that is a file (or below one) gives a one-line error naming
+    --state-dir, not a bare OSError."""
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(StateError):
+    with pytest.raises(UnsafePath, match=r"--state-dir: .* is not a directory"):
         await FileStore(blocker, "w").update(st.Serving())
+    with pytest.raises(UnsafePath, match=r"--state-dir: .*below cannot be used"):
+        await FileStore(blocker / "below", "w").update(st.Serving())
 
 
 async def test_workload_keeps_going_when_writes_fail(
