@@ -13,8 +13,10 @@ plant a FIFO that blocks every reader, a symlink that redirects a `chmod` or a w
   it is created 0700 and tightened to 0700 through its own descriptor, never through a
   path a link could redirect (`ensure_private_dir`);
 - a file is opened with `O_NOFOLLOW | O_NONBLOCK` and must be a regular file
-  (`read_regular`); a private one (a token) also owned by the user with no group or
-  other permissions.
+  (`read_regular`); a private one (a sign-in's tokens) also owned by the user with mode
+  0600;
+- a file is replaced atomically (`write_atomically`): a 0600 temp file beside it, fsync,
+  rename; a reader sees the old contents or the new, never a part.
 
 Failures of the first two are `UnsafePath` (a `ConfigError`: exit 2, one line naming the
 flag); a file that is not a regular one is `NotRegularFile` (an `OSError`), which a
@@ -23,9 +25,11 @@ store treats like a corrupt file. Nothing here reads or logs a file's contents.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from .errors import UnsafePath
@@ -125,7 +129,7 @@ def read_regular(path: Path, limit: int, *, private: str | None = None) -> bytes
     Opened without following a link and without blocking (a FIFO would otherwise hang
     the reader until someone writes to it); anything but a regular file raises
     `NotRegularFile`. With `private` (the flag naming it), the file must also be owned
-    by this user with no group or other permissions, else `UnsafePath`.
+    by this user with mode 0600, else `UnsafePath`.
     """
     try:
         fd = os.open(path, _READ_FLAGS)
@@ -141,9 +145,10 @@ def read_regular(path: Path, limit: int, *, private: str | None = None) -> bytes
             raise NotRegularFile(path, _kind(info.st_mode))
         if private is not None:
             _check_owner(info, path, private)
-            if stat.S_IMODE(info.st_mode) & 0o077:
-                raise UnsafePath(f"{private}: {path} may be read by others (mode "
-                                 f"{stat.S_IMODE(info.st_mode):o}); run chmod 600 {path}")
+            mode = stat.S_IMODE(info.st_mode)
+            if mode != 0o600:
+                raise UnsafePath(f"{private}: {path} has mode {mode:04o}; it must be 0600 "
+                                 f"(run chmod 600 {path})")
         chunks: list[bytes] = []
         size = 0
         while size <= limit:
@@ -163,3 +168,31 @@ def is_regular_or_missing(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except FileNotFoundError:
         return True
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`: a 0600 temp file in the same directory, fsync, rename.
+
+    The rename replaces the directory entry itself (a link planted there is replaced,
+    never written through). The directory is then fsync'ed where it can be opened, so
+    the rename survives a crash too.
+    """
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

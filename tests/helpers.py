@@ -1,6 +1,8 @@
 """What many test files share and a fixture cannot give: the wait bounds, one bounded
-polling helper, the chunked framing of a test body, and the raw-socket upstream behind
-the `raw_upstream` fixture (tests/conftest.py).
+polling helper, the chunked framing of a test body, a secret file written as a user
+writes it, the raw-socket upstream behind the `raw_upstream` fixture (tests/conftest.py),
+a uvicorn server for ASGI targets, and `Started`, for fixtures that start servers on
+demand and stop them at teardown.
 
 Import it by name (`from helpers import WAIT, eventually`): pytest puts `tests/` on
 `sys.path` (tests/ has a conftest.py and no `__init__.py`), so this works from every
@@ -14,8 +16,17 @@ import contextlib
 import inspect
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from aiohttp import web
+
+from proxy import ReauthorizedEvent, UnauthorizedEvent
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 # Bounds on every wait. Never reached when things work: the happy path takes milliseconds.
 WAIT = 5.0  # an event in this process (a request, a callback, a file the proxy writes)
@@ -54,6 +65,39 @@ def _describe(predicate: Callable[..., object]) -> str:
         return inspect.getsource(predicate).strip()
     except (OSError, TypeError):
         return getattr(predicate, "__qualname__", repr(predicate))
+
+
+def write_secret(path: Path, value: str) -> Path:
+    """Writes a secret file the way a user would (mode 0600, trailing newline)."""
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def answering(text: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An upstream handler that answers every request 200 with `text`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=text)
+
+    return handler
+
+
+async def run_cli(args: Sequence[str], env: Mapping[str, str] | None = None,
+                  timeout: float = 30) -> tuple[int, str, str]:
+    """`python -m proxy ARGS` run to its end with `env` (None: this process's), killed if
+    it outlives `timeout`: its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
 def chunk(data: bytes) -> bytes:
@@ -169,3 +213,100 @@ class RawUpstream:
             self.open -= 1
             self.changed.set()
             self.tasks.discard(task)
+
+
+class Episodes:
+    """The proxy's `on_unauthorized` / `on_reauthorized` callbacks, kept, and as events a
+    test can wait for (an episode opened, an episode closed)."""
+
+    def __init__(self) -> None:
+        self.opened, self.closed = asyncio.Event(), asyncio.Event()
+        self.unauthorized: list[UnauthorizedEvent] = []
+        self.reauthorized: list[ReauthorizedEvent] = []
+
+    def on_unauthorized(self, event: UnauthorizedEvent) -> None:
+        self.unauthorized.append(event)
+        self.opened.set()
+
+    def on_reauthorized(self, event: ReauthorizedEvent) -> None:
+        self.reauthorized.append(event)
+        self.closed.set()
+
+
+class UvicornServer:
+    """An ASGI app served by uvicorn on 127.0.0.1 in this test's event loop.
+
+    The port is bound at once, so an app that must know its own URL can be built after
+    this and handed to `start`.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, app: ASGIApp) -> None:
+        import uvicorn  # only the suites with ASGI targets install it
+
+        self._server = server = uvicorn.Server(uvicorn.Config(
+            app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+            ws="none", timeout_graceful_shutdown=2))
+        self._task = task = asyncio.create_task(server.serve(sockets=[self._sock]))
+
+        def started() -> bool:
+            # uvicorn has no startup event to await; its `started` flag is the signal.
+            if task.done():
+                task.result()
+                raise RuntimeError("uvicorn exited during startup")
+            return bool(server.started)
+
+        await eventually(started, LONG_WAIT, what="uvicorn to start")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), LONG_WAIT)
+        except TimeoutError:
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        finally:
+            self._sock.close()
+
+
+class Stoppable(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+class Started:
+    """What a fixture started on demand, stopped last first when its `async with` ends:
+    `async with Started() as started: yield lambda: started.start(Server(...))`."""
+
+    def __init__(self) -> None:
+        self.servers: list[Stoppable] = []
+
+    async def start(self, server: S) -> S:
+        await server.start()
+        self.servers.append(server)
+        return server
+
+    async def __aenter__(self) -> Started:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in reversed(self.servers):
+            await server.stop()

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import AuthProxy, ProxyConfig, UnauthorizedEvent, WorkloadStatus
 
-from helpers import LONG_WAIT, eventually
+from helpers import LONG_WAIT, eventually, write_secret
 
 UpstreamFactory = Callable[..., Awaitable[TestServer]]
 
@@ -53,10 +53,12 @@ class Gate:
         return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
 
 
-def secret_file(path: Path, value: str) -> Path:
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return path
+def config_for(upstream: TestServer, tmp_path: Path, name: str, **settings: Any) -> ProxyConfig:
+    """The proxy's settings for `upstream`'s /mcp, its state under `tmp_path`, no health
+    probes unless `settings` say otherwise."""
+    settings.setdefault("health_interval", 0)
+    return ProxyConfig(target_url=str(upstream.make_url("/mcp")), name=name,
+                       state_dir=tmp_path / "state", **settings)
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: bytes = b"{}") -> int:
@@ -78,11 +80,9 @@ async def test_rewriting_the_token_file_heals_the_workload_without_a_restart(
     same length) makes the next calls succeed and the status running again."""
     gate = Gate("token-AAAA")
     upstream = await make_upstream(gate.handle)
-    token = secret_file(tmp_path / "token", "token-AAAA")
+    token = write_secret(tmp_path / "token", "token-AAAA")
     events: list[UnauthorizedEvent] = []
-    config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), name="heal",
-                         state_dir=tmp_path / "state", bearer_token_file=token,
-                         health_interval=0)
+    config = config_for(upstream, tmp_path, "heal", bearer_token_file=token)
     async with AuthProxy(config, on_unauthorized=events.append) as proxy, \
             aiohttp.ClientSession() as session:
         assert await post(session, proxy.url) == 200
@@ -97,7 +97,7 @@ async def test_rewriting_the_token_file_heals_the_workload_without_a_restart(
             finally:
                 os.close(fd)
         else:
-            secret_file(tmp_path / "token.new", "token-BBBB")
+            write_secret(tmp_path / "token.new", "token-BBBB")
             os.replace(tmp_path / "token.new", token)
         statuses = [await post(session, proxy.url) for _ in range(2)]
         assert statuses[-1] == 200  # at most the first call still carried the old token
@@ -116,9 +116,7 @@ async def test_missing_token_file_at_start_gives_503_until_it_appears(
     upstream = await make_upstream(gate.handle)
     token = tmp_path / "token"
     events: list[UnauthorizedEvent] = []
-    config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), name="late",
-                         state_dir=tmp_path / "state", bearer_token_file=token,
-                         health_interval=0)
+    config = config_for(upstream, tmp_path, "late", bearer_token_file=token)
     async with AuthProxy(config, on_unauthorized=events.append) as proxy, \
             aiohttp.ClientSession() as session:
         await proxy.monitor.flush()
@@ -129,7 +127,7 @@ async def test_missing_token_file_at_start_gives_503_until_it_appears(
             assert resp.status == 503 and "Retry-After" in resp.headers
         assert gate.seen == []  # nothing reached the target without a credential
         assert len(events) == 1 and events[0].status_code is None
-        secret_file(token, "late-token")
+        write_secret(token, "late-token")
         await eventually(lambda: proxy.status.status is not WorkloadStatus.UNAUTHENTICATED
                          or proxy.monitor.episode_open, LONG_WAIT, what="the file watcher")
 
@@ -158,11 +156,11 @@ async def test_oauth_body_over_replay_limit_is_not_replayed_and_gets_the_503(
     endpoint = await make_upstream(token_endpoint)
     gate = Gate("tok-1")
     upstream = await make_upstream(gate.handle)
-    config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), name="oauth",
-                         state_dir=tmp_path / "state", oauth_token_url=str(endpoint.make_url(
-                             "/token")), oauth_client_id="client",
-                         oauth_client_secret_file=secret_file(tmp_path / "secret", "shh"),
-                         health_interval=0, replay_limit=1024)
+    config = config_for(upstream, tmp_path, "oauth",
+                        oauth_token_url=str(endpoint.make_url("/token")),
+                        oauth_client_id="client",
+                        oauth_client_secret_file=write_secret(tmp_path / "secret", "shh"),
+                        replay_limit=1024)
     async with AuthProxy(config) as proxy, aiohttp.ClientSession() as session:
         assert await post(session, proxy.url) == 200
         gate.token = "tok-2"  # the target stops accepting tok-1
@@ -197,10 +195,9 @@ async def test_probes_answered_401_make_the_workload_unauthenticated_not_unhealt
 
     upstream = await make_upstream(handler)
     events: list[UnauthorizedEvent] = []
-    config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), name="probe401",
-                         state_dir=tmp_path / "state", bearer_token_file=secret_file(
-                             tmp_path / "token", "t"), health_interval=0.02,
-                         health_timeout=1, health_failures=1)
+    config = config_for(upstream, tmp_path, "probe401",
+                        bearer_token_file=write_secret(tmp_path / "token", "t"),
+                        health_interval=0.02, health_timeout=1, health_failures=1)
     async with AuthProxy(config, on_unauthorized=events.append) as proxy:
         await eventually(lambda: proxy.status.status is WorkloadStatus.UNAUTHENTICATED,
                          LONG_WAIT, what="401")
@@ -221,9 +218,9 @@ async def test_metrics_count_real_traffic_streams_and_the_status(
     open SSE stream while it is held, and follows the workload through an episode."""
     gate = Gate("good")
     upstream = await make_upstream(gate.handle)
-    config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), name="metrics",
-                         state_dir=tmp_path / "state", bearer_token_file=secret_file(
-                             tmp_path / "token", "good"), health_interval=0, admin_port=0)
+    config = config_for(upstream, tmp_path, "metrics",
+                        bearer_token_file=write_secret(tmp_path / "token", "good"),
+                        admin_port=0)
 
     async def scrape(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
         async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:

@@ -1,5 +1,5 @@
 """`proxy.safe_fs`: the checks every directory and file others must not control goes
-through (status files now, the sign-in's credentials later)."""
+through (status files and the sign-in's credentials)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import UnsafePath
-from proxy.safe_fs import NotRegularFile, check_owned_dir, ensure_private_dir, read_regular
+from proxy.safe_fs import (
+    NotRegularFile,
+    check_owned_dir,
+    ensure_private_dir,
+    read_regular,
+    write_atomically,
+)
 
 
 def test_a_fifo_or_a_link_is_never_read_and_never_blocks(tmp_path: Path) -> None:
@@ -76,3 +82,20 @@ def test_a_dir_others_can_write_or_own_is_refused(tmp_path: Path) -> None:
         with pytest.raises(UnsafePath, match="owned by uid 65534"):
             check_owned_dir(folder, flag="--state-dir")
     assert not check_owned_dir(tmp_path / "absent", flag="--state-dir")
+
+
+def test_an_atomic_write_replaces_a_link_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    """`write_atomically` lands a 0600 file where a link was, without writing through it,
+    and leaves nothing else behind."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    (folder / "file").symlink_to(victim)
+
+    write_atomically(folder / "file", b"new\n")
+
+    assert victim.read_text() == "keep me"
+    assert read_regular(folder / "file", 100) == b"new\n"
+    assert stat.S_IMODE(os.lstat(folder / "file").st_mode) == 0o600
+    assert [p.name for p in folder.iterdir()] == ["file"]

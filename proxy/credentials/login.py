@@ -3,13 +3,15 @@
 After `discovery.discover` has found the authorization server, `sign_in` runs the rest of
 the MCP authorization spec's flow and returns a `StoredSignIn` for `signin_store`:
 
-- client identity, first that applies: a client registered beforehand (`--client-id`);
-  a Client ID Metadata Document URL where the server supports them; Dynamic Client
-  Registration (RFC 7591) of a native public client, stored per issuer and reused;
+- client identity (`registration.py`), first that applies: a client registered
+  beforehand (`--client-id`); a Client ID Metadata Document URL where the server
+  supports them; Dynamic Client Registration (RFC 7591) of a native public client,
+  stored per issuer and reused;
 - the authorization code grant with PKCE S256 (RFC 7636, required), `state`, `resource`
   (RFC 8707) and a redirect to a loopback listener (RFC 8252 §7.3), or the device
-  authorization grant (RFC 8628);
-- the token answer checked: `token_type` Bearer, `access_token`, `expires_in`.
+  authorization grant (RFC 8628, `device.py`);
+- the token answer checked (`login_http.py`): `token_type` Bearer, `access_token`,
+  `expires_in`.
 
 The loopback listener lives in `callback.py`. The person sees the authorization URL (or
 the device code) on stderr; nothing here ever prints or logs a token, code, verifier or
@@ -19,28 +21,32 @@ code.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import secrets
 import threading
 import webbrowser
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import aiohttp
-from aiohttp import hdrs
 from yarl import URL
 
 from ..errors import SignInError
-from ..log import redact_url
 from .callback import CallbackListener
+from .device import device_grant
 from .discovery import Discovery, ServerMetadata
+from .login_http import (
+    TokenAnswer,
+    authorization_url,
+    check_token_answer,
+    describe,
+    pkce_pair,
+    post_form,
+)
+from .registration import DEVICE_GRANT, Client, register
 from .signin_store import (
     Registration,
     StoredSignIn,
@@ -48,10 +54,9 @@ from .signin_store import (
     load_registration,
     save_registration,
 )
-from .token_endpoint import MAX_TOKEN_RESPONSE, basic_client_auth
 
-DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
-CLIENT_NAME = "mcp-authproxy"
+__all__ = ["LoginOptions", "SignIn", "authorization_url", "check_token_answer",
+           "pkce_pair"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,100 +76,9 @@ class LoginOptions:
     timeout: float = 300.0
 
 
-@dataclass(frozen=True, slots=True)
-class Client:
-    """The client identity a sign-in uses."""
-
-    client_id: str
-    secret: str | None = field(default=None, repr=False)
-    registration: Registration | None = None  # set when it came from DCR
-    new: bool = False  # registered by this sign-in (stored once it succeeds)
-
-    def auth(self, form: dict[str, str]) -> dict[str, str]:
-        """Client authentication for a token-endpoint request: headers (form updated)."""
-        headers: dict[str, str] = {hdrs.ACCEPT: "application/json"}
-        if self.secret is not None:
-            headers[hdrs.AUTHORIZATION] = basic_client_auth(self.client_id, self.secret)
-        else:
-            form["client_id"] = self.client_id
-        return headers
-
-
-# --- pure helpers -----------------------------------------------------------------------
-
-
-def pkce_pair() -> tuple[str, str]:
-    """A PKCE verifier (43 characters of 256 random bits) and its S256 challenge."""
-    verifier = secrets.token_urlsafe(32)
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def authorization_url(endpoint: str, *, client_id: str, redirect_uri: str, state: str,
-                      challenge: str, resource: str, scopes: tuple[str, ...]) -> str:
-    """The authorization request (RFC 6749 §4.1.1, RFC 7636, RFC 8707) as a URL."""
-    query = {
-        "response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
-        "state": state, "code_challenge": challenge, "code_challenge_method": "S256",
-        "resource": resource,
-    }
-    if scopes:
-        query["scope"] = " ".join(scopes)
-    return str(URL(endpoint).update_query(query))
-
-
-@dataclass(frozen=True, slots=True)
-class TokenAnswer:
-    access_token: str = field(repr=False)
-    refresh_token: str | None = field(repr=False)
-    expires_in: float | None
-    scope: tuple[str, ...] | None
-
-
-def check_token_answer(status: int, body: bytes, step: str) -> TokenAnswer:
-    """Pure: the checked token answer (RFC 6749 §5.1), else `SignInError` with its code."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        doc = None
-    if not isinstance(doc, dict):
-        raise SignInError(step, f"the token endpoint answered {status} without JSON",
-                          f"http_{status}")
-    if status != 200:
-        error = doc.get("error") if isinstance(doc.get("error"), str) else f"http_{status}"
-        raise SignInError(step, _describe(doc, "the token endpoint refused"), error)
-    token_type = doc.get("token_type")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        raise SignInError(step, f"token_type is {token_type!r}, not Bearer",
-                          "unsupported_token_type")
-    token = doc.get("access_token")
-    if not isinstance(token, str) or not token or not all(0x21 <= ord(c) <= 0x7E
-                                                          for c in token):
-        raise SignInError(step, "the answer holds no usable access_token", "invalid_response")
-    expires_in = doc.get("expires_in")
-    if expires_in is not None and (isinstance(expires_in, bool) or not isinstance(
-            expires_in, int | float) or expires_in < 0):
-        raise SignInError(step, "expires_in is not a number of seconds", "invalid_response")
-    refresh = doc.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh.strip()):
-        raise SignInError(step, "refresh_token is not a string", "invalid_response")
-    scope = doc.get("scope")
-    return TokenAnswer(token, refresh.strip() if isinstance(refresh, str) else None,
-                       float(expires_in) if expires_in is not None else None,
-                       tuple(scope.split()) if isinstance(scope, str) else None)
-
-
-def _describe(doc: Mapping[str, Any], fallback: str) -> str:
-    text = doc.get("error_description")
-    if not isinstance(text, str) or not text.strip():
-        return fallback
-    return "".join(c if c.isprintable() else " " for c in text)[:200]
-
-
 def _quietly(open_browser: Callable[[str], bool], url: str) -> None:
     with contextlib.suppress(Exception):  # no browser at all: the URL is printed
         open_browser(url)
-
 
 
 # --- the flow ---------------------------------------------------------------------------
@@ -268,45 +182,11 @@ class SignIn:
         return await self._register(redirect_uri)
 
     async def _register(self, redirect_uri: str | None) -> Client:
-        """RFC 7591: a native public client with the loopback redirect URI."""
-        step = "client registration"
-        endpoint = self._server.registration_endpoint
-        if endpoint is None:
-            raise SignInError(step, f"{self._server.issuer} offers no registration_endpoint "
-                              "and no Client ID Metadata Documents; give --client-id",
-                              "registration_unsupported")
-        grants = ["refresh_token"]
-        metadata: dict[str, Any] = {
-            "client_name": CLIENT_NAME, "application_type": "native",
-            "token_endpoint_auth_method": "none",
-        }
-        if redirect_uri is not None:
-            grants.insert(0, "authorization_code")
-            metadata["redirect_uris"] = [redirect_uri]
-            metadata["response_types"] = ["code"]
-        else:
-            metadata["response_types"] = []
-        if self._options.device or DEVICE_GRANT in self._server.grant_types:
-            grants.append(DEVICE_GRANT)
-        metadata["grant_types"] = grants
         # Every scope the resource offers, not just today's: a registration limited to
         # these would refuse a later step-up to more of them (invalid_scope).
-        wanted = tuple(dict.fromkeys(
-            (*self.scopes, *self._found.resource_metadata.scopes_supported)))
-        if wanted:
-            metadata["scope"] = " ".join(wanted)
-        doc = await self._post_json(endpoint, metadata, step)
-        client_id = doc.get("client_id")
-        if not isinstance(client_id, str) or not client_id:
-            raise SignInError(step, "the registration answer holds no client_id",
-                              "invalid_response")
-        secret = doc.get("client_secret")
-        uris = doc.get("redirect_uris", metadata.get("redirect_uris", []))
-        registration = Registration(
-            self._server.issuer, client_id,
-            tuple(u for u in uris if isinstance(u, str)) if isinstance(uris, list) else (),
-            tuple(grants), secret if isinstance(secret, str) else None)
-        return Client(client_id, registration.client_secret, registration, new=True)
+        return await register(
+            self._session, self._server, redirect_uri, device=self._options.device,
+            scopes=(*self.scopes, *self._found.resource_metadata.scopes_supported))
 
     def _keep_registration(self, client: Client) -> None:
         """Store a new registration once it has signed someone in: a sign-in that fails
@@ -336,7 +216,7 @@ class SignIn:
                              name="login-browser", daemon=True).start()
         answer = await listener.wait(self._options.timeout)
         if "error" in answer:
-            raise SignInError("authorization", _describe(answer, "the authorization server "
+            raise SignInError("authorization", describe(answer, "the authorization server "
                               "did not grant access"), answer.get("error") or "error")
         iss = answer.get("iss")
         if iss is not None and iss != self._server.issuer:
@@ -357,106 +237,26 @@ class SignIn:
                 "redirect_uri": redirect_uri, "code_verifier": verifier,
                 "resource": self._found.resource}
         headers = client.auth(form)
-        status, body = await self._post_form(self._server.token_endpoint, form, headers,
-                                             "token request")
+        status, body = await post_form(self._session, self._server.token_endpoint, form,
+                                       headers, "token request")
         return check_token_answer(status, body, "token request")
 
     # -- the device authorization grant ---------------------------------------------------
 
     async def _device(self) -> StoredSignIn:
-        step = "device authorization"
         endpoint = self._server.device_authorization_endpoint
         if endpoint is None:
-            raise SignInError(step, f"{self._server.issuer} offers no "
+            raise SignInError("device authorization", f"{self._server.issuer} offers no "
                               "device_authorization_endpoint", "device_unsupported")
         reuse = None if self._options.client_id else self._stored_registration()
         client = await self._client(None, reuse)
-        form = {"resource": self._found.resource}
-        if self.scopes:
-            form["scope"] = " ".join(self.scopes)
-        headers = client.auth(form)
-        status, body = await self._post_form(endpoint, form, headers, step)
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            doc = None
-        if not isinstance(doc, dict) or status != 200:
-            error = doc.get("error") if isinstance(doc, dict) else None
-            raise SignInError(step, _describe(doc or {}, f"the server answered {status}"),
-                              error if isinstance(error, str) else f"http_{status}")
-        device_code, user_code = doc.get("device_code"), doc.get("user_code")
-        uri = doc.get("verification_uri")
-        if not all(isinstance(v, str) and v for v in (device_code, user_code, uri)):
-            raise SignInError(step, "the answer lacks device_code, user_code or "
-                              "verification_uri", "invalid_response")
-        assert isinstance(device_code, str)
-        complete = doc.get("verification_uri_complete")
-        self._say(f"To sign in to {self._server.issuer}, visit {uri} and enter the code "
-                  f"{user_code}" + (f"\n(or open {complete})" if isinstance(complete, str)
-                                    else ""))
-        interval = doc.get("interval")
-        wait = float(interval) if isinstance(interval, int | float) and interval > 0 else 5.0
-        expires = doc.get("expires_in")
-        limit = min(self._options.timeout, float(expires) if isinstance(
-            expires, int | float) and expires > 0 else self._options.timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        while True:
-            if loop.time() + wait > deadline:
-                raise SignInError("device authorization",
-                                  f"not completed within {limit:g} s", "expired_token")
-            await asyncio.sleep(wait)
-            poll = {"grant_type": DEVICE_GRANT, "device_code": device_code,
-                    "resource": self._found.resource}
-            headers = client.auth(poll)
-            status, body = await self._post_form(self._server.token_endpoint, poll,
-                                                 headers, "token request")
-            try:
-                answer = check_token_answer(status, body, "token request")
-            except SignInError as exc:
-                if exc.code == "authorization_pending":
-                    continue
-                if exc.code == "slow_down":
-                    wait += 5.0  # RFC 8628 §3.5
-                    continue
-                raise
-            self._keep_registration(client)
-            return self._stored(client, answer)
+        answer = await device_grant(
+            self._session, self._server, endpoint, client, resource=self._found.resource,
+            scopes=self.scopes, timeout=self._options.timeout, say=self._say)
+        self._keep_registration(client)
+        return self._stored(client, answer)
 
-    # -- HTTP and the result ---------------------------------------------------------------
 
-    async def _post_form(self, url: str, form: dict[str, str], headers: dict[str, str],
-                         step: str) -> tuple[int, bytes]:
-        try:
-            async with self._session.post(url, data=form, headers=headers,
-                                          allow_redirects=False) as response:
-                return response.status, await response.content.read(MAX_TOKEN_RESPONSE)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SignInError(step, f"{redact_url(url)} could not be reached "
-                              f"({type(exc).__name__})", "network") from None
-
-    async def _post_json(self, url: str, doc: Mapping[str, Any], step: str
-                         ) -> dict[str, Any]:
-        try:
-            async with self._session.post(url, json=doc, headers={
-                    hdrs.ACCEPT: "application/json"}, allow_redirects=False) as response:
-                status, body = response.status, await response.content.read(
-                    MAX_TOKEN_RESPONSE)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise SignInError(step, f"{redact_url(url)} could not be reached "
-                              f"({type(exc).__name__})", "network") from None
-        try:
-            answer = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            answer = None
-        if not isinstance(answer, dict):
-            raise SignInError(step, f"{redact_url(url)} answered {status} without JSON",
-                              f"http_{status}")
-        if status not in (200, 201):
-            error = answer.get("error")
-            raise SignInError(step, _describe(answer, f"{redact_url(url)} answered {status}"),
-                              error if isinstance(error, str) else f"http_{status}")
-        return answer
 
     def _stored(self, client: Client, answer: TokenAnswer) -> StoredSignIn:
         now = datetime.now(UTC).replace(microsecond=0)

@@ -20,13 +20,11 @@ This module never logs a token; `StoredSignIn`'s repr hides every secret.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -35,8 +33,10 @@ from typing import Any
 
 import filelock
 
-from ..errors import ProxyError
+from .. import safe_fs
+from ..errors import ProxyError, UnsafePath
 
+FLAG = "--state-dir"  # the flag that names where the credentials live
 LOCK_TIMEOUT = 10.0
 MAX_FILE_BYTES = 256 * 1024
 
@@ -157,49 +157,36 @@ def registration_path(state_dir: Path | str, issuer: str) -> Path:
     return credentials_dir(state_dir) / "clients" / f"{digest}.json"
 
 
-def ensure_private_dir(directory: Path) -> None:
-    """Create `directory` 0700; tighten one of ours that a umask left open."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise CredentialsFileRefused(
-            f"credentials directory {directory} must be a directory owned by you")
-    if st.st_mode & 0o077:
-        os.chmod(directory, 0o700)
+def _prepare_dirs(state_dir: Path, folder: Path) -> None:
+    """`state_dir` is the user's own (created when missing), and `credentials/` and
+    `folder` in it (`credentials/` or `credentials/clients/`) real 0700 directories
+    (`safe_fs`); `UnsafePath` otherwise."""
+    if not safe_fs.check_owned_dir(state_dir, flag=FLAG):
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        safe_fs.check_owned_dir(state_dir, flag=FLAG)
+    for directory in dict.fromkeys((credentials_dir(state_dir), folder)):
+        safe_fs.ensure_private_dir(directory, flag=FLAG)
 
 
 def read_private_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in `path`, None when there is no file; refused unless it is a
     regular file owned by this user with mode 0600 (links are not followed)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CredentialsFileRefused(
-                f"credentials file {path} is a symbolic link; refusing it") from None
+        data = safe_fs.read_regular(path, MAX_FILE_BYTES, private=FLAG)
+    except safe_fs.NotRegularFile as exc:
         raise CredentialsFileRefused(
-            f"credentials file {path} cannot be opened: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CredentialsFileRefused(f"credentials file {path} is not a regular file")
-        if st.st_uid != os.geteuid():
-            raise CredentialsFileRefused(
-                f"credentials file {path} is owned by uid {st.st_uid}, not you")
-        if stat.S_IMODE(st.st_mode) != 0o600:
-            raise CredentialsFileRefused(
-                f"credentials file {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
-                "it must be 0600")
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            f"credentials file {path} is {exc.kind}, not a regular file; refusing it"
+        ) from None
+    except UnsafePath as exc:  # "--state-dir: PATH has mode ..." names the file here
+        raise CredentialsFileRefused(
+            "credentials file " + str(exc).removeprefix(f"{FLAG}: ")) from None
     except OSError as exc:
         raise CredentialsFileRefused(
             f"credentials file {path} cannot be read: {exc.strerror}") from None
-    finally:
-        os.close(fd)
+    if data is None:
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        raise CredentialsFileRefused(f"credentials file {path} is too large")
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -210,32 +197,22 @@ def read_private_json(path: Path) -> dict[str, Any] | None:
 
 
 def write_private_json(path: Path, doc: Mapping[str, Any]) -> None:
-    """Atomically replace `path` with `doc`: temp file 0600, fsync, rename, fsync dir."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(json.dumps(doc, indent=2).encode() + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Atomically replace `path` with `doc` (mode 0600)."""
+    safe_fs.write_atomically(path, json.dumps(doc, indent=2).encode() + b"\n")
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """The cross-process lock of one credentials file (a `.lock` beside it)."""
-    ensure_private_dir(path.parent)
-    lock = filelock.FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT, mode=0o600)
+def locked(state_dir: Path | str, path: Path) -> Iterator[None]:
+    """The cross-process lock of `path`, a file under `state_dir`'s credentials (a
+    `.lock` beside it); the directories are checked (and made) first."""
+    lock_path = Path(str(path) + ".lock")
+    try:
+        _prepare_dirs(Path(state_dir), path.parent)
+        if not safe_fs.is_regular_or_missing(lock_path):
+            os.unlink(lock_path)  # filelock would open a link and truncate its target
+    except UnsafePath as exc:
+        raise CredentialsFileRefused(str(exc)) from None
+    lock = filelock.FileLock(str(lock_path), timeout=LOCK_TIMEOUT, mode=0o600)
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -260,7 +237,7 @@ def load_signin(state_dir: Path | str, name: str) -> StoredSignIn | None:
 def save_signin(state_dir: Path | str, name: str, signin: StoredSignIn) -> Path:
     """A new sign-in: written whatever the file held (it is newer by definition)."""
     path = signin_path(state_dir, name)
-    with locked(path):
+    with locked(state_dir, path):
         # Refuse to replace something that is not ours to replace (a link, a directory).
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
@@ -277,7 +254,7 @@ def write_back(state_dir: Path | str, name: str, signin: StoredSignIn) -> bool:
     False (nothing written) when a newer sign-in, or none, is there now.
     """
     path = signin_path(state_dir, name)
-    with locked(path):
+    with locked(state_dir, path):
         current = read_private_json(path)
         if current is None or current.get("signin_id") != signin.signin_id:
             return False
@@ -307,12 +284,11 @@ def load_registration(state_dir: Path | str, issuer: str) -> Registration | None
 
 def save_registration(state_dir: Path | str, registration: Registration) -> None:
     path = registration_path(state_dir, registration.issuer)
-    ensure_private_dir(path.parent.parent)
-    with locked(path):
+    with locked(state_dir, path):
         write_private_json(path, registration.to_json())
 
 
 def forget_registration(state_dir: Path | str, issuer: str) -> None:
     path = registration_path(state_dir, issuer)
-    with locked(path), contextlib.suppress(FileNotFoundError):
+    with locked(state_dir, path), contextlib.suppress(FileNotFoundError):
         path.unlink()

@@ -26,12 +26,9 @@ secret: messages carry error codes and descriptions, scrubbed of the known secre
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import random
 import ssl
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +41,7 @@ import aiohttp
 from aiohttp import hdrs
 
 from ..log import redact_text, redact_url
+from ..safe_fs import write_atomically
 
 RETRY_AFTER_MAX = 3600.0  # a server's Retry-After is honoured up to this
 REFRESH_SKEW_MAX = 30.0  # refresh this long before expiry at most ...
@@ -250,23 +248,5 @@ def token_request(
 
 
 def write_secret_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` + newline: temp file, fsync, rename; mode 0600."""
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("ascii") + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where possible
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    """Replace `path` with `text` + newline, atomically and with mode 0600."""
+    write_atomically(path, text.encode("ascii") + b"\n")

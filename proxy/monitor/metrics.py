@@ -45,7 +45,7 @@ from ..forwarding.observe import Exchange
 from ..status.model import WorkloadStatus
 
 if TYPE_CHECKING:
-    from .health import ProbeResult
+    from .probe import ProbeResult
 
 PREFIX = "mcp_authproxy_"
 # The content type of `render()`'s output (the classic text format, version 0.0.4).

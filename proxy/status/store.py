@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from ..safe_fs import (
     ensure_private_dir,
     is_regular_or_missing,
     read_regular,
+    write_atomically,
 )
 from ..status import model as st
 
@@ -245,24 +245,7 @@ class FileStore:
         return read_regular(self.path, MAX_FILE_BYTES)
 
     def _write_bytes(self, data: bytes) -> None:
-        """Atomically replace the file: temp file in the same dir, fsync, rename, fsync dir."""
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, data)
 
     def _load(self) -> st.WorkloadRecord | None:
         try:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import helpers
+
 
 @dataclass
 class ProxyProcess:
@@ -61,20 +63,8 @@ async def start_proxy(args: Sequence[str], env: dict[str, str] | None = None,
 
 async def run_cli(args: Sequence[str], env: dict[str, str] | None = None,
                   timeout: float = 30) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """`python -m proxy ARGS` to its end, `env` added to this process's environment."""
+    return await helpers.run_cli(args, {**os.environ, **(env or {})}, timeout)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from .conftest import ProxyProcess, run_cli, start_proxy
-from helpers import LONG_WAIT, eventually
+from helpers import LONG_WAIT, eventually, write_secret
 
 RELEASE = web.AppKey("release", asyncio.Event)
 ARRIVED = web.AppKey("arrived", asyncio.Event)
@@ -48,6 +49,12 @@ def _target(server: TestServer, path: str = "/mcp") -> str:
     return str(server.make_url(path))
 
 
+def run_args(upstream: TestServer, state_dir: Path, *extra: str) -> list[str]:
+    """`run` in front of `upstream`'s /mcp, its state in `state_dir`, no health probes."""
+    return ["run", "--target-url", _target(upstream), "--state-dir", str(state_dir),
+            "--health-interval", "0", *extra]
+
+
 async def test_prints_exactly_one_stdout_line_with_the_client_url(
     upstream: TestServer, state_dir: Path, processes: list[ProxyProcess]
 ) -> None:
@@ -69,8 +76,7 @@ async def test_sigterm_drains_an_in_flight_request_then_exits_zero(
     upstream: TestServer, state_dir: Path, processes: list[ProxyProcess]
 ) -> None:
     """SIGTERM while a request is in flight: the request still completes, exit code 0."""
-    proc = await start_proxy(["run", "--target-url", _target(upstream), "--name", "drain",
-                              "--state-dir", str(state_dir), "--health-interval", "0"])
+    proc = await start_proxy(run_args(upstream, state_dir, "--name", "drain"))
     processes.append(proc)
     async with aiohttp.ClientSession() as client:
         slow = asyncio.create_task(client.get(proc.url.replace("/mcp", "/slow")))
@@ -93,12 +99,8 @@ async def test_access_log_event_has_method_path_status_duration_and_bytes(
     upstream: TestServer, state_dir: Path, processes: list[ProxyProcess]
 ) -> None:
     """Each request is one JSON log line on stderr with its fields, and no credential."""
-    token = state_dir.parent / "token"
-    token.write_text("s3cr3t-token-value\n")
-    token.chmod(0o600)
-    proc = await start_proxy(["run", "--target-url", _target(upstream), "--state-dir",
-                              str(state_dir), "--health-interval", "0",
-                              "--bearer-token-file", str(token)])
+    token = write_secret(state_dir.parent / "token", "s3cr3t-token-value")
+    proc = await start_proxy(run_args(upstream, state_dir, "--bearer-token-file", str(token)))
     processes.append(proc)
     async with aiohttp.ClientSession() as client, client.post(proc.url + "?x=1", data=b"{}",
                            headers={"Authorization": "Bearer client-own"}) as resp:
@@ -165,13 +167,11 @@ async def test_second_process_with_the_same_name_exits_2_naming_the_pid(
     upstream: TestServer, state_dir: Path, processes: list[ProxyProcess]
 ) -> None:
     """A second live proxy with the same name refuses to start and leaves the file alone."""
-    first = await start_proxy(["run", "--target-url", _target(upstream), "--name", "twin",
-                               "--state-dir", str(state_dir), "--health-interval", "0"])
+    first = await start_proxy(run_args(upstream, state_dir, "--name", "twin"))
     processes.append(first)
     path = state_dir / "workloads" / "twin.json"
     before = path.read_text()
-    code, _, err = await run_cli(["run", "--target-url", _target(upstream), "--name", "twin",
-                                    "--state-dir", str(state_dir), "--health-interval", "0"])
+    code, _, err = await run_cli(run_args(upstream, state_dir, "--name", "twin"))
     assert code == 2
     assert str(first.proc.pid) in err and len(err.strip().splitlines()) == 1
     assert path.read_text() == before
@@ -179,7 +179,7 @@ async def test_second_process_with_the_same_name_exits_2_naming_the_pid(
 
 
 async def test_on_unauthorized_exec_runs_once_with_the_event_and_warns(
-    state_dir: Path, processes: list[ProxyProcess], tmp_path: Path
+    state_dir: Path, processes: list[ProxyProcess], tmp_path: Path, make_upstream: Any
 ) -> None:
     """--on-unauthorized-exec runs the command once per episode with the event JSON in
     MCP_AUTHPROXY_EVENT, and stderr has one WARN `unauthorized` naming the error code."""
@@ -188,31 +188,22 @@ async def test_on_unauthorized_exec_runs_once_with_the_event_and_warns(
         return web.json_response({}, status=401, headers={
             "WWW-Authenticate": 'Bearer error="invalid_token", error_description="revoked"'})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", deny)
-    upstream = TestServer(app, host="127.0.0.1")
-    await upstream.start_server()
-    token = tmp_path / "token"
-    token.write_text("cli-secret-token\n")
-    token.chmod(0o600)
+    upstream = await make_upstream(deny)
+    token = write_secret(tmp_path / "token", "cli-secret-token")
     out = tmp_path / "events"
     hook = (f"{sys.executable} -c \"import os; open({str(out)!r}, 'a').write("
             "os.environ['MCP_AUTHPROXY_EVENT'] + '\\n')\"")
-    try:
-        proc = await start_proxy(["run", "--target-url", _target(upstream), "--name", "hook",
-                                  "--state-dir", str(state_dir), "--health-interval", "0",
-                                  "--bearer-token-file", str(token),
-                                  "--on-unauthorized-exec", hook])
-        processes.append(proc)
-        async with aiohttp.ClientSession() as client:
-            for _ in range(3):
-                async with client.post(proc.url, json={}) as resp:
-                    assert resp.status == 503
-        await eventually(lambda: out.exists() and out.read_text().endswith("\n"),
-                         LONG_WAIT, what="the command to have run", every=0.05)
-        assert await proc.stop() == 0
-    finally:
-        await upstream.close()
+    proc = await start_proxy(run_args(upstream, state_dir, "--name", "hook",
+                                      "--bearer-token-file", str(token),
+                                      "--on-unauthorized-exec", hook))
+    processes.append(proc)
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.post(proc.url, json={}) as resp:
+                assert resp.status == 503
+    await eventually(lambda: out.exists() and out.read_text().endswith("\n"),
+                     LONG_WAIT, what="the command to have run", every=0.05)
+    assert await proc.stop() == 0
     lines = out.read_text().splitlines()
     assert len(lines) == 1
     event = json.loads(lines[0])

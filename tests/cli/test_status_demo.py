@@ -7,15 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.status import model as st
 
-from .conftest import ProxyProcess, run_cli
-from helpers import LONG_WAIT, SLOW_WAIT, WAIT, eventually
+from .conftest import run_cli
+from helpers import LONG_WAIT, SLOW_WAIT, WAIT, eventually, write_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +93,7 @@ async def test_demo_walks_through_revocation_and_restoration() -> None:
 
 
 async def test_runner_example_keeps_unauthenticated_despite_set_running(
-    tmp_path: Path, processes: list[ProxyProcess]
+    tmp_path: Path, make_upstream: Any
 ) -> None:
     """The runner calls set_running() in a loop, yet a 401 episode shows until proof."""
     accepted = {"token": "good-token"}
@@ -104,13 +104,8 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
                 "WWW-Authenticate": 'Bearer error="invalid_token"'})
         return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    upstream = TestServer(app, host="127.0.0.1")
-    await upstream.start_server()
-    token = tmp_path / "token"
-    token.write_text("good-token")
-    token.chmod(0o600)
+    upstream = await make_upstream(handler)
+    token = write_secret(tmp_path / "token", "good-token")
     state = tmp_path / "state"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(ROOT / "examples" / "runner.py"),
@@ -167,7 +162,6 @@ async def test_runner_example_keeps_unauthenticated_despite_set_running(
     finally:
         proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 20)
-        await upstream.close()
     assert proc.returncode == 0
     text = err.decode()
     assert text.count("is unauthenticated") == 1 and "write a fresh token" in text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -51,14 +53,24 @@ def replace_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.asynccontextmanager
+async def started(token: Path, poll_interval: float = POLL
+                  ) -> AsyncIterator[tuple[FileBearerSource, Reports]]:
+    """A `FileBearerSource` on `token`, started (and closed after) with its `Reports`."""
+    source = FileBearerSource(token, poll_interval=poll_interval)
+    reports = Reports()
+    await source.start(reports)
+    try:
+        yield source, reports
+    finally:
+        await source.close()
+
+
 async def test_token_file_is_sent_stripped(tmp_path: Path) -> None:
     """A token file's contents, without the trailing newline, become the bearer header."""
     token = tmp_path / "token"
     write(token, "  s3cret-token\n")
-    source = FileBearerSource(token, poll_interval=POLL)
-    reports = Reports()
-    await source.start(reports)
-    try:
+    async with started(token) as (source, reports):
         credential = await source.get()
         assert credential.authorization == "Bearer s3cret-token"
         assert source.ready() is credential  # the forwarding path's no-await answer
@@ -66,17 +78,12 @@ async def test_token_file_is_sent_stripped(tmp_path: Path) -> None:
         assert reports.calls == [(True, "TokenLoaded", f"token file {token} loaded", False)]
         assert source.can_refresh is False
         assert "s3cret" not in repr(credential)
-    finally:
-        await source.close()
 
 
 async def test_missing_file_heals_when_it_appears(tmp_path: Path) -> None:
     """A token file missing at start gives 503s and an unauthenticated report, then heals."""
     token = tmp_path / "token"
-    source = FileBearerSource(token, poll_interval=POLL)
-    reports = Reports()
-    await source.start(reports)
-    try:
+    async with started(token) as (source, reports):
         assert reports.calls == [
             (False, "TokenFileMissing", f"token file {token} does not exist", True)]
         assert source.ready() is None  # nothing at hand: the caller awaits get()
@@ -91,18 +98,13 @@ async def test_missing_file_heals_when_it_appears(tmp_path: Path) -> None:
         assert reports.last[:2] == (True, "TokenLoaded")
         assert (await source.get()).authorization == "Bearer fresh-token"
         assert len(reports.calls) == 2  # one report per change, none per poll
-    finally:
-        await source.close()
 
 
 async def test_empty_and_unreadable_files_are_reported(tmp_path: Path) -> None:
     """An emptied or unreadable token file stops requests with a reason naming the path."""
     token = tmp_path / "token"
     write(token, "first-token")
-    source = FileBearerSource(token, poll_interval=POLL)
-    reports = Reports()
-    await source.start(reports)
-    try:
+    async with started(token) as (source, reports):
         write(token, "\n\n")
         await eventually(lambda: reports.last[1] == "TokenFileEmpty")
         assert reports.last == (False, "TokenFileEmpty", f"token file {token} is empty", True)
@@ -116,8 +118,6 @@ async def test_empty_and_unreadable_files_are_reported(tmp_path: Path) -> None:
         write(token, "second-token")
         await eventually(lambda: reports.last[0])
         assert (await source.get()).authorization == "Bearer second-token"
-    finally:
-        await source.close()
 
 
 @pytest.mark.parametrize("how", ["in place", "atomic rename"])
@@ -127,10 +127,7 @@ async def test_rewritten_file_with_same_length_gives_new_version(
     """A fresh token of the same length, written in place or renamed over, is used."""
     token = tmp_path / "token"
     write(token, "token-aaaa")
-    source = FileBearerSource(token, poll_interval=POLL)
-    reports = Reports()
-    await source.start(reports)
-    try:
+    async with started(token) as (source, reports):
         first = await source.get()
         if how == "in place":
             rewrite_in_place(token, "token-bbbb")
@@ -145,40 +142,30 @@ async def test_rewritten_file_with_same_length_gives_new_version(
         assert second.authorization == "Bearer token-bbbb"
         assert second.version > first.version
         assert reports.calls == [reports.calls[0]]  # stayed available: nothing to report
-    finally:
-        await source.close()
 
 
 async def test_after_unauthorized_rereads_the_file(tmp_path: Path) -> None:
     """After a 401 the proxy picks up a token written a moment ago, without waiting a poll."""
     token = tmp_path / "token"
     write(token, "old-token")
-    source = FileBearerSource(token, poll_interval=3600)  # only the 401 path re-reads
-    await source.start(Reports())
-    try:
+    async with started(token, poll_interval=3600) as (source, _):  # only a 401 re-reads
         old = await source.get()
         assert await source.after_unauthorized(old) is None  # unchanged: nothing new
         replace_atomically(token, "new-token")
         new = await source.after_unauthorized(old)
         assert new is not None and new.authorization == "Bearer new-token"
         assert await source.after_unauthorized(old) == new  # already moved on
-    finally:
-        await source.close()
 
 
 async def test_group_readable_file_is_warned_about_once(tmp_path: Path) -> None:
     """A token file others can read is warned about once, without its contents."""
     token = tmp_path / "token"
     write(token, "visible-token", mode=0o644)
-    source = FileBearerSource(token, poll_interval=POLL)
     with capture_logs() as logs:
-        await source.start(Reports())
-        try:
+        async with started(token) as (source, _):
             replace_atomically(token, "visible-token2")
             os.chmod(token, 0o640)
             await eventually(lambda: source.current_version == 2)
-        finally:
-            await source.close()
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert len(warnings) == 1
     assert warnings[0]["path"] == str(token)
@@ -189,16 +176,11 @@ async def test_token_with_a_newline_inside_is_refused(tmp_path: Path) -> None:
     """A file holding two lines is refused rather than injecting a header."""
     token = tmp_path / "token"
     write(token, "abc\nX-Evil: 1\n")
-    source = FileBearerSource(token, poll_interval=POLL)
-    reports = Reports()
-    await source.start(reports)
-    try:
+    async with started(token) as (source, reports):
         assert reports.last[:2] == (False, "TokenFileInvalid")
         assert "abc" not in reports.last[2]
         with pytest.raises(CredentialInvalid):
             await source.get()
-    finally:
-        await source.close()
 
 
 def test_secret_text_check_table() -> None:

@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 from helpers import RawConn, RawServe
 
 Behaviour = Callable[[RawConn], Awaitable[None]]
@@ -30,6 +32,17 @@ def misbehaving(behaviour: Behaviour) -> RawServe:
             await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     return serve
+
+
+@pytest.fixture
+async def proxy_to(raw_upstream: Any, make_proxy: Any) -> Callable[..., Awaitable[Any]]:
+    """Start a proxy (`make_proxy` settings) in front of a `misbehaving(behaviour)` target."""
+
+    async def start(behaviour: Behaviour, **config: Any) -> Any:
+        upstream = await raw_upstream(misbehaving(behaviour))
+        return await make_proxy(upstream.url(), **config)
+
+    return start
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:

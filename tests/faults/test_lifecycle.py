@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.status.store import decode
 
-from helpers import WAIT
+from helpers import WAIT, answering
 
 WRITER = textwrap.dedent("""
     import sys
@@ -98,11 +98,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
     make_upstream: Any, make_proxy: Any
 ) -> None:
     """A client that keeps a connection open and says nothing is let go after keepalive_timeout."""
-
-    async def hello(request: web.Request) -> web.Response:
-        return web.Response(text="hi")
-
-    upstream = await make_upstream(hello)
+    upstream = await make_upstream(answering("hi"))
     proxy = await make_proxy(str(upstream.make_url("/mcp")), header_timeout=60,
                              keepalive_timeout=0.3)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)

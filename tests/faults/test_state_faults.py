@@ -22,7 +22,7 @@ from proxy.app import AuthProxy
 from proxy.config import ProxyConfig
 from proxy.status.store import FileStore
 
-from helpers import WAIT
+from helpers import WAIT, answering
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
@@ -72,11 +72,7 @@ async def test_a_status_file_corrupted_while_running_is_reported_once_and_replac
     make_upstream: Any, tmp_path: Path
 ) -> None:
     """Someone scribbling over the status file does not stop the proxy; it is rewritten."""
-
-    async def target(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    upstream = await make_upstream(target)
+    upstream = await make_upstream(answering("ok"))
     config = ProxyConfig(target_url=str(upstream.make_url("/mcp")), state_dir=tmp_path / "s",
                          health_interval=0, drain_timeout=0.5)
     with capture_logs() as logs:

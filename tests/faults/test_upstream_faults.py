@@ -10,7 +10,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import misbehaving
 from helpers import WAIT, RawConn, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -58,18 +57,17 @@ async def too_many_headers(conn: RawConn) -> None:
 @pytest.mark.parametrize("behaviour", [garbage, close_at_once, reset_at_once, endless_header,
                                        too_many_headers])
 async def test_a_target_answering_nonsense_gets_the_client_a_502(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession, behaviour: Any
+    proxy_to: Any, client: aiohttp.ClientSession, behaviour: Any
 ) -> None:
     """Garbage, an empty close, a reset or an endless header become a prompt JSON 502."""
-    upstream = await raw_upstream(misbehaving(behaviour))
-    proxy = await make_proxy(upstream.url())
+    proxy = await proxy_to(behaviour)
     body = await proxy_error(client, proxy, 502)
     assert body["error"] == "bad_gateway"
     await still_serving(client, proxy)
 
 
 async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    proxy_to: Any, client: aiohttp.ClientSession
 ) -> None:
     """A hung target costs the client response_timeout, then a clear 504."""
     release = asyncio.Event()
@@ -77,8 +75,7 @@ async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
     async def hang(conn: RawConn) -> None:
         await asyncio.wait_for(release.wait(), 30)
 
-    upstream = await raw_upstream(misbehaving(hang))
-    proxy = await make_proxy(upstream.url(), response_timeout=0.3)
+    proxy = await proxy_to(hang, response_timeout=0.3)
     try:
         body = await proxy_error(client, proxy, 504)
         assert body["error"] == "gateway_timeout"
@@ -115,12 +112,11 @@ async def bad_chunk_size(conn: RawConn) -> None:
 @pytest.mark.parametrize("behaviour", [truncated_chunked, truncated_length, reset_mid_stream,
                                        bad_chunk_size])
 async def test_a_body_cut_short_by_the_target_ends_the_clients_response_as_an_error(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession, behaviour: Any
+    proxy_to: Any, client: aiohttp.ClientSession, behaviour: Any
 ) -> None:
     """A truncated or reset body is never passed off as a complete one: the client sees an error.
     """
-    upstream = await raw_upstream(misbehaving(behaviour))
-    proxy = await make_proxy(upstream.url())
+    proxy = await proxy_to(behaviour)
     async with asyncio.timeout(WAIT):
         async with client.get(proxy.url) as resp:
             if resp.status == 502:  # the fault arrived with the head: nothing was sent yet
@@ -133,7 +129,7 @@ async def test_a_body_cut_short_by_the_target_ends_the_clients_response_as_an_er
 
 
 async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    proxy_to: Any, client: aiohttp.ClientSession
 ) -> None:
     """A quiet stream is not cut off (streams have no time limit), and others are still served;
     when the client gives up, the target's connection is released."""
@@ -146,8 +142,7 @@ async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(misbehaving(hang_mid_stream))
-    proxy = await make_proxy(upstream.url(), response_timeout=0.2)
+    proxy = await proxy_to(hang_mid_stream, response_timeout=0.2)
     async with asyncio.timeout(WAIT):
         resp = await client.get(proxy.url)
         assert await resp.content.readuntil(b"\n\n") == b"data: first\n\n"
@@ -159,7 +154,7 @@ async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
 
 
 async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    proxy_to: Any, client: aiohttp.ClientSession
 ) -> None:
     """A client that drops half-way through a POST body does not leave the target waiting."""
     receiving = asyncio.Event()
@@ -171,8 +166,7 @@ async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(misbehaving(slow_reader))
-    proxy = await make_proxy(upstream.url())
+    proxy = await proxy_to(slow_reader)
     _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + chunk(b"x" * 1000))
@@ -187,7 +181,7 @@ async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
 
 
 async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
-    raw_upstream: Any, make_proxy: Any
+    proxy_to: Any
 ) -> None:
     """Closing an SSE stream on the client side closes it on the target's side too."""
     released = asyncio.Event()
@@ -197,8 +191,7 @@ async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
         await asyncio.wait_for(conn.wait_closed_by_peer(), 30)
         released.set()
 
-    upstream = await raw_upstream(misbehaving(stream))
-    proxy = await make_proxy(upstream.url())
+    proxy = await proxy_to(stream)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     await asyncio.wait_for(reader.readuntil(b"data: hello\n\n"), WAIT)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Literal
 
 import httpx2
 import pytest
-import uvicorn
 from mcp.client import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
@@ -30,7 +28,7 @@ from mcp_types import CallToolResult, TextContent
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .processes import Processes
-from helpers import LONG_WAIT, eventually
+from helpers import LONG_WAIT, Started, UvicornServer
 
 Transport = Literal["streamable", "sse"]
 # The token the SDK client's own `Authorization` header would carry, were it to send one.
@@ -214,56 +212,19 @@ class McpUpstream:
             inner = self.mcp.sse_app(host="127.0.0.1")
             self.path = "/sse"
         self._app = BearerGate(inner, self.gate)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self._app,
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                lifespan="on",
-                ws="none",
-                timeout_graceful_shutdown=2,
-            )
-        )
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def origin(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._server = UvicornServer()
+        self.port = self._server.port
+        self.origin = self._server.origin
 
     @property
     def url(self) -> str:
         return self.origin + self.path
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-
-        def started() -> bool:
-            # uvicorn has no startup event to await; its `started` flag is the signal.
-            if self._task is not None and self._task.done():
-                self._task.result()
-                raise RuntimeError("uvicorn exited during startup")
-            return bool(self._server.started)
-
-        await eventually(started, LONG_WAIT, what="uvicorn to start")
+        await self._server.start(self._app)
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), LONG_WAIT)
-        except TimeoutError:
-            self._server.force_exit = True
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        finally:
-            self._sock.close()
+        await self._server.stop()
 
 
 UpstreamFactory = Callable[..., Awaitable[McpUpstream]]
@@ -272,17 +233,13 @@ UpstreamFactory = Callable[..., Awaitable[McpUpstream]]
 @pytest.fixture
 async def mcp_upstream() -> AsyncIterator[UpstreamFactory]:
     """Starts SDK upstreams on demand (`await mcp_upstream("streamable", token)`); stops them."""
-    started: list[McpUpstream] = []
+    async with Started() as started:
 
-    async def make(transport: Transport = "streamable", token: str = "good-token") -> McpUpstream:
-        upstream = McpUpstream(transport, token)
-        await upstream.start()
-        started.append(upstream)
-        return upstream
+        async def make(transport: Transport = "streamable",
+                       token: str = "good-token") -> McpUpstream:
+            return await started.start(McpUpstream(transport, token))
 
-    yield make
-    for upstream in reversed(started):
-        await upstream.stop()
+        yield make
 
 
 @pytest.fixture
@@ -293,13 +250,6 @@ async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
         yield started
     finally:
         await started.stop_all()
-
-
-def write_secret(path: Path, value: str) -> Path:
-    """Writes a secret file the way a user would (mode 0600, trailing newline)."""
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return path
 
 
 def unwrap(exc: BaseException) -> list[BaseException]:
@@ -349,3 +299,34 @@ def text_of(result: CallToolResult) -> str:
     block = result.content[0]
     assert isinstance(block, TextContent), block
     return block.text
+
+
+async def echoes(client: Client, text: str) -> None:
+    """The `echo` tool, called through `client` (bounded), answers `echo: TEXT`."""
+    result = await asyncio.wait_for(client.call_tool("echo", {"text": text}), LONG_WAIT)
+    assert text_of(result) == f"echo: {text}"
+
+
+Progress = tuple[float, float | None, str | None]
+
+
+async def lists_echoes_and_counts(client: Client, upstream: McpUpstream, steps: int
+                                  ) -> list[Progress]:
+    """Through `client`: `echo` and `count` are listed, `echo` answers, and `count` to
+    `steps` finishes unbuffered: the tool waits for the client to see step 1, so a stream
+    held back until the end would have made it report "buffered". Returns the progress
+    notifications the client saw."""
+    seen: list[Progress] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+        upstream.progress.client_saw_first.set()
+
+    tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
+    assert {tool.name for tool in tools.tools} >= {"echo", "count"}
+    await echoes(client, "héllo")
+    counted = await asyncio.wait_for(
+        client.call_tool("count", {"steps": steps}, progress_callback=on_progress), LONG_WAIT
+    )
+    assert text_of(counted) == f"counted to {steps}"
+    return seen

@@ -181,6 +181,12 @@ class TsServer:
         seen: list[dict[str, Any]] = await self._control("GET", "seen")
         return seen
 
+    async def sessions(self) -> dict[str, list[str]]:
+        """`open`: the sessions the server still holds (either transport); `issued`: every
+        Streamable HTTP session it ever handed out, in order."""
+        sessions: dict[str, list[str]] = await self._control("GET", "sessions")
+        return sessions
+
     async def accept(self, *tokens: str) -> None:
         """Accepts only these bearer tokens from now on (none: everything is revoked)."""
         await self._control("POST", "accept", {"tokens": list(tokens)})

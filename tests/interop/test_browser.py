@@ -27,6 +27,8 @@ from .processes import (
     TOKEN,
     WAIT,
     Processes,
+    ProxyProcess,
+    TsServer,
     chromium_path,
     need_node,
     proxy_for,
@@ -161,18 +163,36 @@ async def open_page(processes: Processes, url: str) -> None:
     ])
 
 
+@dataclass
+class PageRun:
+    """A page opened on a proxy in front of the TS SDK server, and what it reported."""
+
+    server: TsServer
+    proxy: ProxyProcess
+    origin: str
+    outcome: dict[str, Any]
+
+
+async def run_page(processes: Processes, page_server: PageServer, name: str, mode: str,
+                   host: str = "127.0.0.1") -> PageRun:
+    """The TS SDK server behind a proxy named `name`; `page.html?mode=MODE`, served from
+    `host`, opened on the proxy's URL; the page's report (it must have run to its end)."""
+    server = await start_ts_server(processes, TOKEN)
+    proxy = await proxy_for(processes, server.url("streamable"), name)
+    origin = f"http://{host}:{page_server.port}"
+    await open_page(processes, f"{origin}/page.html?mode={mode}&mcp={proxy.url}")
+    outcome = await page_server.next()
+    assert outcome["ok"] is True, outcome
+    return PageRun(server, proxy, origin, outcome)
+
+
 async def test_a_loopback_page_initializes_and_calls_a_tool(
     processes: Processes, page_server: PageServer
 ) -> None:
     """A page served from another loopback port initializes an MCP session through the
     proxy and gets a tool's answer; the target saw the proxy's credential."""
-    server = await start_ts_server(processes, TOKEN)
-    proxy = await proxy_for(processes, server.url("streamable"), "browser-ok")
-    origin = f"http://127.0.0.1:{page_server.port}"
-    await open_page(processes, f"{origin}/page.html?mode=session&mcp={proxy.url}")
-    outcome = await page_server.next()
-
-    assert outcome["ok"] is True, outcome
+    run = await run_page(processes, page_server, "browser-ok", "session")
+    server, origin, outcome = run.server, run.origin, run.outcome
     assert outcome["session"] and "interop-ts-upstream" in outcome["initialize"]
     assert outcome["status"] == 200 and "echo: from the browser" in outcome["call"]
     posts = [r for r in await server.seen() if r["method"] == "POST"]
@@ -186,13 +206,8 @@ async def test_the_ts_sdk_client_in_a_page_works_through_the_proxy(
 ) -> None:
     """The TypeScript SDK client bundled into a loopback page connects through the proxy,
     lists the tools, calls one and ends its session, as a browser-based MCP client does."""
-    server = await start_ts_server(processes, TOKEN)
-    proxy = await proxy_for(processes, server.url("streamable"), "browser-sdk")
-    origin = f"http://127.0.0.1:{page_server.port}"
-    await open_page(processes, f"{origin}/page.html?mode=sdk&mcp={proxy.url}")
-    outcome = await page_server.next()
-
-    assert outcome["ok"] is True, outcome
+    run = await run_page(processes, page_server, "browser-sdk", "sdk")
+    server, origin, outcome = run.server, run.origin, run.outcome
     assert outcome["server"]["name"] == "interop-ts-upstream"
     assert outcome["tools"] == ["count", "echo", "large", "notify", "release"]
     assert outcome["text"] == "echo: from the SDK in a browser"
@@ -211,13 +226,8 @@ async def test_a_foreign_page_gets_403_and_never_reaches_the_target(
     """A page from a foreign origin is refused by the proxy, both a preflighted JSON POST
     and a simple text/plain one, although the target itself would allow any origin: the
     target receives nothing at all."""
-    server = await start_ts_server(processes, TOKEN)
-    proxy = await proxy_for(processes, server.url("streamable"), "browser-foreign")
-    origin = f"http://{FOREIGN_HOST}:{page_server.port}"
-    await open_page(processes, f"{origin}/page.html?mode=foreign&mcp={proxy.url}")
-    outcome = await page_server.next()
-
-    assert outcome["ok"] is True, outcome
+    run = await run_page(processes, page_server, "browser-foreign", "foreign", FOREIGN_HOST)
+    server, proxy, outcome = run.server, run.proxy, run.outcome
     # The browser hides a refused cross-origin answer from the page: both fail to fetch.
     assert outcome["json"]["ok"] is False and outcome["plain"]["ok"] is False, outcome
     assert await server.seen() == []

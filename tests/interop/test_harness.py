@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from .conftest import UpstreamFactory, connect, text_of, unwrap
+from .conftest import UpstreamFactory, connect, echoes, lists_echoes_and_counts, unwrap
 from helpers import LONG_WAIT
 
 
@@ -21,21 +21,8 @@ async def test_sdk_client_talks_to_gated_sdk_server_directly(
 ) -> None:
     """With the right token, the SDK client lists and calls tools and sees streamed progress."""
     upstream = await mcp_upstream("streamable", "direct-token")
-    seen: list[tuple[float, float | None, str | None]] = []
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        seen.append((progress, total, message))
-        upstream.progress.client_saw_first.set()
-
     async with connect(upstream.url, token="direct-token", mode=mode) as client:
-        tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
-        assert {t.name for t in tools.tools} >= {"echo", "count"}
-        result = await asyncio.wait_for(client.call_tool("echo", {"text": "hi"}), LONG_WAIT)
-        assert text_of(result) == "echo: hi"
-        counted = await asyncio.wait_for(
-            client.call_tool("count", {"steps": 3}, progress_callback=on_progress), LONG_WAIT
-        )
-        assert text_of(counted) == "counted to 3"
+        seen = await lists_echoes_and_counts(client, upstream, 3)
     assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
 
 
@@ -64,7 +51,6 @@ async def test_sdk_sse_client_talks_to_gated_sdk_sse_server_directly(
     if absolute:
         upstream.gate.absolute_endpoint_origin = upstream.origin
     async with connect(upstream.url, transport="sse", token="direct-token") as client:
-        result = await asyncio.wait_for(client.call_tool("echo", {"text": "sse"}), LONG_WAIT)
-        assert text_of(result) == "echo: sse"
+        await echoes(client, "sse")
     posts = [r for r in upstream.gate.seen if r.method == "POST"]
     assert posts and all(r.path.startswith("/messages/") for r in posts)

@@ -8,6 +8,11 @@ mcp-remote, MCP Inspector) does not wander off to the target's authorization ser
 with `--pass-401` it gets the target's 401 and does go there. After the token is
 restored, the client's next request proves it and the status is `running` again.
 
+Each client is run over both transports. On the legacy HTTP+SSE transport the 503 answers
+the client's GET of the event stream, and its EventSource reports the status alone
+(`Non-200 status code (503)`), not the body: there the proxy's log shows the 503 stood
+for the target's 401.
+
 A request the target receives without `X-Forwarded-For` did not come through the proxy:
 the client went to the target itself.
 """
@@ -83,6 +88,16 @@ async def one_episode(proxy: ProxyProcess, episodes: EpisodeListener) -> None:
     assert event["status_code"] == 401 and event["error"] == "invalid_token"
     assert proxy.status()["status"] == "unauthenticated"  # written before the callback
     assert episodes.events.empty(), "a second unauthorized episode was reported"
+
+
+def served_503_for_the_targets_401(proxy: ProxyProcess, path: str) -> None:
+    """The proxy's log shows its answers to `path` were 503s standing for the target's
+    401 (the `upstream_unauthorized` answer): over the legacy transport a client's
+    EventSource reports only the status of a failed GET, never the body."""
+    answers = [(e["status"], e.get("upstream_status")) for e in proxy.log_events()
+               if e.get("event") == "request" and e.get("path") == path
+               and e["status"] != 200]
+    assert answers and set(answers) == {(503, 401)}, answers
 
 
 async def back_to_running(proxy: ProxyProcess) -> None:
@@ -179,14 +194,16 @@ async def bridge_initialize(bridge: Process) -> dict[str, Any]:
 
 
 async def mcp_remote_story(
-    processes: Processes, episodes: EpisodeListener, *, pass_401: bool
-) -> tuple[TsServer, Process]:
+    processes: Processes, episodes: EpisodeListener, *, pass_401: bool,
+    transport: str = "streamable",
+) -> tuple[TsServer, ProxyProcess, Process]:
     """A user's app starts mcp-remote after the token was revoked; returns the server
     and that bridge once it has exited; afterwards the token is restored and a new bridge
     lists tools."""
-    server, proxy = await revocable(processes, episodes, "remote-auth", pass_401=pass_401)
+    server, proxy = await revocable(processes, episodes, "remote-auth", pass_401=pass_401,
+                                    transport=transport)
     await revoke(server)
-    bridge = await mcp_remote(processes, proxy.url, "streamable")
+    bridge = await mcp_remote(processes, proxy.url, transport)
     await bridge.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
                                   "params": INITIALIZE}))
     code = await bridge.wait(WAIT)
@@ -194,23 +211,31 @@ async def mcp_remote_story(
     await one_episode(proxy, episodes)
 
     await server.accept(TOKEN)
-    fresh = await mcp_remote(processes, proxy.url, "streamable")
+    fresh = await mcp_remote(processes, proxy.url, transport)
     assert "result" in await bridge_initialize(fresh)
     await fresh.send(json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}))
     listed = await stdio_request(fresh, 2, "tools/list", {})
     assert len(listed["result"]["tools"]) == 5
     await back_to_running(proxy)
-    return server, bridge
+    assert episodes.events.empty(), "a second unauthorized episode was reported"
+    return server, proxy, bridge
 
 
+@pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_mcp_remote_gets_503_and_never_opens_a_browser(
-    processes: Processes, episodes: EpisodeListener
+    processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
-    """mcp-remote started while the token is revoked exits naming `upstream_unauthorized`
-    in its log, without opening a browser, registering or asking the target's
-    authorization server for anything; once the token is back a new bridge lists tools."""
-    server, bridge = await mcp_remote_story(processes, episodes, pass_401=False)
-    assert "upstream_unauthorized" in bridge.stderr()
+    """mcp-remote started while the token is revoked exits on the proxy's 503 (naming
+    `upstream_unauthorized` in its log where the transport shows the body), without
+    opening a browser, registering or asking the target's authorization server for
+    anything; once the token is back a new bridge lists tools."""
+    server, proxy, bridge = await mcp_remote_story(processes, episodes, pass_401=False,
+                                                   transport=transport)
+    if transport == "sse":
+        assert "SSE error: Non-200 status code (503)" in bridge.stderr()
+        served_503_for_the_targets_401(proxy, "/sse")
+    else:
+        assert "upstream_unauthorized" in bridge.stderr()
     assert not (processes.tmp_path / "opened").exists()
     # mcp-remote reads the OAuth metadata at every start, a good token or not (the
     # resource metadata through the proxy, the authorization server's from the target
@@ -220,12 +245,14 @@ async def test_mcp_remote_gets_503_and_never_opens_a_browser(
             if r != "GET /.well-known/oauth-authorization-server"] == []
 
 
+@pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_mcp_remote_with_pass_401_follows_the_targets_challenge(
-    processes: Processes, episodes: EpisodeListener
+    processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
     """With `--pass-401`, mcp-remote gets the target's 401 and goes to the target's
     resource metadata itself (and, finding it names another resource, gives up)."""
-    server, bridge = await mcp_remote_story(processes, episodes, pass_401=True)
+    server, _, bridge = await mcp_remote_story(processes, episodes, pass_401=True,
+                                               transport=transport)
     assert "GET /.well-known/oauth-protected-resource/mcp" in went_around_the_proxy(
         await server.seen()
     )
@@ -236,40 +263,53 @@ async def test_mcp_remote_with_pass_401_follows_the_targets_challenge(
 
 
 async def inspector_story(
-    processes: Processes, episodes: EpisodeListener, *, pass_401: bool
-) -> tuple[TsServer, int, str]:
+    processes: Processes, episodes: EpisodeListener, *, pass_401: bool,
+    transport: str = "streamable",
+) -> tuple[TsServer, ProxyProcess, int, str]:
     """Inspector's CLI lists tools while the token is revoked (its exit code and stderr
     returned), then again after restore, when it works."""
-    server, proxy = await revocable(processes, episodes, "inspector-auth", pass_401=pass_401)
+    server, proxy = await revocable(processes, episodes, "inspector-auth", pass_401=pass_401,
+                                    transport=transport)
     await revoke(server)
-    inspector = await inspector_cli(processes, proxy.url, "streamable", "--method", "tools/list")
+    inspector = await inspector_cli(processes, proxy.url, transport, "--method", "tools/list")
     code = await inspector.wait(WAIT * 2)
     await one_episode(proxy, episodes)
 
     await server.accept(TOKEN)
-    again = await inspector_cli(processes, proxy.url, "streamable", "--method", "tools/list")
+    again = await inspector_cli(processes, proxy.url, transport, "--method", "tools/list")
     assert await again.wait(WAIT * 2) == 0, again.stderr()[-2000:]
     await back_to_running(proxy)
-    return server, code, inspector.stderr()
+    assert episodes.events.empty(), "a second unauthorized episode was reported"
+    return server, proxy, code, inspector.stderr()
 
 
+@pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_inspector_cli_gets_503_and_exits_with_the_reason(
-    processes: Processes, episodes: EpisodeListener
+    processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
-    """Inspector's CLI, with the token revoked, exits 1 with the proxy's 503 and its
-    reason on stderr, instead of exiting 3 asking for a terminal to sign in."""
-    server, code, stderr = await inspector_story(processes, episodes, pass_401=False)
+    """Inspector's CLI, with the token revoked, exits 1 with the proxy's 503 (and its
+    reason, where the transport shows the body) on stderr, instead of exiting 3 asking
+    for a terminal to sign in."""
+    server, proxy, code, stderr = await inspector_story(processes, episodes, pass_401=False,
+                                                        transport=transport)
     assert code == 1, stderr
     error = json.loads(stderr.strip().splitlines()[-1])["error"]
-    assert error["status"] == 503 and "upstream_unauthorized" in error["message"]
+    assert error["status"] == 503
+    if transport == "sse":
+        assert error["message"] == "SSE error: Non-200 status code (503)"
+        served_503_for_the_targets_401(proxy, "/sse")
+    else:
+        assert "upstream_unauthorized" in error["message"]
     assert went_around_the_proxy(await server.seen()) == []
 
 
+@pytest.mark.parametrize("transport", ["streamable", "sse"])
 async def test_inspector_cli_with_pass_401_asks_for_a_sign_in(
-    processes: Processes, episodes: EpisodeListener
+    processes: Processes, episodes: EpisodeListener, transport: str
 ) -> None:
     """With `--pass-401`, Inspector's CLI sees the target's 401 and exits 3, asking for a
     terminal to run the target's OAuth sign-in."""
-    _, code, stderr = await inspector_story(processes, episodes, pass_401=True)
+    _, _, code, stderr = await inspector_story(processes, episodes, pass_401=True,
+                                               transport=transport)
     assert code == 3, stderr
     assert json.loads(stderr.strip().splitlines()[-1])["error"]["code"] == "auth_required"

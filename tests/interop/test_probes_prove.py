@@ -14,30 +14,13 @@ from typing import Any
 
 import aiohttp
 
-from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent, WorkloadStatus
+from proxy import AuthProxy, ProxyConfig, WorkloadStatus
 
-from .conftest import McpUpstream, UpstreamFactory, status_file, write_secret
+from .conftest import McpUpstream, UpstreamFactory, status_file
 from helpers import LONG_WAIT as WAIT
-from helpers import eventually
+from helpers import Episodes, eventually, write_secret
 
 TOKEN = "probe-token-5e1d9a7c3b"
-
-
-class Episodes:
-    """The callbacks, as events a test can wait for."""
-
-    def __init__(self) -> None:
-        self.opened, self.closed = asyncio.Event(), asyncio.Event()
-        self.unauthorized: list[UnauthorizedEvent] = []
-        self.reauthorized: list[ReauthorizedEvent] = []
-
-    def on_unauthorized(self, event: UnauthorizedEvent) -> None:
-        self.unauthorized.append(event)
-        self.opened.set()
-
-    def on_reauthorized(self, event: ReauthorizedEvent) -> None:
-        self.reauthorized.append(event)
-        self.closed.set()
 
 
 def _config(upstream: McpUpstream, tmp_path: Path, token_file: Path, **kw: Any) -> ProxyConfig:

@@ -30,12 +30,13 @@ from .conftest import (
     REVOKED_DESCRIPTION,
     UpstreamFactory,
     connect,
+    echoes,
+    lists_echoes_and_counts,
     status_file,
     text_of,
     unwrap,
-    write_secret,
 )
-from helpers import LONG_WAIT
+from helpers import LONG_WAIT, Started, write_secret
 
 FILE_TOKEN = "file-token-4f9c2d7e1a"  # a test credential that must never leak
 
@@ -78,23 +79,8 @@ async def test_streamable_http_session_works_through_the_proxy(
     upstream = await mcp_upstream("streamable", FILE_TOKEN)
     token_file = write_secret(tmp_path / "token", FILE_TOKEN)
     config = _config(upstream.url, tmp_path, "stream", bearer_token_file=token_file)
-    seen_progress: list[tuple[float, float | None, str | None]] = []
-
-    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-        seen_progress.append((progress, total, message))
-        upstream.progress.client_saw_first.set()
-
     async with AuthProxy(config) as running, connect(running.url, mode=mode) as client:
-        tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
-        assert {tool.name for tool in tools.tools} >= {"echo", "count"}
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "héllo"}), LONG_WAIT)
-        assert text_of(echoed) == "echo: héllo"
-        counted = await asyncio.wait_for(
-            client.call_tool("count", {"steps": 5}, progress_callback=on_progress), LONG_WAIT
-        )
-        # The tool waits for the client to see step 1 before going on: a proxy that held
-        # the stream back until the end would have made it report "buffered".
-        assert text_of(counted) == "counted to 5"
+        seen_progress = await lists_echoes_and_counts(client, upstream, 5)
         assert running.status.status == WorkloadStatus.RUNNING
 
     assert seen_progress == [(step, 5, f"step {step}") for step in range(1, 6)]
@@ -123,8 +109,7 @@ async def test_clients_own_token_is_not_passed_to_the_upstream(
         AuthProxy(config) as running,
         connect(running.url, token="clients-own-token") as client,
     ):
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "x"}), LONG_WAIT)
-        assert text_of(echoed) == "echo: x"
+        await echoes(client, "x")
     assert all(r.authorization == f"Bearer {FILE_TOKEN}" for r in upstream.gate.seen)
     assert not any("clients-own-token" in json.dumps(r.headers) for r in upstream.gate.seen)
 
@@ -153,8 +138,7 @@ async def test_legacy_sse_transport_works_through_the_proxy(
         assert running.url.endswith("/sse")
         tools = await asyncio.wait_for(client.list_tools(), LONG_WAIT)
         assert "echo" in {tool.name for tool in tools.tools}
-        echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "legacy"}), LONG_WAIT)
-        assert text_of(echoed) == "echo: legacy"
+        await echoes(client, "legacy")
 
     gets = [r for r in upstream.gate.seen if r.method == "GET" and r.path == "/sse"]
     posts = [r for r in upstream.gate.seen if r.method == "POST"]
@@ -197,8 +181,7 @@ async def test_revoked_token_mid_session_marks_the_workload_unauthenticated(
             AuthProxy(config, on_unauthorized=on_unauthorized) as running,
             connect(running.url) as client,
         ):
-            echoed = await asyncio.wait_for(client.call_tool("echo", {"text": "ok"}), LONG_WAIT)
-            assert text_of(echoed) == "echo: ok"
+            await echoes(client, "ok")
 
             upstream.gate.accept_only("some-other-token")
             await _expect_mcp_error(client.call_tool("echo", {"text": "revoked"}))
@@ -340,10 +323,8 @@ class TokenEndpoint:
 
 @pytest.fixture
 async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
-    endpoint = TokenEndpoint()
-    await endpoint.start()
-    yield endpoint
-    await endpoint.stop()
+    async with Started() as started:
+        yield await started.start(TokenEndpoint())
 
 
 async def test_oauth_refresh_and_replay_is_invisible_to_the_sdk_client(
@@ -377,13 +358,11 @@ async def test_oauth_refresh_and_replay_is_invisible_to_the_sdk_client(
             AuthProxy(config, on_unauthorized=on_unauthorized) as running,
             connect(running.url) as client,
         ):
-            first = await asyncio.wait_for(client.call_tool("echo", {"text": "one"}), LONG_WAIT)
-            assert text_of(first) == "echo: one"
+            await echoes(client, "one")
             assert token_endpoint.issued == ["tok-1"]
 
             upstream.gate.accept_only("tok-2")
-            second = await asyncio.wait_for(client.call_tool("echo", {"text": "two"}), LONG_WAIT)
-            assert text_of(second) == "echo: two"
+            await echoes(client, "two")
             # A streamed answer after the refresh still streams.
             counted = await asyncio.wait_for(
                 client.call_tool("count", {"steps": 3}, progress_callback=on_progress), LONG_WAIT

@@ -8,7 +8,7 @@ directory are searched for the secret and its pieces. A test cannot pass by leak
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy import AuthProxy, ProxyConfig
+
+from helpers import Started, write_secret
 
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
 CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
@@ -59,32 +61,35 @@ def leak_watch(tmp_path: Path) -> Iterator[LeakWatch]:
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "token"
-    path.write_text(SECRET + "\n")
-    path.chmod(0o600)
-    return path
+    return write_secret(tmp_path / "token", SECRET)
 
 
 @pytest.fixture
 async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]:
     """Start a full `AuthProxy` holding SECRET as a bearer token file; stopped at teardown."""
-    started: list[AuthProxy] = []
+    async with Started() as started:
 
-    async def factory(target_url: str, *, on_unauthorized: Any = None,
-                      **config: Any) -> AuthProxy:
-        config.setdefault("state_dir", tmp_path / "state")
-        config.setdefault("bearer_token_file", token_file)
-        config.setdefault("health_interval", 0)
-        config.setdefault("drain_timeout", 0.5)
-        proxy = AuthProxy(ProxyConfig(target_url=target_url, **config),
-                          on_unauthorized=on_unauthorized)
-        await proxy.start()
-        started.append(proxy)
-        return proxy
+        async def factory(target_url: str, *, on_unauthorized: Any = None,
+                          **config: Any) -> AuthProxy:
+            config.setdefault("state_dir", tmp_path / "state")
+            config.setdefault("bearer_token_file", token_file)
+            config.setdefault("health_interval", 0)
+            config.setdefault("drain_timeout", 0.5)
+            return await started.start(AuthProxy(ProxyConfig(target_url=target_url, **config),
+                                                 on_unauthorized=on_unauthorized))
 
-    yield factory
-    for proxy in started:
-        await proxy.stop()
+        yield factory
+
+
+@pytest.fixture
+async def serve_mcp(make_upstream: Any) -> Callable[[Any], Awaitable[str]]:
+    """Start a loopback upstream answering every request with `handler`: its /mcp URL."""
+
+    async def serve(handler: Any) -> str:
+        server = await make_upstream(handler)
+        return str(server.make_url("/mcp"))
+
+    return serve
 
 
 @dataclass
@@ -118,3 +123,10 @@ async def recorder(aiohttp_raw_server: Any) -> Recorder:
     server = await aiohttp_raw_server(rec.handler, host="127.0.0.1")
     rec.url = str(server.make_url("/mcp"))
     return rec
+
+
+@pytest.fixture
+async def proxy(make_authproxy: Any, recorder: Recorder) -> AuthProxy:
+    """A proxy in front of `recorder`."""
+    proxy: AuthProxy = await make_authproxy(recorder.url)
+    return proxy

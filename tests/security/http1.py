@@ -83,23 +83,9 @@ async def _read_body(reader: asyncio.StreamReader, request: Received) -> None:
     """The request's body by its framing (none, Content-Length or chunked)."""
     body = request.body
     if any(b"chunked" in value.lower() for value in request.header("Transfer-Encoding")):
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            size = int(line.split(b";", 1)[0].strip(), 16)
-            if not size:
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass  # trailers
-                break
-            # Read the chunk piecewise so a test can see its first bytes arrive.
-            left = size
-            while left:
-                piece = await reader.read(left)
-                if not piece:
-                    raise asyncio.IncompleteReadError(b"", left)
-                body += piece
-                left -= len(piece)
-            if await reader.readexactly(2) != b"\r\n":
-                raise ValueError("chunk data not followed by CRLF")
+        # Piece by piece as it arrives, so a test can see a chunk's first bytes.
+        async for piece in iter_chunked(reader):
+            body += piece
     else:
         lengths = request.header("Content-Length")
         if lengths:
@@ -182,27 +168,15 @@ class Response:
         return json.loads(self.body)
 
 
-async def read_chunked(reader: asyncio.StreamReader) -> bytes:
-    body = bytearray()
-    while True:
-        line = await reader.readuntil(b"\r\n")
-        size = int(line.split(b";", 1)[0].strip(), 16)
-        if not size:
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass
-            return bytes(body)
-        body += await reader.readexactly(size)
-        assert await reader.readexactly(2) == b"\r\n", "chunk data not followed by CRLF"
-
-
 async def iter_chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    """A chunked body's payload as it arrives, piece by piece."""
+    """A chunked body's payload as it arrives, piece by piece (trailers skipped); a
+    ValueError when its framing breaks."""
     while True:
         line = await reader.readuntil(b"\r\n")
         size = int(line.split(b";", 1)[0].strip(), 16)
         if not size:
             while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass
+                pass  # trailers
             return
         while size:
             piece = await reader.read(min(size, 2**20))
@@ -210,7 +184,12 @@ async def iter_chunked(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
                 raise asyncio.IncompleteReadError(b"", size)
             size -= len(piece)
             yield piece
-        assert await reader.readexactly(2) == b"\r\n", "chunk data not followed by CRLF"
+        if await reader.readexactly(2) != b"\r\n":
+            raise ValueError("chunk data not followed by CRLF")
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    return b"".join([piece async for piece in iter_chunked(reader)])
 
 
 async def read_response(reader: asyncio.StreamReader, *, method: bytes = b"GET") -> Response:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
+
+from proxy import AuthProxy
 
 from .conftest import Recorder
 from .raw import exchange, get_ok, parse, request
@@ -22,10 +22,9 @@ def header_names(recorder: Recorder) -> set[str]:
     "/mcp/..%2f..%2fetc",
 ])
 async def test_encoded_crlf_in_path_and_query_is_forwarded_verbatim_and_inert(
-    make_authproxy: Any, recorder: Recorder, target: str
+    proxy: AuthProxy, recorder: Recorder, target: str
 ) -> None:
     """Percent-encoded CR/LF stays encoded: the target sees the same bytes and no new header."""
-    proxy = await make_authproxy(recorder.url)
     answer = await request(proxy.port, ["Host: 127.0.0.1"], target=target)
     assert answer is not None and answer.status == 200
     (seen,) = recorder.seen
@@ -33,18 +32,22 @@ async def test_encoded_crlf_in_path_and_query_is_forwarded_verbatim_and_inert(
     assert "x-injected" not in header_names(recorder)
 
 
+def raw_get(start: bytes, *fields: bytes) -> bytes:
+    """A GET of `start` and `fields` byte for byte, between Host and `Connection: close`."""
+    return b"\r\n".join([start, b"Host: 127.0.0.1", *fields, b"Connection: close"]) + b"\r\n\r\n"
+
+
 @pytest.mark.parametrize("raw", [
-    b"GET /mcp\rX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp\nX-Injected: 1 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\rX-Injected: 1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: a\nX-Injected : 1\r\nConnection: close\r\n\r\n",
-    b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A:\r\n X-Injected: 1\r\nConnection: close\r\n\r\n",
+    raw_get(b"GET /mcp\rX-Injected: 1 HTTP/1.1"),
+    raw_get(b"GET /mcp\nX-Injected: 1 HTTP/1.1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A: a\rX-Injected: 1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A: a\nX-Injected : 1"),
+    raw_get(b"GET /mcp HTTP/1.1", b"X-A:\r\n X-Injected: 1"),
 ])
 async def test_raw_line_breaks_in_the_request_never_turn_into_headers_at_the_target(
-    make_authproxy: Any, recorder: Recorder, raw: bytes
+    proxy: AuthProxy, recorder: Recorder, raw: bytes
 ) -> None:
     """A bare CR or LF inside a request line or header cannot add a header upstream."""
-    proxy = await make_authproxy(recorder.url)
     answer = parse(await exchange(proxy.port, raw))
     assert answer is None or answer.status in (200, 400, 505), answer.head
     assert "x-injected" not in header_names(recorder)
@@ -55,10 +58,9 @@ async def test_raw_line_breaks_in_the_request_never_turn_into_headers_at_the_tar
 
 
 async def test_a_pipelined_second_request_is_not_hidden_inside_the_first(
-    make_authproxy: Any, recorder: Recorder
+    proxy: AuthProxy, recorder: Recorder
 ) -> None:
     """A body that looks like a request is forwarded as a body, and a real second request as one."""
-    proxy = await make_authproxy(recorder.url)
     smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled)
@@ -70,10 +72,9 @@ async def test_a_pipelined_second_request_is_not_hidden_inside_the_first(
 
 
 async def test_hop_by_hop_names_listed_in_connection_are_dropped(
-    make_authproxy: Any, recorder: Recorder
+    proxy: AuthProxy, recorder: Recorder
 ) -> None:
     """A client cannot strip or smuggle the target's headers through the Connection header."""
-    proxy = await make_authproxy(recorder.url)
     answer = await request(proxy.port, [
         "Host: 127.0.0.1", "Connection: X-Secret-Thing, keep-alive", "X-Secret-Thing: 1",
         "Keep-Alive: timeout=5", "TE: trailers", "Upgrade: websocket", "Proxy-Connection: x",

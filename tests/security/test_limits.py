@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from proxy import AuthProxy
+
 from .raw import RawAnswer, exchange, get_ok, parse, read_until_closed, request
 from helpers import WAIT, eventually
 
@@ -33,18 +35,25 @@ class CountingUpstream:
 
 
 @pytest.fixture
-async def counting(make_upstream: Any) -> tuple[CountingUpstream, str]:
+async def counting(serve_mcp: Any) -> tuple[CountingUpstream, str]:
     upstream = CountingUpstream()
-    server = await make_upstream(upstream.handler)
-    return upstream, str(server.make_url("/mcp"))
+    return upstream, await serve_mcp(upstream.handler)
+
+
+@pytest.fixture
+async def limited(make_authproxy: Any, counting: tuple[CountingUpstream, str]
+                  ) -> tuple[CountingUpstream, AuthProxy]:
+    """A proxy that takes request bodies up to LIMIT, in front of a `CountingUpstream`."""
+    upstream, url = counting
+    proxy: AuthProxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    return upstream, proxy
 
 
 async def test_a_declared_oversized_body_gets_413_before_anything_is_sent(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+    limited: tuple[CountingUpstream, AuthProxy]
 ) -> None:
     """A client announcing a body above the limit is refused at once; the target sees nothing."""
-    upstream, url = counting
-    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    upstream, proxy = limited
     # Only the head is sent: the answer must not wait for a body that never comes.
     raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n"
            b"Content-Length: 1000000000\r\n\r\n")
@@ -57,11 +66,10 @@ async def test_a_declared_oversized_body_gets_413_before_anything_is_sent(
 
 
 async def test_a_body_at_the_limit_is_forwarded_whole(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+    limited: tuple[CountingUpstream, AuthProxy]
 ) -> None:
     """The limit is inclusive: a body of exactly max_request_bytes reaches the target."""
-    upstream, url = counting
-    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    upstream, proxy = limited
     answer = await request(proxy.port, ["Host: 127.0.0.1"], body=b"x" * LIMIT, method="POST")
     assert answer is not None and answer.status == 200
     assert upstream.received == LIMIT
@@ -69,11 +77,10 @@ async def test_a_body_at_the_limit_is_forwarded_whole(
 
 @pytest.mark.parametrize("keep_sending", [False, True])
 async def test_an_oversized_chunked_body_is_cut_off_and_never_reaches_the_target_whole(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str], keep_sending: bool
+    limited: tuple[CountingUpstream, AuthProxy], keep_sending: bool
 ) -> None:
     """A chunked upload over the limit gets 413 or a closed connection, never forwarded whole."""
-    upstream, url = counting
-    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    upstream, proxy = limited
     total = 16 * LIMIT
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     sent = 0
@@ -110,10 +117,9 @@ async def test_an_oversized_chunked_body_is_cut_off_and_never_reaches_the_target
     pytest.param(["X-Nul: a\x00b"], id="nul-in-value"),
 ])
 async def test_header_bombs_get_400_or_431_and_the_proxy_keeps_serving(
-    make_authproxy: Any, recorder: Any, bomb: list[str]
+    proxy: AuthProxy, recorder: Any, bomb: list[str]
 ) -> None:
     """Absurd request headers get a clear client error, never a crash or a forwarded request."""
-    proxy = await make_authproxy(recorder.url)
     answer = await request(proxy.port, ["Host: 127.0.0.1", *bomb])
     assert answer is None or answer.status in (400, 431), answer.head
     assert recorder.seen == []
@@ -125,10 +131,9 @@ async def test_header_bombs_get_400_or_431_and_the_proxy_keeps_serving(
     "/mcp?" + "q=1&" * 50_000,
 ])
 async def test_an_oversized_request_line_gets_a_client_error(
-    make_authproxy: Any, recorder: Any, target: str
+    proxy: AuthProxy, recorder: Any, target: str
 ) -> None:
     """A request line too long to be real is refused with 400/414/431, and nothing is forwarded."""
-    proxy = await make_authproxy(recorder.url)
     answer = await request(proxy.port, ["Host: 127.0.0.1"], target=target)
     assert answer is None or answer.status in (400, 414, 431), answer.head
     assert recorder.seen == []
@@ -146,10 +151,9 @@ async def test_an_oversized_request_line_gets_a_client_error(
     b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 ])
 async def test_malformed_requests_get_a_client_error(
-    make_authproxy: Any, recorder: Any, line: bytes
+    proxy: AuthProxy, recorder: Any, line: bytes
 ) -> None:
     """Bytes that are not one clear HTTP/1.1 request are refused, not guessed at."""
-    proxy = await make_authproxy(recorder.url)
     answer = parse(await exchange(proxy.port, line))
     assert answer is None or 400 <= answer.status < 500, answer.head
     assert recorder.seen == []
@@ -235,11 +239,10 @@ async def test_under_a_low_fd_limit_excess_clients_get_503_not_a_hang(
 
 
 async def test_expect_100_continue_with_an_oversized_body_gets_413_not_continue(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+    limited: tuple[CountingUpstream, AuthProxy]
 ) -> None:
     """A client asking before sending a huge body is told no at once, never invited to send."""
-    upstream, url = counting
-    proxy = await make_authproxy(url, max_request_bytes=LIMIT)
+    upstream, proxy = limited
     raw = (b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: 100-continue\r\n"
            b"Content-Length: %d\r\n\r\n" % (LIMIT + 1))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)

@@ -61,10 +61,9 @@ async def settled_status(proxy: Any) -> WorkloadStatus:
 
 
 @pytest.fixture
-async def target(make_upstream: Any) -> tuple[Target, str]:
+async def target(serve_mcp: Any) -> tuple[Target, str]:
     target = Target()
-    server = await make_upstream(target.handle)
-    return target, str(server.make_url("/mcp"))
+    return target, await serve_mcp(target.handle)
 
 
 async def test_a_flapping_client_cannot_open_episodes_from_an_always_401_path(

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from .target import GateSettings, ProtectedTarget
+from helpers import Started, run_cli
 
 HERE = Path(__file__).parent
 SERVER_DIR = HERE / "authserver"
@@ -120,20 +121,15 @@ TargetFactory = Callable[..., Awaitable[ProtectedTarget]]
 @pytest.fixture
 async def make_target() -> AsyncIterator[TargetFactory]:
     """Starts protected MCP targets for an authorization server; stops them."""
-    started: list[ProtectedTarget] = []
+    async with Started() as started:
 
-    async def make(server: AuthServer, **knobs: Any) -> ProtectedTarget:
-        settings = GateSettings(issuer=server.issuer,
-                                introspection_url=server.url("/token/introspection"),
-                                rs_client=RS_CLIENT, **knobs)
-        target = ProtectedTarget(settings)
-        await target.start()
-        started.append(target)
-        return target
+        async def make(server: AuthServer, **knobs: Any) -> ProtectedTarget:
+            settings = GateSettings(issuer=server.issuer,
+                                    introspection_url=server.url("/token/introspection"),
+                                    rs_client=RS_CLIENT, **knobs)
+            return await started.start(ProtectedTarget(settings))
 
-    yield make
-    for target in reversed(started):
-        await target.stop()
+        yield make
 
 
 @pytest.fixture
@@ -209,17 +205,7 @@ class Cli:
 
     async def run(self, *args: str, mode: str = "consent", timeout: float = CLI_TIMEOUT,
                   **extra: str) -> Result:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", *args, env=self.env(mode, **extra),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise
-        assert process.returncode is not None
-        return Result(process.returncode, out.decode(), err.decode())
+        return Result(*await run_cli(args, self.env(mode, **extra), timeout))
 
     async def login(self, *args: str, **kwargs: Any) -> Result:
         return await self.run("login", *args, **kwargs)

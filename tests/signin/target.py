@@ -17,20 +17,16 @@ for another resource), `issuer_override` (metadata naming another issuer URL).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import uvicorn
 from mcp.server.mcpserver import MCPServer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-START_TIMEOUT = 10.0
-STOP_TIMEOUT = 10.0
+from helpers import UvicornServer
+
 READ_SCOPE = "mcp:read"
 WRITE_SCOPE = "mcp:write"
 
@@ -191,45 +187,21 @@ class ProtectedTarget:
 
     def __init__(self, settings: GateSettings) -> None:
         self.settings = settings
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
+        self._server = UvicornServer()
+        self.port = self._server.port
         self.mcp = build_server()
         self.gate = OAuthGate(self.mcp.streamable_http_app(host="127.0.0.1"), settings,
                               self.url)
-        self._server = uvicorn.Server(uvicorn.Config(
-            self.gate, log_config=None, log_level="warning", access_log=False,
-            lifespan="on", ws="none", timeout_graceful_shutdown=2))
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
+        return f"{self._server.origin}/mcp"
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
-
-        async def started() -> None:
-            while not self._server.started:  # uvicorn has no startup event to await
-                if self._task is not None and self._task.done():
-                    self._task.result()
-                    raise RuntimeError("uvicorn exited during startup")
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(started(), START_TIMEOUT)
+        await self._server.start(self.gate)
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
-        except TimeoutError:
-            self._server.force_exit = True
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._server.stop()
         finally:
-            self._sock.close()
             await self.gate.close()

@@ -19,16 +19,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mcp import MCPError
 from mcp.client import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import TextContent
 
-from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent
+from proxy import AuthProxy, ProxyConfig
 
 from .conftest import AuthServer, Cli, TargetFactory
 from .target import ProtectedTarget
-from helpers import SLOW_WAIT, eventually
+from helpers import SLOW_WAIT, Episodes, eventually
 
 pytestmark = pytest.mark.timeout(120)
 WAIT = SLOW_WAIT  # a real SDK, a subprocess and a browser script on a loaded machine
@@ -37,9 +37,9 @@ WAIT = SLOW_WAIT  # a real SDK, a subprocess and a browser script on a loaded ma
 @contextlib.asynccontextmanager
 async def sdk_client(url: str) -> AsyncIterator[Client]:
     """The official SDK's client, connected to `url` (bounded)."""
+    # Without an http_client the SDK makes its own, with the MCP transports' timeouts.
     async with contextlib.AsyncExitStack() as stack:
-        http = await stack.enter_async_context(create_mcp_http_client())
-        client = Client(streamable_http_client(url, http_client=http))
+        client = Client(streamable_http_client(url))
         async with asyncio.timeout(WAIT):
             await stack.enter_async_context(client)
         yield client
@@ -72,22 +72,6 @@ async def revoke_grant(server: AuthServer, signin: dict[str, Any]) -> None:
             data={"token": signin["refresh_token"], "token_type_hint": "refresh_token",
                   "client_id": signin["client_id"]}) as response:
         assert response.status == 200
-
-
-class Callbacks:
-    def __init__(self) -> None:
-        self.unauthorized: list[UnauthorizedEvent] = []
-        self.reauthorized: list[ReauthorizedEvent] = []
-        self.opened = asyncio.Event()
-        self.healed = asyncio.Event()
-
-    def on_unauthorized(self, event: UnauthorizedEvent) -> None:
-        self.unauthorized.append(event)
-        self.opened.set()
-
-    def on_reauthorized(self, event: ReauthorizedEvent) -> None:
-        self.reauthorized.append(event)
-        self.healed.set()
 
 
 def signin_config(cli: Cli, target: ProtectedTarget, name: str, **extra: Any) -> ProxyConfig:
@@ -123,11 +107,11 @@ async def test_run_oauth_serves_an_sdk_client(cli: Cli, target: ProtectedTarget)
 async def test_no_sign_in_is_login_required(cli: Cli, target: ProtectedTarget) -> None:
     """Without a stored sign-in the workload is `unauthenticated` with reason
     LoginRequired naming the command; clients get 503, the callback fires once."""
-    callbacks = Callbacks()
+    episodes = Episodes()
     config = signin_config(cli, target, "fresh")
-    async with AuthProxy(config, on_unauthorized=callbacks.on_unauthorized) as running, \
+    async with AuthProxy(config, on_unauthorized=episodes.on_unauthorized) as running, \
             aiohttp.ClientSession() as session:
-        await asyncio.wait_for(callbacks.opened.wait(), WAIT)
+        await asyncio.wait_for(episodes.opened.wait(), WAIT)
         answers = await asyncio.gather(*(initialize(session, running.url) for _ in range(3)))
         record = running.status
 
@@ -139,8 +123,8 @@ async def test_no_sign_in_is_login_required(cli: Cli, target: ProtectedTarget) -
         assert int(headers["Retry-After"]) >= 1
         assert "WWW-Authenticate" not in headers
         assert "mcp-authproxy login fresh" in json.loads(body)["message"]
-    assert len(callbacks.unauthorized) == 1
-    assert callbacks.unauthorized[0].reason == "LoginRequired"
+    assert len(episodes.unauthorized) == 1
+    assert episodes.unauthorized[0].reason == "LoginRequired"
     assert target.settings.seen_tokens == []  # nothing reached the target
 
 
@@ -174,24 +158,24 @@ async def test_revoked_grant_login_again_heals_the_same_process(
     """A revoked grant: LoginRequired, one callback, 503s (never 401) while it lasts;
     `mcp-authproxy login NAME` then heals the running proxy, no restart."""
     assert (await cli.login("--target-url", target.url, "--name", "desk")).code == 0
-    callbacks = Callbacks()
+    episodes = Episodes()
     config = signin_config(cli, target, "desk")
-    async with AuthProxy(config, on_unauthorized=callbacks.on_unauthorized,
-                         on_reauthorized=callbacks.on_reauthorized) as running, \
+    async with AuthProxy(config, on_unauthorized=episodes.on_unauthorized,
+                         on_reauthorized=episodes.on_reauthorized) as running, \
             aiohttp.ClientSession() as session:
         assert await call_tool(running.url, "echo") == "echo: hi"
         revoked = cli.signin("desk")
         await revoke_grant(authserver, revoked)
 
         answers = await asyncio.gather(*(initialize(session, running.url) for _ in range(4)))
-        await asyncio.wait_for(callbacks.opened.wait(), WAIT)
+        await asyncio.wait_for(episodes.opened.wait(), WAIT)
         during = running.status
         more = await initialize(session, running.url)
 
         login = await cli.login("desk")  # NAME only: the target comes from the sign-in
         assert login.code == 0, login.stderr
         assert await call_tool(running.url, "echo", "healed") == "echo: healed"
-        await asyncio.wait_for(callbacks.healed.wait(), WAIT)
+        await asyncio.wait_for(episodes.closed.wait(), WAIT)
         after = running.status
 
     for status, headers, body in [*answers, more]:
@@ -201,11 +185,11 @@ async def test_revoked_grant_login_again_heals_the_same_process(
     assert during.status == "unauthenticated"
     assert during.reason == "LoginRequired"
     assert "mcp-authproxy login desk" in during.message
-    assert len(callbacks.unauthorized) == 1
+    assert len(episodes.unauthorized) == 1
     assert after.status == "running"
-    assert len(callbacks.reauthorized) == 1
+    assert len(episodes.reauthorized) == 1
     status_file = (cli.state_dir / "workloads" / "desk.json").read_text()
-    event = json.dumps(callbacks.unauthorized[0].to_dict())
+    event = json.dumps(episodes.unauthorized[0].to_dict())
     for signin in (revoked, cli.signin("desk")):
         for key in ("access_token", "refresh_token"):
             assert signin[key] not in status_file and signin[key] not in event
@@ -236,7 +220,7 @@ async def test_step_up_asks_for_the_missing_scope(
             aiohttp.ClientSession() as session:
         assert await call_tool(running.url, "echo") == "echo: hi"
         async with sdk_client(running.url) as client:
-            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+            with pytest.raises(MCPError):  # the 403 reaches the client as an MCP error
                 await client.call_tool("write", {"text": "x"})
         status, headers, body = await _call_write_raw(session, running.url)
 
@@ -331,7 +315,7 @@ async def test_interactive_run_oauth_steps_up_by_itself(cli: Cli, target: Protec
     assert first.code == 0, first.stderr
     async with on_a_terminal(cli, target, "wide") as (process, url, _):
         async with sdk_client(url) as client:
-            with pytest.raises(Exception):  # noqa: B017 (the SDK's error type is its own)
+            with pytest.raises(MCPError):  # the 403 reaches the client as an MCP error
                 await client.call_tool("write", {"text": "x"})
         assert await _eventually(url, "write", "wider") == "wrote: wider"
         assert process.returncode is None

@@ -135,3 +135,35 @@ def test_save_refuses_to_replace_a_symlink(tmp_path: Path) -> None:
         save_signin(tmp_path, "w", signin())
 
     assert target.read_text() == "keep me"
+
+
+def test_a_linked_credentials_directory_is_refused(tmp_path: Path) -> None:
+    """`credentials/` planted as a link to another directory is refused with one line
+    naming the flag, and nothing is written where it points."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "credentials").symlink_to(elsewhere)
+
+    with pytest.raises(CredentialsFileRefused, match=r"^--state-dir: .*symbolic link") as caught:
+        save_signin(state, "w", signin())
+
+    assert "\n" not in str(caught.value)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_lock_file_planted_as_a_link_is_cleared(tmp_path: Path) -> None:
+    """A `.lock` link in the credentials directory is cleared, never opened through, and
+    the sign-in is saved."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = signin_path(tmp_path / "state", "w")
+    path.parent.mkdir(mode=0o700, parents=True)
+    Path(str(path) + ".lock").symlink_to(victim)
+
+    save_signin(tmp_path / "state", "w", signin())
+
+    assert victim.read_text() == "keep me"
+    stored = load_signin(tmp_path / "state", "w")
+    assert stored is not None and stored.access_token == "access-1"

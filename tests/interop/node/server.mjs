@@ -4,8 +4,8 @@
 // plus the metadata and authorization-server endpoints a client would wander off to.
 //
 // It binds 127.0.0.1 on a free port and prints one line to stdout, its origin. Every
-// request except /_control/* is recorded; the tests read and change the state through
-// /_control (never through the proxy). Every response allows any origin (CORS `*`), so
+// request except /_control/* is recorded, and so is every Streamable HTTP session issued;
+// the tests read and change the state through /_control (never through the proxy). Every response allows any origin (CORS `*`), so
 // that only the proxy can be what stops a foreign page. SIGTERM stops it.
 //
 // usage: node server.mjs --token TOKEN [--large-bytes N]
@@ -27,7 +27,8 @@ const { values: args } = parseArgs({
 
 const REVOKED = "The access token was revoked";
 const WAIT_MS = 5000;
-const state = { accepted: new Set([args.token]), seen: [] };
+// `issued`: every Mcp-Session-Id the Streamable HTTP transport handed out, in order.
+const state = { accepted: new Set([args.token]), seen: [], issued: [] };
 const largeBytes = Number(args["large-bytes"]);
 let origin = "";
 
@@ -153,6 +154,8 @@ async function readBody(req) {
 
 async function control(req, res, path) {
   if (path === "/_control/seen") return json(res, 200, state.seen);
+  // Sessions still open (either transport) and every Streamable HTTP one ever issued.
+  if (path === "/_control/sessions") return json(res, 200, { open: [...sessions.keys()], issued: state.issued });
   if (path === "/_control/accept" && req.method === "POST") {
     const { tokens } = JSON.parse(await readBody(req));
     state.accepted = new Set(tokens);
@@ -211,7 +214,10 @@ async function streamable(req, res) {
   const session = newSession();
   session.transport = new StreamableHTTPServerTransport({
     sessionIdGenerator: () => randomUUID(),
-    onsessioninitialized: (sid) => sessions.set(sid, session),
+    onsessioninitialized: (sid) => {
+      sessions.set(sid, session);
+      state.issued.push(sid);
+    },
     onsessionclosed: (sid) => sessions.delete(sid),
   });
   await session.server.connect(session.transport);
