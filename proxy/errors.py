@@ -12,8 +12,8 @@
         ├── CredentialInvalid           permanent: the source must heal first
         └── CredentialRetrying          transient: a refresh is failing or in flight
 
-Foreign errors (aiohttp.ClientError, OSError) are translated at one boundary each:
-the forwarding edge (502/504) and the store's I/O boundary. Nothing here carries a
+Foreign errors (the upstream pool's, aiohttp.ClientError, OSError) are translated at one
+boundary each: the forwarding edge (502/504) and the store's I/O boundary. Nothing here carries a
 credential in its message.
 """
 

@@ -206,6 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo()
+    from ..wire.compat import UnsupportedDependency, check
+
+    try:
+        check()  # before anything runs: an unsupported aiohttp/httptools is one clear line
+    except UnsupportedDependency as exc:
+        _print_error(str(exc))
+        return 1
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -244,7 +251,7 @@ def run_foreground(config: ProxyConfig) -> int:
 
 async def _serve(config: ProxyConfig) -> int:
     from ..app import AuthProxy
-    from ..forwarding.listener import tune_gc_for_serving
+    from ..forwarding.listener import tune_gc_for_serving, tune_malloc_for_serving
     from ..monitor.auth import exec_callback
 
     stop = asyncio.Event()
@@ -263,6 +270,7 @@ async def _serve(config: ProxyConfig) -> int:
         async with AuthProxy(config, on_unauthorized=on_unauthorized) as running:
             # This process exists to serve the proxy, so it may tune its collector.
             tune_gc_for_serving()
+            tune_malloc_for_serving()
             sys.stdout.write(running.url + "\n")
             sys.stdout.flush()
             if interactive:

@@ -1,12 +1,13 @@
 """The streaming forwarding handler: checks, credential, upstream exchange, relay.
 
-Its pure header/URL rules are in `headers.py`, the ways bodies cross in `relay.py`.
+Its pure header/URL rules are in `rules.py`, the ways bodies cross in `relay.py`.
 One request in, one request out (plus at most ten same-origin redirects and one
 refresh-and-replay), bodies streamed both ways. This module is the one boundary where
-foreign client errors (`aiohttp.ClientError`, `OSError`, timeouts) become the proxy's
-own 502/504 answers. It must never log or keep a credential, never send a credential to
-another origin than the target's, never buffer a body whole (the replay copy is
-bounded by `replay_limit`), and never hold a stream to a time limit once it started.
+the upstream pool's errors (`UpstreamError`, `OSError`, timeouts) and a malformed
+request body become the proxy's own 400/502/504 answers. It must never log or keep a
+credential, never send a credential to another origin than the target's, never buffer a
+body whole (the replay copy is bounded by `replay_limit`), and never hold a stream to a
+time limit once it started.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict
 from yarl import URL
@@ -27,17 +27,22 @@ from ..credentials.base import Credential, CredentialSource
 from ..credentials.challenge import bearer_error
 from ..errors import CredentialUnavailable
 from ..log import AccessLog, get_logger
-from ..wire.chunked import ChunkedPassthrough, body_start
-from ..wire.client import LeanResponse, Upstream, UpstreamPool
-from ..wire.server import InboundRequest, Reply, error_body
+from ..wire.client import UpstreamError, UpstreamPool, UpstreamResponse
+from ..wire.server import HTTP10, BadRequestBody, InboundRequest, Reply, error_body
 from .observe import Exchange, ForwardObserver
 from .relay import (
+    COMPLETE,
+    PUSHED,
+    REWRITTEN,
+    BadHead,
     BodyTooLarge,
     EarlyReply,
-    Passthrough,
     Progress,
-    Pump,
+    Pushed,
     RequestBody,
+    client_headers,
+    relay_path,
+    send_complete,
 )
 from .rules import (
     ALLOWED_METHODS,
@@ -46,13 +51,11 @@ from .rules import (
     host_allowed,
     is_mcp_path,
     merge_query,
-    only_chunked,
     origin_allowed,
     path_with_query,
     redirect_method,
     redirect_target,
     request_headers,
-    response_headers,
     split_raw_path,
     upstream_url,
 )
@@ -89,21 +92,22 @@ class _ProxyAnswer(Exception):
 # --- the handler --------------------------------------------------------------------
 
 class Forwarder:
-    """The aiohttp low-level handler: `await forwarder(request)` forwards one request."""
+    """The client protocol's handler: `await forwarder(request)` forwards one request."""
 
     def __init__(
         self,
         config: ProxyConfig,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         *,
         credentials: CredentialSource | None = None,
         observers: Iterable[ForwardObserver] = (),
         logger: Any = None,
-        pool: UpstreamPool | None = None,
     ) -> None:
         self._config = config
-        self._session = session
         self._pool = pool
+        # How many answers took each relay path (`relay.RELAY_PATHS`), for tests and
+        # for anyone asking which path a kind of traffic takes.
+        self.relay_counts: dict[str, int] = {COMPLETE: 0, PUSHED: 0, REWRITTEN: 0}
         self._credentials = credentials
         self._observers = tuple(observers)
         self._log = logger if logger is not None else get_logger()
@@ -213,7 +217,7 @@ class Forwarder:
             del self._endpoints[next(iter(self._endpoints))]
 
     def _check(self, request: InboundRequest) -> None:
-        if request.version < aiohttp.HttpVersion10:
+        if request.version < HTTP10:
             # HTTP/0.9 has no headers, yet the parser reads some after a bare-LF request
             # line: a line break in the target would turn into a header upstream.
             raise _ProxyAnswer(505, "http_version_not_supported",
@@ -225,18 +229,9 @@ class Forwarder:
             raise _ProxyAnswer(405, "method_not_allowed", f"{method} is not forwarded",
                                headers={hdrs.ALLOW: ALLOWED_METHODS},
                                close=method == hdrs.METH_CONNECT)
+        # Transfer codings other than chunked (501) and chunked from HTTP/1.0 (400) never
+        # get here: `wire.server` refuses them as it parses the head.
         headers = request.headers
-        codings = headers.getall(hdrs.TRANSFER_ENCODING, ())
-        if codings:
-            # RFC 9112 §6.1: chunked framing in an HTTP/1.0 message is faulty framing; a
-            # coding we cannot undo must not reach the target stripped of its name.
-            if request.version == aiohttp.HttpVersion10:
-                raise _ProxyAnswer(400, "bad_request",
-                                   "Transfer-Encoding in an HTTP/1.0 request", close=True)
-            if not only_chunked(codings):
-                raise _ProxyAnswer(501, "not_implemented",
-                                   "only the chunked transfer coding is supported",
-                                   close=True)
         if self._check_host:
             host = headers.get(hdrs.HOST)
             if host is not None:
@@ -299,44 +294,28 @@ class Forwarder:
         body = (RequestBody(request, limit=self._config.max_request_bytes,
                             keep=self._config.replay_limit)
                 if request.body_exists else None)
-        early = (EarlyReply(request, refreshable=source is not None and source.can_refresh,
-                            hold_auth=self._hold_auth and exchange.on_mcp_path)
-                 if self._pool is not None else None)
+        early = EarlyReply(request, progress,
+                           refreshable=source is not None and source.can_refresh,
+                           hold_auth=self._hold_auth and exchange.on_mcp_path)
         upstream = await self._exchange(request.method, path_qs, headers, body, credential,
                                         exchange, task, early)
         try:
             if source is not None and upstream.status in (401, 403) and self._hold_auth \
                     and exchange.on_mcp_path:
                 self._hold_auth_answer(upstream, exchange, progress, source)
-            if early is not None and early.reply is not None:
-                if early.streaming:
-                    return await self._relay(request, upstream, exchange, progress, early)
-                return self._relayed_early(upstream, exchange, progress, early)
-            return await self._relay(request, upstream, exchange, progress)
+            return await self._relay(request, upstream, exchange, progress, early)
         finally:
             # Normal end: the connection goes back to the pool; anything else closes it,
             # so a cancelled stream frees the target's side at once.
-            if upstream.content.is_eof() and upstream.content.exception() is None:
-                upstream.release()
-            else:
-                upstream.close()
+            upstream.release()
 
     async def _send(self, method: str, path_qs: str, headers: CIMultiDict[str],
                     data: Any, body: RequestBody | None, current: asyncio.Task[Any],
-                    early: EarlyReply | None) -> Upstream:
-        """One upstream request up to its response headers; foreign errors end here.
-
-        A body already in memory (or none) goes through the lean pool, a streamed one
-        through the session.
-        """
+                    early: EarlyReply) -> UpstreamResponse:
+        """One upstream request up to its response headers; foreign errors end here."""
         task = self._watch(current) if self._timeout is not None else None
         try:
-            if self._pool is not None and (data is None or isinstance(data, bytes)):
-                return await self._pool.request(method, path_qs, headers, data, early)
-            return await self._session.request(
-                method, upstream_url(self._origin, path_qs), headers=headers, data=data,
-                allow_redirects=False,
-            )
+            return await self._pool.request(method, path_qs, headers, data, early)
         except asyncio.CancelledError:
             if task is not None and task in self._timed_out:
                 self._timed_out.discard(task)
@@ -345,7 +324,10 @@ class Forwarder:
                                        "the target sent no response headers in time"
                                        ) from None
             raise
-        except (aiohttp.ClientError, OSError, BodyTooLarge) as exc:
+        except BadRequestBody:
+            raise _ProxyAnswer(400, "bad_request", "the request body's framing is malformed",
+                               close=True) from None
+        except (UpstreamError, OSError, BodyTooLarge) as exc:
             if body is not None and body.too_large:
                 raise _ProxyAnswer(
                     413, "payload_too_large",
@@ -353,6 +335,10 @@ class Forwarder:
                 ) from None
             raise _ProxyAnswer(502, "bad_gateway",
                                f"the target could not be reached ({type(exc).__name__})"
+                               ) from None
+        except ValueError:
+            # A header that cannot be sent safely (a control character from a credential).
+            raise _ProxyAnswer(502, "bad_gateway", "the request head cannot be sent"
                                ) from None
         finally:
             if task is not None:
@@ -392,7 +378,7 @@ class Forwarder:
     async def _exchange(self, method: str, path_qs: str, headers: CIMultiDict[str],
                         body: RequestBody | None, credential: Credential | None,
                         exchange: Exchange, task: asyncio.Task[Any],
-                        early: EarlyReply | None = None) -> Upstream:
+                        early: EarlyReply) -> UpstreamResponse:
         """Send, following same-origin redirects and one refresh-and-replay."""
         started = time.perf_counter()
         data: Any = None
@@ -402,7 +388,7 @@ class Forwarder:
                 data = body.stream()
         redirects = 0
         replayed = False
-        upstream: Upstream | None = None
+        upstream: UpstreamResponse | None = None
         try:
             while True:
                 # An answer `early` sent is never one the steps below act on (no redirect,
@@ -456,7 +442,7 @@ class Forwarder:
         exchange.upstream_seconds = time.perf_counter() - started
         return upstream
 
-    def _hold_auth_answer(self, upstream: Upstream, exchange: Exchange, progress: Progress,
+    def _hold_auth_answer(self, upstream: UpstreamResponse, exchange: Exchange, progress: Progress,
                           source: CredentialSource) -> None:
         """Raise the proxy's own answer in place of the target's 401 / 403
         `insufficient_scope` (see `held_auth_answer`); observers still hear the target's."""
@@ -488,91 +474,71 @@ class Forwarder:
         headers[hdrs.AUTHORIZATION] = credential.authorization
         return credential
 
-    def _relayed_early(self, upstream: Upstream, exchange: Exchange, progress: Progress,
-                       early: EarlyReply) -> Reply:
-        """The bookkeeping of an answer `EarlyReply` already sent."""
+    async def _relay(self, request: InboundRequest, upstream: UpstreamResponse,
+                     exchange: Exchange, progress: Progress, early: EarlyReply) -> Reply:
+        """The target's answer to the client, by the one path `relay_path` chose (started
+        from the socket callback by `early` when it could)."""
         status = upstream.status
         progress.upstream_status = status
         exchange.status = status
         exchange.upstream_headers = upstream.headers
-        progress.bytes_out += len(early.data)
-        self._respond(exchange)
-        assert early.reply is not None
-        return early.reply
-
-    async def _relay(self, request: InboundRequest, upstream: Upstream,
-                     exchange: Exchange, progress: Progress,
-                     early: EarlyReply | None = None) -> Reply:
-        """Stream the target's answer to the client, chunk by chunk as it arrives
-        (carrying on a stream `early` started, when given)."""
-        status = upstream.status
-        progress.upstream_status = status
-        exchange.status = status
-        exchange.upstream_headers = upstream.headers
-        content_type = upstream.headers.get(hdrs.CONTENT_TYPE, "")
-        exchange.sse = content_type.startswith("text/event-stream")
-        content = upstream.content
-        rewriter = None
-        chunk: bytes | None = None
-        started = b""  # body bytes `early` already sent
-        if early is not None and early.reply is not None:
-            response = early.reply
-            started = early.data
-            progress.bytes_out += len(started)
-        else:
-            headers = response_headers(upstream.headers)
-            if exchange.sse and request.method == hdrs.METH_GET:
-                stream_url = upstream_url(self._origin, exchange.path)
-                rewriter = EndpointRewriter(
-                    self._origin_url, f"http://{request.host}",
-                    on_endpoint=(lambda url: self._note_endpoint(url, stream_url))
-                    if exchange.on_mcp_path else None)
-                headers.popall(hdrs.CONTENT_LENGTH, None)  # a rewrite changes the length
-            response = Reply(status, upstream.reason, headers)
-            try:
-                chunk = content.read_nowait(-1)
-            except (aiohttp.ClientError, OSError):
-                chunk = None  # reported by the loop below
-        if chunk and rewriter is None:
-            # Body bytes are already here and go on unchanged: send them with the headers
-            # in one write (for an event stream, its first event: one send per stream
-            # start, not two). Otherwise headers go at once, so a client sees its (maybe
-            # quiet) stream start.
-            response.send_headers_with_body()
-        responded = False  # the observers heard of the answer (exactly once, below)
+        exchange.sse = upstream.headers.get(hdrs.CONTENT_TYPE, "").startswith(
+            "text/event-stream")
+        path = early.path
         try:
-            writer = response.start(request)
-            if chunk and rewriter is None and content.at_eof() and content.exception() is None:
-                # The whole answer is here (the common small JSON-RPC one): headers, body and
-                # end of message go in one write, without the streaming loop; the
-                # connection drains it before reading the next request. The observers
-                # hear of it right after (`finally`), in the same step: off the latency.
-                response.send_eof(chunk)
-                progress.bytes_out += len(chunk)
-                return response
-            self._respond(exchange)  # a stream is counted open before it streams
-            responded = True
-            if rewriter is None and isinstance(upstream, LeanResponse) and (
-                    exchange.sse or upstream.chunked):
-                sent = started + (chunk or b"")
-                if chunk:
-                    await response.write(chunk)
-                    progress.bytes_out += len(chunk)
-                    chunk = None
-                if await self._push(request, upstream, response, writer, progress, sent,
-                                    exchange.sse):
-                    return response
-            elif isinstance(upstream, LeanResponse):
-                upstream.forget()
+            if path is None:
+                path = relay_path(request.method, upstream)
+                if path == COMPLETE:
+                    reply = send_complete(request, upstream, progress)
+                elif path == PUSHED:
+                    pushed = Pushed.start(request, upstream, progress)
+                    early.pushed, reply = pushed, pushed.reply
+            elif path == COMPLETE:
+                assert early.reply is not None
+                reply = early.reply
+        except BadHead:
+            exchange.status = 502
+            raise _ProxyAnswer(502, "bad_gateway", "the target's response head is malformed",
+                               close=True) from None
+        except ConnectionError:
+            request.protocol.force_close()  # the client left: nothing more to send
+            gone = Reply(status)
+            gone.prepared = gone.finished = True
+            return gone
+        self.relay_counts[path] += 1
+        if path == COMPLETE:
+            self._respond(exchange)  # off the latency: the answer is already out
+            return reply
+        self._respond(exchange)  # a stream is counted open before it streams
+        if path == PUSHED:
+            assert early.pushed is not None
+            await early.pushed.done
+            return early.pushed.reply
+        return await self._rewritten(request, upstream, exchange, progress)
+
+    async def _rewritten(self, request: InboundRequest, upstream: UpstreamResponse,
+                         exchange: Exchange, progress: Progress) -> Reply:
+        """Path `rewritten`: the awaited loop through the endpoint rewriter."""
+        reply = Reply(upstream.status, upstream.reason, client_headers(upstream, REWRITTEN))
+        try:
+            reply.start(request)
+        except ValueError:
+            raise _ProxyAnswer(502, "bad_gateway", "the target's response head is malformed",
+                               close=True) from None
+        stream_url = upstream_url(self._origin, exchange.path)
+        rewriter: EndpointRewriter | None = EndpointRewriter(
+            self._origin_url, f"http://{request.host}",
+            on_endpoint=(lambda url: self._note_endpoint(url, stream_url))
+            if exchange.on_mcp_path else None)
+        try:
             while True:
                 try:
-                    if not chunk:
-                        chunk = await content.readany()
-                except (TimeoutError, aiohttp.ClientError, OSError):
+                    chunk = await upstream.read()
+                except UpstreamError:
                     # The target died mid-stream: drop the client's connection without the
                     # last chunk, so it sees an error rather than a clean (truncated) end.
                     request.protocol.force_close()
-                    return response
+                    return reply
                 if not chunk:
                     break
                 if rewriter is not None:
@@ -581,103 +547,19 @@ class Forwarder:
                         rewriter = None  # nothing left to look at: the plain path from here on
                     if not chunk:
                         continue
-                await response.write(chunk)
+                await reply.write(chunk)
                 progress.bytes_out += len(chunk)
-                chunk = None
             if rewriter is not None:
                 tail = rewriter.flush()
                 if tail:
-                    await response.write(tail)
+                    await reply.write(tail)
                     progress.bytes_out += len(tail)
-            await response.write_eof()
+            await reply.write_eof()
         except ConnectionError:
             # The client hung up while we wrote to it: end quietly (counted as the
             # premature disconnection it is, no traceback for every client that leaves).
             request.protocol.force_close()
-        finally:
-            if not responded:
-                self._respond(exchange)
-        return response
-
-    async def _push(self, request: InboundRequest, upstream: LeanResponse,
-                    response: Reply, writer: Any, progress: Progress,
-                    sent: bytes, events: bool) -> bool:
-        """Relay a chunked body byte for byte from the upstream callback when both sides
-        are chunked (True: the answer ended here); else an event stream until `Pump`
-        stops, and any other body not at all (False: the awaited loop finishes it)."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            upstream.forget()
-            return False
-        chunked = bool(getattr(writer, "chunked", False))
-        if chunked:
-            passthrough = self._passthrough(upstream, transport, progress, sent)
-            if passthrough is not None:
-                decoder, sink = passthrough
-                try:
-                    outcome = await sink.run(writer)
-                finally:
-                    progress.bytes_out += decoder.payload_bytes
-                if outcome == Passthrough.ENDED:
-                    await response.write_eof()
-                    if not decoder.trailing:
-                        sink.unpause()
-                        upstream.undivert()  # reusable: its next request skips a connect
-                else:
-                    # The target died or broke its framing mid-stream, or the client left:
-                    # drop the client's connection so it sees an error, not a clean end.
-                    request.protocol.force_close()
-                return True
-        else:
-            upstream.forget()
-        if not events:
-            return False
-        pump = Pump(upstream, transport, chunked, progress)
-        if not upstream.listen(pump):
-            return False
-        try:
-            pump()  # whatever arrived while the headers went out
-            await pump.done
-        finally:
-            upstream.listen(None)
-        return False
-
-    @staticmethod
-    def _passthrough(upstream: LeanResponse, transport: asyncio.Transport,
-                     progress: Progress, sent: bytes
-                     ) -> tuple[ChunkedPassthrough, Passthrough] | None:
-        """Divert the upstream connection to a `Passthrough`, or None when it cannot be.
-
-        aiohttp's parser has already read part of the body: the bytes received so far are
-        parsed again here, and the diversion happens only if that gives the same payload
-        the parser produced, so the new parser starts exactly where the old one stopped.
-        """
-        raw = upstream.received()
-        content = upstream.content
-        upstream_transport = upstream.transport
-        upstream.forget()
-        if (raw is None or upstream_transport is None or content.is_eof()
-                or content.exception() is not None):
-            return None
-        start = body_start(raw)
-        decoder = ChunkedPassthrough()
-        try:
-            decoded = decoder.decode(raw[start:]) if start >= 0 else None
-        except ValueError:
-            decoded = None
-        rest = content.read_nowait(-1)
-        if rest:
-            transport.write(b"%x\r\n%b\r\n" % (len(rest), rest))
-            progress.bytes_out += len(rest)
-        if decoded != sent + rest or decoder.done:
-            return None
-        decoder.payload_bytes = 0
-        framing = decoder.resume()
-        if framing:
-            transport.write(framing)
-        sink = Passthrough(decoder, transport, upstream_transport)
-        upstream.divert(sink)
-        return decoder, sink
+        return reply
 
     # Observers are sync and cheap, but never trusted to not raise.
     def _respond(self, exchange: Exchange) -> None:

@@ -1,8 +1,8 @@
 """`ForwardingServer`: the listening side of the proxy.
 
-It owns the upstream session and pool and the listening sockets, and runs the forwarding
-handler on the lean protocol of `proxy.inbound` (aiohttp's C parser, no web framework on
-the hot path), which carries the guards: a `header_timeout` for clients that trickle
+It owns the upstream pool (and the session probes use) and the listening sockets, and runs
+the forwarding handler on the lean protocol of `wire.server` (httptools' parser, no web
+framework on the hot path), which carries the guards: a `header_timeout` for clients that trickle
 their request headers (slowloris) and a cap on concurrent client connections (503 above
 it, fitted here to the descriptor limit). Shutdown drains in-flight
 requests for a bounded time, then cancels them. It must never block the loop, and never
@@ -12,6 +12,7 @@ leave a socket, task or upstream connection behind after `shutdown`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import resource
 import socket
@@ -24,6 +25,7 @@ from ..config import ProxyConfig
 from ..credentials.base import CredentialSource
 from ..log import get_logger
 from ..wire.client import UpstreamPool, make_session
+from ..wire.compat import check as check_dependencies
 from ..wire.server import InboundServer
 from .handler import Forwarder
 from .observe import ForwardObserver
@@ -82,6 +84,29 @@ def tune_gc_for_serving() -> None:
     gc.set_threshold(*SERVING_GC_THRESHOLD)
 
 
+# Freed heap memory glibc keeps instead of returning it to the system at once. A bulk body
+# allocates a parsed piece per chunk while the socket's read is still alive; with glibc's
+# default the top of the heap crosses the trim threshold on every read and is given back
+# and taken again (a brk call and fresh page faults per read: system time that showed as
+# half the throughput of a download). Bounded: at most this much stays unreturned.
+SERVING_TRIM_THRESHOLD = 8 * 2**20
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter number
+
+
+def tune_malloc_for_serving() -> bool:
+    """Let glibc keep up to SERVING_TRIM_THRESHOLD of freed heap (False where the C
+    library has no `mallopt`, e.g. musl: nothing changes there). For the process owner
+    (the CLI) only, like `tune_gc_for_serving`."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD))
+
+
 def display_host(host: str) -> str:
     """The host part of the URL a client should use for a bind address."""
     if host in ("0.0.0.0", ""):
@@ -130,17 +155,23 @@ class ForwardingServer:
         return f"http://{display_host(self._config.host)}:{self._port}{path}"
 
     @property
+    def relay_counts(self) -> dict[str, int]:
+        """How many answers took each relay path (see `relay`)."""
+        return dict(self._forwarder.relay_counts) if self._forwarder is not None else {}
+
+    @property
     def in_flight(self) -> int:
         return self._forwarder.in_flight if self._forwarder is not None else 0
 
     async def start(self) -> None:
+        check_dependencies()  # an unsupported aiohttp or httptools stops here, in one line
         config = self._config
         self._session = make_session(config)
         self._pool = UpstreamPool(config)
         try:
             self._forwarder = Forwarder(
-                config, self._session, credentials=self._credentials,
-                observers=self._observers, logger=self._log, pool=self._pool,
+                config, self._pool, credentials=self._credentials,
+                observers=self._observers, logger=self._log,
             )
             self._server = InboundServer(
                 self._forwarder,

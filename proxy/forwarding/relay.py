@@ -1,11 +1,25 @@
-"""How bodies cross the proxy besides the handler's own loop.
+"""How bodies cross the proxy: the request body, and the three relay paths of an answer.
 
-The request body streamed once with a bounded copy for a replay (`RequestBody`); event
-streams and bulk bodies passed on from the upstream socket callback (`Pump`, and
-`Passthrough` byte for byte); a whole small answer sent to the client from that callback
-before the waiting request task resumes (`EarlyReply`); and what the access log learns
-on the way (`Progress`). `forward.Forwarder` decides which applies; these never decide
-anything about credentials or errors, and never hold more than a bounded buffer.
+The request body is streamed once with a bounded copy for a replay (`RequestBody`).
+A target's answer reaches the client by exactly one of three paths, chosen by
+`relay_path` and nothing else:
+
+- `complete`: the whole answer (head and body) arrived with the socket read that
+  completed its head: it goes to the client in one write (`send_complete`), from that
+  socket callback when nothing else is to be done with it (`EarlyReply`), before the
+  waiting request task resumes.
+- `pushed`: the body is still coming (an event stream, a bulk download, a body that ends
+  when the target closes): the head and what arrived go out at once and every later
+  piece is written to the client from the upstream socket callback (`Pushed`); when the
+  client's write buffer passes its high-water mark, reading from the target pauses
+  until it drains.
+- `rewritten`: the legacy SSE endpoint's stream (a GET answered with
+  `text/event-stream`), whose `endpoint` event may need its URL moved to the proxy: the
+  awaited loop reads, rewrites (`sse.EndpointRewriter`) and writes, draining the client.
+
+Chunks are framed for the client in one place (`Reply`, by `wire.chunked`), decoded in
+one (llhttp). These never decide anything about credentials or errors, and never hold
+more than a bounded buffer.
 """
 
 from __future__ import annotations
@@ -16,10 +30,9 @@ from typing import Any
 
 from aiohttp import hdrs
 
-from ..wire.chunked import ChunkedPassthrough
-from ..wire.client import LeanResponse
+from ..wire.client import UpstreamResponse
 from ..wire.server import InboundRequest, Reply
-from .rules import REDIRECT_STATUSES, response_headers
+from .rules import REDIRECT_STATUSES, response_fields
 
 # --- the request body ---------------------------------------------------------------
 
@@ -42,7 +55,7 @@ class RequestBody:
         self._size = 0
         self._eof = False
         self.too_large = False
-        # The task streaming the body upstream (aiohttp's writer) and whether it is inside
+        # The task streaming the body upstream (the pool's upload task) and whether it is inside
         # a read: a replay must stop it first, as a stream allows only one reader.
         self._task: asyncio.Task[Any] | None = None
         # Made by `stream()` only: a body sent whole from memory has no concurrent reader.
@@ -125,135 +138,27 @@ class RequestBody:
         self._kept = None
 
 
-# Client-side write buffer above which an event stream goes back to the awaited loop,
-# whose writes wait for the client to drain (a client that stops reading stalls the target).
-PUSH_HIGH_WATER = 2**16
+COMPLETE, PUSHED, REWRITTEN = "complete", "pushed", "rewritten"
+RELAY_PATHS = (COMPLETE, PUSHED, REWRITTEN)
 
 
-class Pump:
-    """Passes an event stream on from the upstream protocol's callback, event by event.
-
-    The awaited loop costs a task wake-up and a coroutine-chain resumption per event; on
-    a burst of events from many streams at once those add up to the tail latency. This
-    writes each piece to the client the moment the upstream parser hands it over. It stops
-    (and the awaited loop takes over, to drain, end or fail the response as usual) at the
-    end of the body, on an upstream error, a closing client, or a full client buffer.
-    """
-
-    __slots__ = ("_chunked", "_content", "_progress", "_transport", "_upstream", "done")
-
-    def __init__(self, upstream: LeanResponse, transport: asyncio.Transport, chunked: bool,
-                 progress: Progress) -> None:
-        self._upstream = upstream
-        self._content = upstream.content
-        self._transport = transport
-        self._chunked = chunked
-        self._progress = progress
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def __call__(self) -> None:
-        content = self._content
-        transport = self._transport
-        if content.exception() is not None or transport.is_closing():
-            self.stop()
-            return
-        data = content.read_nowait(-1)
-        if data:
-            size = len(data)
-            transport.write(b"%x\r\n%b\r\n" % (size, data) if self._chunked else data)
-            self._progress.bytes_out += size
-            if transport.get_write_buffer_size() > PUSH_HIGH_WATER:
-                self.stop()
-                return
-        if content.at_eof():
-            self.stop()
-
-    def stop(self) -> None:
-        self._upstream.listen(None)
-        if not self.done.done():
-            self.done.set_result(None)
+def needs_rewrite(method: str, upstream: UpstreamResponse) -> bool:
+    """The legacy SSE endpoint's stream: a GET answered with an event stream."""
+    return method == hdrs.METH_GET and (upstream.header(hdrs.CONTENT_TYPE) or "").startswith(
+        "text/event-stream")
 
 
-class Passthrough:
-    """Passes a chunked body (an event stream or a bulk download) on byte for byte, from
-    the upstream socket callback.
+def relay_path(method: str, upstream: UpstreamResponse) -> str:
+    """The one decision of how an answer's body reaches the client."""
+    if needs_rewrite(method, upstream):
+        return REWRITTEN
+    if upstream.complete:
+        return COMPLETE
+    return PUSHED
 
-    Past `Pump`: aiohttp's parser and stream reader are bypassed too (about 20 Python
-    calls per event, and three copies of every bulk read); the target's chunk framing is
-    checked by `ChunkedPassthrough` and its bytes go to the client as they came, each
-    read in one write. A client buffer above PUSH_HIGH_WATER pauses reading from the
-    target until the client drains, so a client that stops reading still stalls the
-    target and the proxy holds at most that plus one read. A stream that ended cleanly
-    on a message boundary hands its connection back to the pool.
-    """
 
-    __slots__ = ("_decoder", "_transport", "_upstream", "_waiter", "outcome", "paused")
-
-    ENDED, FAILED, GONE = "ended", "failed", "gone"
-
-    def __init__(self, decoder: ChunkedPassthrough, transport: asyncio.Transport,
-                 upstream: asyncio.Transport) -> None:
-        self._decoder = decoder
-        self._transport = transport
-        self._upstream = upstream
-        self._waiter: asyncio.Future[None] | None = None
-        self.outcome: str | None = None
-        self.paused = False
-
-    def feed(self, data: bytes) -> None:
-        decoder = self._decoder
-        try:
-            out = decoder.feed(data)
-        except ValueError:
-            self._finish(self.FAILED)
-            return
-        if out:
-            transport = self._transport
-            if transport.is_closing():
-                self._finish(self.GONE)
-                return
-            transport.write(out)
-            if transport.get_write_buffer_size() > PUSH_HIGH_WATER and not self.paused:
-                self.paused = True
-                self._upstream.pause_reading()
-                self._wake()
-        if decoder.done:
-            self._finish(self.ENDED)
-
-    def lost(self, exc: BaseException | None) -> None:
-        self._finish(self.FAILED)
-
-    def _finish(self, outcome: str) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def run(self, writer: Any) -> str:
-        """Wait for the end (draining the client whenever it fell behind)."""
-        loop = asyncio.get_running_loop()
-        while self.outcome is None:
-            if self.paused:
-                await writer.drain()
-                self.paused = False
-                if not self._upstream.is_closing():
-                    self._upstream.resume_reading()
-                continue
-            self._waiter = loop.create_future()
-            await self._waiter
-            self._waiter = None
-        return self.outcome
-
-    def unpause(self) -> None:
-        """Read from the target again (its body ended while the client was behind)."""
-        if self.paused:
-            self.paused = False
-            if not self._upstream.is_closing():
-                self._upstream.resume_reading()
+class BadHead(Exception):
+    """The target's head cannot be passed on safely (a control character): answer 502."""
 
 
 class Progress:
@@ -266,68 +171,165 @@ class Progress:
         self.upstream_status: int | None = None
 
 
+def client_headers(upstream: UpstreamResponse, path: str) -> list[tuple[str, str]]:
+    """The head passed on: the target's fields minus hop-by-hop ones (and its length, when
+    the body is rewritten)."""
+    fields = response_fields(upstream.fields)
+    if path == REWRITTEN:  # a rewrite changes the length
+        fields = [(n, v) for n, v in fields if n.lower() != "content-length"]
+    return fields
+
+
+def send_complete(request: InboundRequest, upstream: UpstreamResponse,
+                  progress: Progress) -> Reply:
+    """Path `complete`: head and whole body in one write. Raises BadHead before writing
+    anything when the head cannot be passed on."""
+    data = upstream.take()
+    reply = Reply(upstream.status, upstream.reason, client_headers(upstream, COMPLETE),
+                  body=None if request.method == hdrs.METH_HEAD else data)
+    reply.send_headers_with_body()
+    try:
+        reply.start(request)
+    except ValueError:
+        raise BadHead from None
+    progress.bytes_out += len(data)
+    reply.send_eof(data)
+    return reply
+
+
+class Pushed:
+    """Path `pushed`: the body goes to the client from the upstream socket callback.
+
+    A task wake-up and a coroutine resumption per event would add up, on a burst of
+    events from many streams at once, to the tail latency; here each piece is written the
+    moment llhttp hands it over. The client's transport says when its buffer passes the
+    high-water mark (`client_paused`): reading from the target pauses until it drains, so
+    a client that stops reading stalls the target and the proxy holds one window.
+    `done` resolves with the outcome: ENDED (cleanly), FAILED (the target broke off: the
+    client's connection is dropped so it sees an error, not a clean end) or GONE.
+    """
+
+    __slots__ = ("_progress", "_reply", "_request", "_upstream", "done")
+
+    ENDED, FAILED, GONE = "ended", "failed", "gone"
+
+    def __init__(self, request: InboundRequest, upstream: UpstreamResponse, reply: Reply,
+                 progress: Progress) -> None:
+        self._request = request
+        self._upstream = upstream
+        self._reply = reply
+        self._progress = progress
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    def start(cls, request: InboundRequest, upstream: UpstreamResponse,
+              progress: Progress) -> Pushed:
+        """Send the head (with whatever body arrived) and take the body over. Raises
+        BadHead before writing anything when the head cannot be passed on."""
+        first = upstream.take()
+        reply = Reply(upstream.status, upstream.reason, client_headers(upstream, PUSHED))
+        if first:
+            reply.send_headers_with_body()  # the head and the first events in one send
+        try:
+            reply.start(request)
+        except ValueError:
+            raise BadHead from None
+        pushed = cls(request, upstream, reply, progress)
+        request.protocol.write_listener = pushed
+        upstream.attach(pushed)
+        if first:
+            pushed.body([first])
+        if upstream.error is not None:
+            pushed.fail(upstream.error)
+        elif upstream.complete:
+            pushed.end()
+        elif request.protocol.writing_paused:
+            upstream.pause()
+        return pushed
+
+    @property
+    def reply(self) -> Reply:
+        return self._reply
+
+    def body(self, pieces: list[bytes]) -> None:
+        if self.done.done():
+            return
+        try:
+            self._progress.bytes_out += self._reply.send_pieces(pieces)
+        except ConnectionError:
+            self._finish(self.GONE)
+
+    def end(self) -> None:
+        if self.done.done():
+            return
+        try:
+            self._reply.send_eof()
+        except ConnectionError:
+            self._finish(self.GONE)
+            return
+        self._finish(self.ENDED)
+
+    def fail(self, exc: BaseException) -> None:
+        self._finish(self.FAILED)
+
+    def client_paused(self) -> None:
+        self._upstream.pause()
+
+    def client_resumed(self) -> None:
+        transport = self._request.transport
+        if transport is None or transport.is_closing():
+            self._finish(self.GONE)
+            return
+        self._upstream.resume()
+
+    def _finish(self, outcome: str) -> None:
+        if not self.done.done():
+            self.done.set_result(outcome)
+        self._upstream.sink = None
+        if outcome != self.ENDED:
+            self._request.protocol.force_close()
+
+
 class EarlyReply:
     """Answers the client from the upstream socket callback, before the waiting request
     task resumes through its coroutine frames: the client's latency no longer waits.
 
-    Two cases. A whole answer that goes to the client as it is (the common small
-    JSON-RPC one) is sent complete; the task does everything else after (observers,
-    pooling, the access event). An event stream answering a POST (MCP's Streamable HTTP)
-    is started: its head and whatever events came with it go out at once, and the task
-    carries the stream on from there (`streaming`, `data`). When 100 streams start
-    together, a stream's first events then wait for no other stream's setup. Answers the
-    handler may still act on (a redirect to follow, a 401 to refresh and replay or to
-    replace, a GET
-    event stream whose `endpoint` may need rewriting, any other body still coming) are
-    left to it.
+    Paths `complete` and `pushed` start here; the task does everything else after
+    (observers, pooling, the access event). Answers the handler may still act on (a
+    redirect to follow, a 401 to refresh and replay or to replace, a 403 to replace) and
+    the `rewritten` path are left to it, as is a head that cannot be passed on (the
+    handler answers 502).
     """
 
-    __slots__ = ("_hold_auth", "_refreshable", "_request", "data", "reply", "streaming")
+    __slots__ = ("_hold_auth", "_progress", "_refreshable", "_request", "path", "pushed",
+                 "reply")
 
-    def __init__(self, request: InboundRequest, *, refreshable: bool, hold_auth: bool) -> None:
+    def __init__(self, request: InboundRequest, progress: Progress, *, refreshable: bool,
+                 hold_auth: bool) -> None:
         self._request = request
         self._refreshable = refreshable
         self._hold_auth = hold_auth  # 401 and 403 are the handler's to replace
+        self._progress = progress
+        self.path: str | None = None
         self.reply: Reply | None = None
-        self.streaming = False  # the stream was started here; the task carries it on
-        self.data = b""  # the body bytes sent here
+        self.pushed: Pushed | None = None
 
-    def __call__(self, message: Any, payload: Any) -> None:
-        status = message.code
+    def __call__(self, upstream: UpstreamResponse) -> None:
+        status = upstream.status
         if status in REDIRECT_STATUSES or (status == 401 and self._refreshable) or (
                 self._hold_auth and status in (401, 403)):
             return
-        if payload.exception() is not None:
-            return
-        headers = message.headers
-        if headers.get(hdrs.CONTENT_TYPE, "").startswith("text/event-stream"):
-            if payload.is_eof() or self._request.method != hdrs.METH_POST:
-                return
-            self._start_stream(message, payload)
-            return
-        if not payload.is_eof():
-            return
-        chunk = payload.read_nowait(-1)
-        reply = Reply(status, message.reason, response_headers(headers))
-        reply.send_headers_with_body()
-        self.reply = reply
-        self.data = chunk
+        path = relay_path(self._request.method, upstream)
         try:
-            reply.start(self._request)
-            reply.send_eof(chunk)
+            if path == COMPLETE:
+                self.reply = send_complete(self._request, upstream, self._progress)
+            elif path == PUSHED:
+                self.pushed = Pushed.start(self._request, upstream, self._progress)
+                self.reply = self.pushed.reply
+            else:
+                return
+        except BadHead:
+            return
         except ConnectionError:
             self._request.protocol.force_close()  # the client left: nothing more to send
-
-    def _start_stream(self, message: Any, payload: Any) -> None:
-        chunk = payload.read_nowait(-1)
-        reply = Reply(message.code, message.reason, response_headers(message.headers))
-        if chunk:
-            reply.send_headers_with_body()  # the head and the first events in one send
-        self.reply = reply
-        self.streaming = True
-        self.data = chunk
-        try:
-            reply.start(self._request)
-            reply.send_now(chunk)
-        except ConnectionError:
-            self._request.protocol.force_close()
+        self.path = path

@@ -110,12 +110,24 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-def only_chunked(transfer_encodings: Sequence[str]) -> bool:
-    """Whether a request's `Transfer-Encoding` values name the chunked coding alone (the
-    only one the proxy can undo; the parser has already checked it comes last)."""
-    tokens = [token.strip().lower() for value in transfer_encodings
-              for token in value.split(",") if token.strip()]  # empty list elements
-    return bool(tokens) and all(token == "chunked" for token in tokens)
+def response_fields(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`response_headers` for a head's fields as a list (no multidict made)."""
+    named: frozenset[str] = frozenset()
+    out = []
+    for name, value in fields:
+        hop = _RESPONSE_NAMES.get(name)
+        if hop is None:
+            hop = name.lower() in HOP_BY_HOP
+            if len(_RESPONSE_NAMES) < _NAMES_KEPT:
+                _RESPONSE_NAMES[name] = hop
+        if hop:
+            if name.lower() == "connection":
+                named = named | {token.strip().lower() for token in value.split(",")}
+            continue
+        out.append((name, value))
+    if named:
+        out = [(name, value) for name, value in out if name.lower() not in named]
+    return out
 
 
 def is_mcp_path(path: str, mcp_path: str, endpoints: Collection[str] = ()) -> bool:

@@ -1,6 +1,8 @@
 """HTTP/1.1 on the wire, and nothing MCP- or auth-specific.
 
-`server` serves clients, `client` holds the upstream connections, `chunked` frames and
-unframes chunked bodies, `limits` names every size limit once. This package imports
-nothing from `forwarding`, `monitor` or `credentials`.
+`server` serves clients, `client` holds the upstream connections (both on httptools'
+public parsers), `head` serializes message heads, `chunked` frames chunked bodies (llhttp
+decodes them), `limits` names every size limit once, `compat` is the one module that knows
+dependency versions. This package imports nothing from `forwarding`, `monitor` or
+`credentials`, and no private name of any library.
 """

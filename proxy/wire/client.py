@@ -1,12 +1,17 @@
-"""The proxy's upstream connections: a lean keep-alive pool, the `ClientSession` behind it,
-and the TLS context both verify targets with.
+"""The proxy's upstream connections: a lean keep-alive pool on httptools' response parser,
+the `ClientSession` the rest of the proxy uses (probes, token requests), and the TLS
+context both verify targets with.
 
-The session is transparent: it adds no headers of its own (no Accept, Accept-Encoding,
-User-Agent or Content-Type), never decompresses, never stores cookies between clients
-and never follows redirects by itself (the forwarding handler decides, so a credential
-never leaves the target's origin). `UpstreamPool` sends requests whose body is already in
-memory without the session's machinery, one write each; it connects only to the target's
-origin. Neither must ever disable certificate verification.
+`UpstreamPool` connects only to the target's origin and sends one request per connection
+at a time: the head in one write with a body already in memory, or the head and then a
+streamed body (its length as the client gave it, else chunked) paced by the target's
+reading. Responses are parsed by llhttp (strict framing, chunked decoding); the body
+arrives in `UpstreamResponse`, buffered until a relay takes it over (`attach`), and a
+relay that falls behind pauses reading from the target. A body that ends with the
+connection (no length, not chunked) ends cleanly at that close (RFC 9112 §6.3). It adds
+no header of its own but `Host` and a framing header, never decompresses, never follows
+redirects (the forwarding handler decides), never reaches into a library's private state,
+and must never disable certificate verification.
 """
 
 from __future__ import annotations
@@ -14,32 +19,30 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import aiohttp
-from aiohttp import hdrs
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.helpers import set_exception
-from aiohttp.http import RawResponseMessage
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_parser import HttpResponseParser
-from aiohttp.http_writer import _serialize_headers
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..config import ProxyConfig
 from ..tls import client_context
-from .limits import MAX_HEADER_LINE
+from .chunked import LAST_CHUNK, chunk
+from .head import serialize_head
+from .limits import MAX_HEAD_BYTES, MAX_HEADER_LINE
 
 # Headers aiohttp would otherwise invent; a client that sent them still has them forwarded.
-SKIP_AUTO_HEADERS = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
 def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
-    """The shared upstream session; must be created inside the running loop."""
+    """The shared session for probes; must be created inside the running loop.
+
+    Transparent: it adds no headers of its own, never decompresses, never stores cookies
+    and never follows redirects by itself.
+    """
     connector = aiohttp.TCPConnector(
-        # A held SSE stream keeps its connection for its lifetime: never queue the 101st.
         limit=0,
         limit_per_host=0,
         keepalive_timeout=config.upstream_idle_timeout,
@@ -50,353 +53,472 @@ def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
         auto_decompress=False,
         skip_auto_headers=SKIP_AUTO_HEADERS,
         cookie_jar=aiohttp.DummyCookieJar(),
-        # Time limits are the handler's: response_timeout for headers, none for a stream.
         timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=None),
         trust_env=False,
         raise_for_status=False,
-        # The target's header sizes are the client's business, not ours to cap at 8 KiB.
         max_line_size=MAX_HEADER_LINE,
         max_field_size=MAX_HEADER_LINE,
     )
 
 
-# --- the lean pool --------------------------------------------------------------------
-#
-# aiohttp's ClientSession does much per request that a proxy does not need (building a
-# ClientRequest, payload objects, a writer task for every body on Python 3.11, tracing
-# hooks). The forwarding path only ever sends one already-built
-# request to one origin, so for requests whose body is already in memory (or absent) it
-# writes the request itself, in one `transport.write`, on a lean connection protocol
-# (`_Connection`, aiohttp's C response parser kept for the connection's life) from a pool.
-# Streamed uploads keep using the session.
+class UpstreamError(Exception):
+    """The target could not be reached, or answered with something that is not HTTP/1.1."""
 
-_IDEMPOTENT = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS, hdrs.METH_TRACE,
-                         hdrs.METH_PUT, hdrs.METH_DELETE})
-# Methods for which an absent body goes without `Content-Length: 0` (as aiohttp does).
-_NO_BODY_METHODS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD, hdrs.METH_OPTIONS,
-                              hdrs.METH_TRACE})
-READ_BUFSIZE = 2**16
-# Bytes of a response kept (references, no copies) in case its relay diverts the
-# connection: above what the parser takes in before the relay starts (its reader pauses
-# at 128 KiB, a read is up to 256 KiB), so a bulk body can be diverted too.
-RECORD_LIMIT = 2**19
-_EMPTY_BODY = frozenset({204, 304})
+
+class UpstreamClosed(UpstreamError, ConnectionError):
+    """The target closed the connection before (the rest of) its response."""
+
+
+class BadResponse(UpstreamError):
+    """The target's response head or framing is malformed, or its head above 64 KiB."""
+
+
+class _HeadDone(Exception):
+    """Stops the parser after the head of an answer to HEAD."""
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods for which an absent body goes without `Content-Length: 0` (as clients do).
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Response body bytes buffered (no relay attached yet, or the awaited loop behind)
+# before reading from the target pauses.
+BUFFER_HIGH_WATER = 2**16
+# Upload bytes the target has not taken yet before the upload waits for it.
+WRITE_HIGH_WATER = 2**16
 MAX_IDLE = 1024  # idle keep-alive connections kept (Go's anchor keeps 1,024 too)
 
 
-EarlyAnswer = Callable[[RawResponseMessage, StreamReader], None]
-
-
-class Upstream(Protocol):
-    """A target's response as the forwarding handler uses it (ClientResponse fits)."""
-
-    @property
-    def status(self) -> int: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-    @property
-    def content(self) -> StreamReader: ...
-    def release(self) -> Any: ...
-    def close(self) -> None: ...
-
-
 def request_head(method: str, path_qs: str, host: str, headers: CIMultiDict[str],
-                 body: bytes | None) -> bytes:
+                 body: bytes | None, streamed: bool = False) -> bytes:
     """The request line and headers as sent: `Host` first, then `headers` in order.
 
-    `Content-Length` is set for an in-memory body the way aiohttp's client does. Raises
-    ValueError on a CR, LF or NUL anywhere (aiohttp's C serializer checks), so nothing can
-    smuggle a second request in a header value.
+    `Content-Length` is set for an in-memory body; a streamed body without one is sent
+    chunked. Raises ValueError on a CR, LF or other control character anywhere, so
+    nothing can smuggle a second request in a header value.
     """
-    if body is not None:
-        if hdrs.CONTENT_LENGTH not in headers:
-            headers[hdrs.CONTENT_LENGTH] = str(len(body))
-    elif method not in _NO_BODY_METHODS and hdrs.CONTENT_LENGTH not in headers:
-        headers[hdrs.CONTENT_LENGTH] = "0"
-    line = f"{method} {path_qs} HTTP/1.1"
-    serialized: bytes = _serialize_headers(line, headers)
-    # Splice Host in after the request line; validated through the same serializer.
-    host_line: bytes = _serialize_headers("Host: " + host, _NO_HEADERS)[:-4]
-    cut = len(line.encode("utf-8"))
-    return serialized[:cut] + b"\r\n" + host_line + serialized[cut:]
+    fields = [("Host", host), *headers.items()]
+    if "Content-Length" not in headers:  # `headers` is left as it is: a replay reuses it
+        if streamed:
+            fields.append(("Transfer-Encoding", "chunked"))
+        elif body is not None:
+            fields.append(("Content-Length", str(len(body))))
+        elif method not in _NO_BODY_METHODS:
+            fields.append(("Content-Length", "0"))
+    return serialize_head(f"{method} {path_qs} HTTP/1.1", fields)
 
 
-_NO_HEADERS: CIMultiDict[str] = CIMultiDict()
+class BodySink(Protocol):
+    """Takes a response body as it arrives, from the socket callback (a pushed relay)."""
+
+    def body(self, pieces: list[bytes]) -> None: ...
+    def end(self) -> None: ...
+    def fail(self, exc: BaseException) -> None: ...
 
 
-class RawSink(Protocol):
-    """Takes a connection's bytes in place of aiohttp's parser (see `LeanResponse.divert`)."""
+class UpstreamResponse:
+    """The target's response on a pooled connection; `release()` or `close()` it.
 
-    def feed(self, data: bytes) -> None: ...
-    def lost(self, exc: BaseException | None) -> None: ...
+    Its body is buffered until `attach` (a sink takes it from the socket callback) or
+    read with `read()` (the awaited loop); `complete` once every byte arrived.
+    """
 
+    __slots__ = ("_buffer", "_conn", "_headers", "_pool", "_size", "_waiter", "complete",
+                 "error", "fields", "reason", "received", "sink", "status", "version")
 
-class LeanResponse:
-    """The target's response on a pooled connection; `release()` or `close()` it."""
-
-    __slots__ = ("_chunked", "_pool", "_proto", "content", "headers", "reason", "status")
-
-    def __init__(self, pool: UpstreamPool, proto: _Connection,
-                 message: RawResponseMessage, payload: StreamReader) -> None:
+    def __init__(self, pool: UpstreamPool, conn: _Connection, status: int, reason: str,
+                 version: str, fields: list[tuple[str, str]]) -> None:
         self._pool = pool
-        self._proto: _Connection | None = proto
-        self.status: int = message.code
-        self.reason: str | None = message.reason
-        self.headers: CIMultiDictProxy[str] = message.headers
-        self.content: StreamReader = payload
-        self._chunked = bool(message.chunked)
-
-    @property
-    def chunked(self) -> bool:
-        """The body comes with chunked framing."""
-        return self._chunked
-
-    @property
-    def transport(self) -> asyncio.Transport | None:
-        proto = self._proto
-        return proto.transport if proto is not None else None
-
-    def received(self) -> bytes | None:
-        """Every byte of this response received so far (head included), when it was kept:
-        only for a chunked body on a connection that has not kept more than RECORD_LIMIT."""
-        proto = self._proto
-        if not (self._chunked and isinstance(proto, _Connection)) or proto.record is None:
-            return None
-        return b"".join(proto.record)
-
-    def divert(self, sink: RawSink | None) -> None:
-        """From now on the connection's bytes go to `sink`, not to aiohttp's parser; the
-        connection can only be closed, unless `undivert()` hands it back. None stops the
-        diversion."""
-        proto = self._proto
-        if isinstance(proto, _Connection):
-            proto.record = None
-            proto.sink = sink
-
-    def undivert(self) -> None:
-        """The diverted body ended cleanly on a message boundary: hand the connection back
-        to its protocol, its body marked ended, so `release()` can pool it (the next
-        request gets a fresh parser)."""
-        proto = self._proto
-        if isinstance(proto, _Connection) and proto.sink is not None:
-            proto.sink = None
-            self.content.feed_eof()
-            proto.parser_bypassed()
-
-    def forget(self) -> None:
-        """Stop keeping the bytes received (the relay will not `divert`)."""
-        proto = self._proto
-        if isinstance(proto, _Connection):
-            proto.record = None
-
-    def listen(self, listener: Callable[[], None] | None) -> bool:
-        """Call `listener` right after each piece of the body arrives (and on a lost
-        connection), from the protocol callback, so a relay can pass it on without a task
-        switch per event. False when this connection cannot (it is already released)."""
-        proto = self._proto
-        if not isinstance(proto, _Connection):
-            return False
-        proto.listener = listener
-        return True
-
-    def release(self) -> None:
-        """Back to the pool when the body was read to its end, else closed."""
-        proto, self._proto = self._proto, None
-        if proto is not None:
-            if isinstance(proto, _Connection):
-                proto.listener = None
-                proto.record = None
-                if proto.sink is not None:  # its parser was bypassed: not reusable
-                    proto.sink = None
-                    proto.close()
-                    return
-            self._pool.put(proto)
-
-    def close(self) -> None:
-        """Close the connection now (a cancelled stream frees the target's side at once)."""
-        proto, self._proto = self._proto, None
-        if proto is not None:
-            if isinstance(proto, _Connection):
-                proto.listener = None
-                proto.record = None
-                proto.sink = None
-            proto.close()
-
-
-class _Connection(BaseProtocol):
-    """One pooled connection to the target: aiohttp's C response parser, nothing more.
-
-    aiohttp's `_Connection` is a message queue with read timeouts, WebSocket
-    hand-over and a fresh parser per request; the pool needs none of that (the handler
-    keeps the one response timeout). The parser lives as long as the connection and
-    parses response after response; it is made anew only for a HEAD (whose answer has no
-    body) and after a diverted body, whose bytes it never saw.
-    """
-
-    __slots__ = ("_exception", "_fresh", "_payload", "_pending", "_should_close",
-                 "_skip_payload", "_waiter", "early", "listener", "record", "recorded",
-                 "sink")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self._skip_payload = False
-        self._fresh = True  # the next response needs a new parser
-        self._pending: deque[tuple[RawResponseMessage, StreamReader]] = deque()
+        self._conn: _Connection | None = conn
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.fields = fields  # the head's fields in order, latin-1 text: what was sent
+        self._headers: CIMultiDictProxy[str] | None = None
+        self.complete = False
+        self.error: BaseException | None = None
+        self.sink: BodySink | None = None
+        self.received = 0  # body bytes received
+        self._buffer: list[bytes] = []
+        self._size = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._exception: BaseException | None = None
-        self._payload: StreamReader | None = None
-        self._should_close = False
-        # Set while a relay pushes this connection's body on as it arrives (see `listen`).
-        self.listener: Callable[[], None] | None = None
-        # Offered the final answer from the socket callback before the waiting task
-        # resumes (see `UpstreamPool.request`); cleared once offered.
-        self.early: EarlyAnswer | None = None
-        # The bytes of the current response as received, kept (up to RECORD_LIMIT) until
-        # the relay decides whether to `divert` them; None when not kept.
-        self.record: list[bytes] | None = None
-        self.recorded = 0
-        # Takes every byte in place of the parser once diverted.
-        self.sink: RawSink | None = None
 
     @property
-    def should_close(self) -> bool:
-        """Not reusable: the target said so, or a body, message or error is left over."""
-        payload = self._payload
-        return (self._should_close or self._upgraded or self._exception is not None
-                or bool(self._pending) or (payload is not None and not payload.is_eof()))
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The fields as a multidict, made when first asked for: a whole answer sent from
+        the socket callback is written from `fields` and needs none before it is out."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = CIMultiDictProxy(CIMultiDict(self.fields))
+        return headers
 
-    def is_connected(self) -> bool:
-        transport = self.transport
-        return transport is not None and not transport.is_closing()
+    def header(self, name: str) -> str | None:
+        """The first value of field `name` (any case), without making the multidict."""
+        low = name.lower()
+        for field, value in self.fields:
+            if field.lower() == low:
+                return value
+        return None
 
-    def close(self) -> None:
-        transport = self.transport
-        if transport is not None:
-            transport.close()
-            self.transport = None
-            self._payload = None
+    @property
+    def finished(self) -> bool:
+        """The whole body arrived, cleanly."""
+        return self.complete and self.error is None
 
-    def expect_response(self, *, head: bool) -> None:
-        """Get ready for the answer to the request about to be written."""
-        if self._fresh or self._parser is None or head != self._skip_payload:
-            self._parser = HttpResponseParser(
-                self, self._loop, READ_BUFSIZE, payload_exception=aiohttp.ClientPayloadError,
-                response_with_body=not head, read_until_eof=False, auto_decompress=False,
-                max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
-            )
-            self._skip_payload = head
-            self._fresh = False
-        self.record = []
-        self.recorded = 0
+    # --- from the connection ------------------------------------------------------------
 
-    def parser_bypassed(self) -> None:
-        """A diverted body ended: the parser did not see it, the next response needs a new one."""
-        self._fresh = True
-        self._payload = None
+    def _feed(self, pieces: list[bytes]) -> None:
+        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
+        self.received += size
+        sink = self.sink
+        if sink is not None:
+            sink.body(pieces)
+            return
+        self._buffer.extend(pieces)
+        self._size += size
+        if self._size > BUFFER_HIGH_WATER:
+            self.pause()
+        self._wake()
 
-    async def read(self) -> tuple[RawResponseMessage, StreamReader]:
-        """The next response's head and body stream."""
-        pending = self._pending
-        while not pending:
-            if self._exception is not None:
-                raise self._exception
-            waiter = self._waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        return pending.popleft()
+    def _end(self) -> None:
+        self.complete = True
+        sink = self.sink
+        if sink is not None:
+            sink.end()
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.complete or self.error is not None:
+            return
+        self.error = exc
+        sink = self.sink
+        if sink is not None:
+            sink.fail(exc)
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _fail(self, exc: BaseException) -> None:
-        self._should_close = True
-        if self._exception is None:
-            self._exception = exc
-        self._wake()
+    # --- for the relay ------------------------------------------------------------------
 
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        # aiohttp's readers call this after every read, paused or not; each call would
-        # feed the parser an empty chunk. A parser that was not paused holds nothing.
-        if self._reading_paused or self._buffer_paused:
-            super().resume_reading(resume_parser)
+    def take(self) -> bytes:
+        """The body bytes buffered so far (reading from the target resumes)."""
+        buffer = self._buffer
+        if not buffer:
+            return b""
+        data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._size = 0
+        self.resume()
+        return data
+
+    def attach(self, sink: BodySink) -> bytes:
+        """From now on the body goes to `sink` from the socket callback; returns what was
+        buffered before (for the caller to send first). The end or failure is reported to
+        the sink when it comes after this; check `complete` and `error` for before."""
+        data = self.take()
+        self.sink = sink
+        return data
+
+    async def read(self) -> bytes:
+        """The next body bytes, b"" at the end; raises UpstreamClosed when it broke off."""
+        while not self._buffer:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            self.resume()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.take()
+
+    def pause(self) -> None:
+        """Stop reading from the target (the client fell behind)."""
+        conn = self._conn
+        if conn is not None:
+            conn.pause()
+
+    def resume(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.resume()
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to its end, else closed."""
+        conn, self._conn = self._conn, None
+        self.sink = None
+        if conn is not None:
+            if self.finished:
+                self._pool.put(conn)
+            else:
+                conn.close()
+
+    def close(self) -> None:
+        """Close the connection now (a cancelled stream frees the target's side at once)."""
+        conn, self._conn = self._conn, None
+        self.sink = None
+        if conn is not None:
+            conn.close()
+
+
+EarlyAnswer = Callable[[UpstreamResponse], None]
+
+
+class _Connection(asyncio.Protocol):
+    """One pooled connection to the target: llhttp's response parser and nothing more.
+
+    The parser lives as long as the connection and parses response after response.
+    """
+
+    __slots__ = (
+        "_closed_by_peer",
+        "_drain",
+        "_early",
+        "_fields",
+        "_head_bytes",
+        "_head_only",
+        "_in_head",
+        "_interim",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pieces",
+        "_pool",
+        "_reason",
+        "_response",
+        "_reusable",
+        "_waiter",
+        "transport",
+        "upload",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: UpstreamResponse | None = None
+        self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._early: EarlyAnswer | None = None
+        self._head_only = False
+        self._in_head = False
+        self._interim = False
+        self._fields: list[tuple[str, str]] = []
+        self._reason = ""
+        self._head_bytes = 0
+        self._pieces: list[bytes] = []
+        self._paused = False
+        self._reusable = True
+        self._closed_by_peer = False
+        self._drain: asyncio.Future[None] | None = None
+        self.upload: asyncio.Task[None] | None = None  # a streamed request body being sent
+
+    # --- asyncio --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        sink = self.sink
-        if sink is not None:
-            sink.feed(data)
+        response = self._response
+        if self._waiter is None and (response is None or response.complete):
+            self._reusable = False  # bytes nobody asked for: never reuse this connection
+            self.close()
             return
-        record = self.record
-        if record is not None:
-            self.recorded += len(data)
-            if self.recorded <= RECORD_LIMIT:
-                record.append(data)
-            else:
-                self.record = None
-        parser = self._parser
-        if parser is None:
-            self._should_close = True  # bytes nobody asked for: never reuse this one
-            return
+        if self._waiter is not None:
+            self._head_bytes += len(data)  # the head is not complete yet
         try:
-            messages, upgraded, _tail = parser.feed_data(data)
-        except Exception as exc:
-            if self.transport is not None:
-                self.transport.close()
-            self._fail(HttpProcessingError(code=exc.code, message=exc.message)
-                       if isinstance(exc, HttpProcessingError) else HttpProcessingError())
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reusable = False
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadDone):
+                self._parser = httptools.HttpResponseParser(self)
+                self._deliver()
+                return
+            error = cause if isinstance(cause, BadResponse) else BadResponse(
+                "malformed response from the target")
+            self._broken(error)
             return
-        if upgraded:
-            self._upgraded = True
-        if messages:
-            for message, payload in messages:
-                if message.should_close:
-                    self._should_close = True
-                self._payload = payload
-                if self._skip_payload or message.code in _EMPTY_BODY:
-                    payload = EMPTY_PAYLOAD
-                self._pending.append((message, payload))
-                early = self.early
-                if early is not None and not 100 <= message.code <= 199:
-                    self.early = None
-                    early(message, payload)
-            self._wake()
-        if self.listener is not None:
-            self.listener()
+        if self._waiter is not None and self._head_bytes > MAX_HEAD_BYTES:
+            self._broken(BadResponse("response head above 64 KiB"))
+            return
+        self._deliver()
 
-    def eof_received(self) -> None:
-        return None  # the transport closes; connection_lost ends the body or fails it
+    def _deliver(self) -> None:
+        """Hand over what this read produced: the head (to the early answer first, then the
+        waiting request), body bytes in one piece, the end."""
+        response = self._response
+        if response is None:
+            return
+        self._flush(response)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            early, self._early = self._early, None
+            if early is not None:
+                early(response)
+            if not waiter.done():
+                waiter.set_result(response)
+
+    def _flush(self, response: UpstreamResponse) -> None:
+        """The body pieces parsed from this read, together (not joined: no copy)."""
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            response._feed(pieces)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        uncompleted = None
+        self.transport = None
+        self._reusable = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(UpstreamClosed("the target closed the connection"))
+        response = self._response
+        if response is not None and not response.complete and not self._in_head \
+                and self._waiter is None and self._close_delimited() and exc is None:
+            self._deliver()
+            response._end()  # RFC 9112 §6.3: this body ends when the connection does
+            return
+        error = UpstreamClosed("the target closed the connection") if exc is None else \
+            UpstreamClosed(f"the connection to the target failed ({type(exc).__name__})")
+        self._broken(error)
+
+    def pause_writing(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            raise BadResponse("bytes after the response")  # never parsed into a response
+        self._in_head = True
+        self._fields = []
+        self._reason = ""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
         parser = self._parser
-        if parser is not None:
-            try:
-                uncompleted = parser.feed_eof()
-            except Exception as underlying:
-                if self._payload is not None:
-                    set_exception(self._payload, aiohttp.ClientPayloadError(
-                        f"Response payload is not completed: {underlying!r}"), underlying)
-        if isinstance(exc, OSError):
-            error: BaseException = aiohttp.ClientOSError(*exc.args)
-        elif exc is None:
-            error = aiohttp.ServerDisconnectedError(uncompleted)
-        else:
-            error = exc
-        self._fail(error)
-        self._parser = None
-        self._payload = None
-        self._reading_paused = False
-        self._buffer_paused = False
-        super().connection_lost(error)
-        if self.sink is not None:
-            self.sink.lost(exc)
-        if self.listener is not None:
-            self.listener()  # it finds the payload's error (or its end) and stops
+        fields = self._fields
+        if len(self._reason) + sum(len(n) + len(v) + 4 for n, v in fields) > MAX_HEAD_BYTES:
+            raise BadResponse("response head above 64 KiB")
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # not the response: its end is followed by the real one
+            return
+        self._interim = False
+        if not parser.should_keep_alive():
+            self._reusable = False
+        response = UpstreamResponse(self._pool, self, status, self._reason,
+                                    parser.get_http_version(), fields)
+        self._response = response
+        if self._head_only:
+            # The answer to HEAD has no body, whatever its framing headers say. llhttp
+            # cannot be told so: this parser stops here, the next answer gets a new one.
+            response.complete = True
+            raise _HeadDone
+
+    def on_body(self, data: bytes) -> None:
+        if not self._interim:
+            self._pieces.append(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        response = self._response
+        if response is not None and not response.complete:
+            self._flush(response)
+            response._end()  # the waiting request (if any) hears of it after this read
+
+    # --- the pool's side ---------------------------------------------------------------------
+
+    def _close_delimited(self) -> bool:
+        response = self._response
+        if response is None:
+            return False
+        if response.status in (204, 304) or self._head_only:
+            return False
+        codings = response.header("Transfer-Encoding")
+        if codings is not None:  # RFC 9112 §6.3: chunked last, else until the close
+            return codings.rsplit(",", 1)[-1].strip().lower() != "chunked"
+        return response.header("Content-Length") is None
+
+    def _broken(self, error: BaseException) -> None:
+        self._reusable = False
+        self._pieces.clear()
+        waiter, self._waiter = self._waiter, None
+        self._early = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        response = self._response
+        if response is not None:
+            response._fail(error)
+        self.close()
+
+    @property
+    def reusable(self) -> bool:
+        response = self._response
+        transport = self.transport
+        return (self._reusable and transport is not None and not transport.is_closing()
+                and (response is None or response.finished)
+                and self.upload is None)  # a body not sent whole leaves the target mid-read
+
+    def expect(self, head_only: bool, early: EarlyAnswer | None
+               ) -> asyncio.Future[UpstreamResponse]:
+        """Get ready for the answer to the request about to be written."""
+        self._head_only = head_only
+        self._early = early
+        self._response = None
+        self._interim = False
+        self._waiter = waiter = self._loop.create_future()
+        return waiter
+
+    def fail_request(self, error: BaseException) -> None:
+        """The request could not be sent whole (its streamed body broke): give up on it."""
+        self._broken(error)
+
+    async def drain(self) -> None:
+        drain = self._drain
+        if drain is not None:
+            await asyncio.shield(drain)
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self._reusable = False
+        upload, self.upload = self.upload, None
+        if upload is not None and not upload.done():
+            upload.cancel()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
 
 
 class UpstreamPool:
@@ -404,7 +526,7 @@ class UpstreamPool:
 
     def __init__(self, config: ProxyConfig, ssl_context: ssl.SSLContext | None = None) -> None:
         target = config.target
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._host = target.raw_host or ""
         self._port = target.port or (443 if target.scheme == "https" else 80)
         self.host_header = target.host_port_subcomponent or self._host
@@ -420,93 +542,91 @@ class UpstreamPool:
     def idle(self) -> int:
         return len(self._idle)
 
-    def _new_protocol(self) -> _Connection:
-        return _Connection(self._loop)
-
     async def _connect(self) -> _Connection:
-        _, proto = await self._loop.create_connection(
-            self._new_protocol, self._host, self._port, ssl=self._ssl,
-            server_hostname=self._server_hostname,
-        )
-        return proto
+        try:
+            _, conn = await self.loop.create_connection(
+                lambda: _Connection(self), self._host, self._port, ssl=self._ssl,
+                server_hostname=self._server_hostname,
+            )
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect to the target ({type(exc).__name__})"
+                                ) from exc
+        return conn
 
     def _take(self) -> _Connection | None:
         while self._idle:
-            proto, _ = self._idle.pop()  # the most recent: least likely to be closing
-            if proto.is_connected() and not proto.should_close:
-                return proto
-            proto.close()
+            conn, _ = self._idle.pop()  # the most recent: least likely to be closing
+            if conn.reusable:
+                return conn
+            conn.close()
         return None
 
-    def put(self, proto: _Connection) -> None:
+    def put(self, conn: _Connection) -> None:
         """Keep a connection whose response ended cleanly; close anything else."""
-        if self._closed or proto.should_close or not proto.is_connected():
-            proto.close()
+        if self._closed or not conn.reusable:
+            conn.close()
             return
+        conn.resume()  # a relay may have paused it: an idle connection must see the close
         if len(self._idle) >= MAX_IDLE:
             old, _ = self._idle.popleft()
             old.close()
-        self._idle.append((proto, self._loop.time()))
+        self._idle.append((conn, self.loop.time()))
         if self._sweeper is None:
-            self._sweeper = self._loop.call_later(self._idle_timeout, self._sweep)
+            self._sweeper = self.loop.call_later(self._idle_timeout, self._sweep)
 
     def _sweep(self) -> None:
         """Close connections idle longer than `upstream_idle_timeout`."""
         self._sweeper = None
-        deadline = self._loop.time() - self._idle_timeout
+        deadline = self.loop.time() - self._idle_timeout
         idle = self._idle
         while idle and idle[0][1] <= deadline:
             idle.popleft()[0].close()
         if idle:
-            self._sweeper = self._loop.call_at(idle[0][1] + self._idle_timeout, self._sweep)
+            self._sweeper = self.loop.call_at(idle[0][1] + self._idle_timeout, self._sweep)
 
     async def request(self, method: str, path_qs: str, headers: CIMultiDict[str],
-                      body: bytes | None, early: EarlyAnswer | None = None) -> LeanResponse:
-        """Send one request and wait for its response headers.
+                      body: bytes | AsyncIterator[bytes] | None,
+                      early: EarlyAnswer | None = None) -> UpstreamResponse:
+        """Send one request and wait for its response head.
 
         A kept-alive connection the target closed meanwhile is retried once on a new one
-        for idempotent methods (as aiohttp's client does); other errors propagate as
-        aiohttp.ClientError or OSError. `early` is offered the final answer from the
-        socket callback, before this coroutine resumes (it must not raise).
+        for idempotent methods whose body is in memory; other failures raise
+        UpstreamError (or what broke a streamed body). `early` is offered the final
+        answer from the socket callback, before this coroutine resumes (it must not raise).
         """
         if self._closed:
-            raise aiohttp.ClientConnectionError("the upstream pool is closed")
-        head = request_head(method, path_qs, self.host_header, headers, body)
-        data = head + body if body else head
-        retry = method in _IDEMPOTENT
-        head_only = method == hdrs.METH_HEAD
+            raise UpstreamClosed("the upstream pool is closed")
+        streamed = body is not None and not isinstance(body, bytes)
+        head = request_head(method, path_qs, self.host_header, headers,
+                            None if streamed else body,  # type: ignore[arg-type]
+                            streamed=streamed)
+        data = head + body if isinstance(body, bytes) and body else head
+        chunked = streamed and "Content-Length" not in headers
+        retry = method in _IDEMPOTENT and not streamed
+        head_only = method == "HEAD"
         while True:
-            proto = self._take()
-            reused = proto is not None
-            if proto is None:
-                proto = await self._connect()
-            # One coroutine for the round trip (not one per step): it runs per request.
+            conn = self._take()
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect()
             try:
-                transport = proto.transport
+                transport = conn.transport
                 if transport is None:
-                    raise aiohttp.ServerDisconnectedError()
-                proto.expect_response(head=head_only)
-                proto.early = early
+                    raise UpstreamClosed("the target closed the connection")
+                waiter = conn.expect(head_only, early)
                 transport.write(data)
-                while True:
-                    try:
-                        message, payload = await proto.read()
-                    except HttpProcessingError as exc:
-                        raise aiohttp.ClientConnectionError(
-                            f"malformed response from the target ({exc.message})") from None
-                    # 1xx interim answers (but 101) are not the response: read on.
-                    if not 100 <= message.code <= 199 or message.code == 101:
-                        return LeanResponse(self, proto, message, payload)
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                proto.close()
+                if streamed:
+                    conn.upload = self.loop.create_task(
+                        _upload(conn, body, chunked))  # type: ignore[arg-type]
+                return await waiter
+            except UpstreamClosed:
+                conn.close()
                 if not (reused and retry):
                     raise
                 retry = False
             except BaseException:
-                proto.close()
+                conn.close()
                 raise
-            finally:
-                proto.early = None
 
     async def close(self) -> None:
         """Close every idle connection; busy ones close when their responses end."""
@@ -516,3 +636,23 @@ class UpstreamPool:
             self._sweeper = None
         while self._idle:
             self._idle.popleft()[0].close()
+
+
+async def _upload(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Send a streamed request body, at the target's pace; a broken body fails the request."""
+    try:
+        async for piece in body:
+            transport = conn.transport
+            if transport is None:
+                return  # the connection is gone: the request fails there
+            transport.write(chunk(piece) if chunked else piece)
+            await conn.drain()
+        if conn.transport is None:
+            return
+        if chunked:
+            conn.transport.write(LAST_CHUNK)
+        conn.upload = None  # sent whole: the connection may be reused
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        conn.fail_request(exc)

@@ -1,16 +1,18 @@
-"""The client side of the proxy: a lean HTTP/1.1 server protocol on aiohttp's C parser.
+"""The client side of the proxy: a lean HTTP/1.1 server protocol on httptools' parser.
 
-aiohttp's web server spends about a third of the proxy's CPU per request on things a
-reverse proxy does not use (a request object with lazy properties, a response object
-that negotiates content, a task loop per connection besides the task per request).
-This protocol keeps what the proxy needs: aiohttp's llhttp-based `HttpRequestParser`,
-its `StreamReader` bodies with their flow control, one task per request, pipelining in
-order, keep-alive, a request-header timeout (slowloris), a connection cap (503 above
-it), lingering on an unread body, JSON 400/431 answers for malformed input that quote
-nothing back, and a drain at shutdown. Responses are written by `Reply`: headers and a
-small body in one write, chunked framing when the length is unknown and the client
-speaks HTTP/1.1, `Connection: close` when the connection ends with the answer.
-It must never block the loop and never leave a socket or task behind after `shutdown`.
+A reverse proxy needs little of a web framework: this keeps llhttp's strict parser
+(through httptools' public callback API, as uvicorn uses it), one task per request,
+pipelining in order, keep-alive, a request-header timeout (slowloris), a connection cap
+(503 above it), a 64 KiB cap on the request head (431), lingering on an unread body,
+JSON 400/431/501 answers for malformed input that quote nothing back, and a drain at
+shutdown. Request bodies arrive in a `BodyStream` whose reader's pace pauses and
+resumes reading from the socket (a high-water mark); the answer's writes are paced by
+the transport's own high-water mark (`pause_writing`). Responses are written by `Reply`:
+headers and a small body in one write, chunked framing when the length is unknown and
+the client speaks HTTP/1.1, `Connection: close` when the connection ends with the answer.
+It must never block the loop, never leave a socket or task behind after `shutdown`,
+never let a parse error leave a request body waiting, and never reach into another
+library's private state.
 """
 
 from __future__ import annotations
@@ -20,20 +22,14 @@ import json
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from aiohttp import hdrs
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
-from aiohttp.http_writer import _serialize_headers
-from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
-from aiohttp.web_protocol import RequestPayloadError
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .limits import MAX_HEADER_LINE
+from .chunked import LAST_CHUNK, chunk
+from .head import http_date, serialize_head
+from .limits import MAX_HEAD_BYTES, MAX_HEADERS
 
 # After the answer, how long a client still sending an unwanted body (a 413) is read
 # and ignored before its connection is closed: closing at once would reset the
@@ -42,8 +38,23 @@ LINGERING_TIME = 1.0
 # Pipelined requests parsed ahead of the one being served; above this the socket is not
 # read until the queue drains (what one read holds is parsed: at most one buffer's worth).
 MAX_QUEUED = 32
-READ_LIMIT = 2**16
+# Request body bytes buffered before reading from the client pauses (it resumes once the
+# reader took them): a slow target stalls the client, the proxy holds one window.
+BODY_HIGH_WATER = 2**16
+# Client-side write buffer above which the transport asks the writer to pause
+# (`pause_writing`): what a client that stops reading costs the proxy at most.
+WRITE_HIGH_WATER = 2**18
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+HTTP10 = (1, 0)
+HTTP11 = (1, 1)
+_VERSIONS = {"1.1": HTTP11, "1.0": HTTP10}
+
+
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of an HTTP version llhttp accepted (0.9 among them)."""
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 9)
 
 
 def error_body(code: str, message: str, **extra: Any) -> bytes:
@@ -60,29 +71,129 @@ def _fixed_answer(status: str, code: str, message: str, extra: str = "") -> byte
 
 BUSY_ANSWER = _fixed_answer("503 Service Unavailable", "service_unavailable",
                             "too many connections to the proxy", "Retry-After: 1\r\n")
-_HEADERS_TOO_LARGE = _fixed_answer("431 Request Header Fields Too Large",
-                                   "request_header_fields_too_large",
-                                   "the request line or headers are too large")
-_BAD_REQUEST = _fixed_answer("400 Bad Request", "bad_request",
-                             "the request is not valid HTTP/1.1")
-_INTERNAL_ERROR = _fixed_answer("500 Internal Server Error", "internal_error",
-                                "the proxy failed to handle the request")
+HEADERS_TOO_LARGE = _fixed_answer("431 Request Header Fields Too Large",
+                                  "request_header_fields_too_large",
+                                  "the request line or headers are too large")
+BAD_REQUEST = _fixed_answer("400 Bad Request", "bad_request",
+                            "the request is not valid HTTP/1.1")
+NOT_IMPLEMENTED = _fixed_answer("501 Not Implemented", "not_implemented",
+                                "transfer coding not supported (only chunked)")
+INTERNAL_ERROR = _fixed_answer("500 Internal Server Error", "internal_error",
+                               "the proxy failed to handle the request")
+
+
+class BadRequestBody(Exception):
+    """The request body's framing broke mid-body (a malformed chunk): answer 400, close."""
+
+
+class _Refused(Exception):
+    """A request the parser accepted but the proxy will not frame; carries the answer."""
+
+    def __init__(self, answer: bytes, status: int, problem: str) -> None:
+        super().__init__(problem)
+        self.answer = answer
+        self.status = status
+        self.problem = problem
+
+
+class BodyStream:
+    """A request body as it arrives, for one reader; reading paces the socket.
+
+    `is_eof()`: every byte arrived (some may still be buffered); `at_eof()`: and read.
+    """
+
+    __slots__ = ("_buffer", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
+
+    def __init__(self, conn: ClientConnection | None) -> None:
+        self._conn = conn
+        self._buffer: deque[bytes] = deque()
+        self._size = 0
+        self._eof = conn is None
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.total_bytes = 0
+
+    def feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._size += len(data)
+        self.total_bytes += len(data)
+        self._wake()
+        conn = self._conn
+        if self._size > BODY_HIGH_WATER and conn is not None:
+            conn.body_full(True)
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if self._exc is None and not self._eof:
+            self._exc = exc
+        self._wake()
+
+    def exception(self) -> BaseException | None:
+        return self._exc
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    def read_nowait(self, n: int = -1) -> bytes:
+        """Everything buffered (`n` is accepted for the StreamReader shape; all is read)."""
+        buffer = self._buffer
+        if not buffer:
+            return b""
+        data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        self._size = 0
+        conn = self._conn
+        if conn is not None:
+            conn.body_full(False)
+        return data
+
+    async def readany(self) -> bytes:
+        """The next bytes of the body; b"" at its end. Raises what broke it."""
+        while not self._buffer:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            conn = self._conn
+            if conn is not None:
+                conn.body_full(False)  # a reader waits: whatever paused reading is over
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.read_nowait()
+
+
+EMPTY_BODY = BodyStream(None)
 
 
 class InboundRequest:
-    """One parsed client request: the parser's message and its body stream."""
+    """One parsed client request: its head and its body stream."""
 
     __slots__ = ("content", "headers", "method", "protocol", "raw_path", "remote",
                  "should_close", "version")
 
-    def __init__(self, protocol: ClientConnection, message: RawRequestMessage,
-                 content: StreamReader) -> None:
+    def __init__(self, protocol: ClientConnection, method: str, raw_path: str,
+                 version: tuple[int, int], headers: CIMultiDictProxy[str],
+                 should_close: bool, content: BodyStream) -> None:
         self.protocol = protocol
-        self.method: str = message.method
-        self.raw_path: str = message.path
-        self.version = message.version
-        self.headers: CIMultiDictProxy[str] = message.headers
-        self.should_close: bool = message.should_close
+        self.method = method
+        self.raw_path = raw_path
+        self.version = version
+        self.headers = headers
+        self.should_close = should_close
         self.content = content
         self.remote = protocol.remote
 
@@ -93,7 +204,7 @@ class InboundRequest:
     @property
     def host(self) -> str:
         """The Host header, else the address the client connected to."""
-        host = self.headers.get(hdrs.HOST)
+        host = self.headers.get("Host")
         if host:
             return host
         transport = self.protocol.transport
@@ -102,11 +213,11 @@ class InboundRequest:
 
     @property
     def body_exists(self) -> bool:
-        return self.content is not EMPTY_PAYLOAD
+        return self.content is not EMPTY_BODY
 
     @property
     def content_length(self) -> int | None:
-        value = self.headers.get(hdrs.CONTENT_LENGTH)
+        value = self.headers.get("Content-Length")
         return int(value) if value is not None else None  # the parser checked the digits
 
     def send_continue(self) -> None:
@@ -116,26 +227,41 @@ class InboundRequest:
             transport.write(CONTINUE)
 
 
+class WriteListener(Protocol):
+    """Told when the client's write buffer crosses its high-water mark (a pushed relay)."""
+
+    def client_paused(self) -> None: ...
+    def client_resumed(self) -> None: ...
+
+
 class Reply:
     """The answer to one request: status line, headers, then the body as it comes.
 
-    `body` set: sent whole with a Content-Length by `finish()`. Otherwise `start()`
+    `headers` is a multidict or a list of (name, value) fields, in order; a body's length
+    as given there is trusted. `body` set: sent whole with a Content-Length by `finish()`.
+    Otherwise `start()`
     frames it: the headers' Content-Length as given, chunked for an HTTP/1.1 client,
     else until the connection closes. Returned by the handler; the connection finishes
-    whatever the handler did not.
+    whatever the handler did not. `start()` raises ValueError for a head that cannot be
+    written safely (a control character in a header), before anything is sent.
     """
 
     __slots__ = ("_chunked", "_close", "_conn", "_head", "_hold", "_no_body", "body",
                  "finished", "headers", "prepared", "reason", "status")
 
     def __init__(self, status: int, reason: str | None = None,
-                 headers: CIMultiDict[str] | None = None, body: bytes | None = None,
-                 content_type: str | None = None) -> None:
+                 headers: CIMultiDict[str] | list[tuple[str, str]] | None = None,
+                 body: bytes | None = None, content_type: str | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers: CIMultiDict[str] = headers if headers is not None else CIMultiDict()
+        # As given: `start()` adds the framing fields to the head it writes, not here.
+        self.headers: CIMultiDict[str] | list[tuple[str, str]] = (
+            headers if headers is not None else CIMultiDict())
         if content_type is not None:
-            self.headers[hdrs.CONTENT_TYPE] = content_type
+            if isinstance(self.headers, list):
+                self.headers.append(("Content-Type", content_type))
+            else:
+                self.headers.add("Content-Type", content_type)
         self.body = body
         self.prepared = False
         self.finished = False
@@ -150,6 +276,11 @@ class Reply:
     def chunked(self) -> bool:
         return self._chunked
 
+    @property
+    def closes(self) -> bool:
+        """The connection closes after this answer."""
+        return self._close
+
     def force_close(self) -> None:
         """Close the client connection after this answer."""
         self._close = True
@@ -162,36 +293,44 @@ class Reply:
         """Fix the framing and send the headers (or hold them for the first write)."""
         if self.prepared:
             return self
-        self.prepared = True
-        conn = self._conn = request.protocol
+        conn = request.protocol
         headers = self.headers
+        fields = list(headers) if isinstance(headers, list) else list(headers.items())
+        names = {name.lower() for name, _ in fields}
         status = self.status
         version = request.version
-        self._no_body = (request.method == hdrs.METH_HEAD or status < 200
-                         or status in (204, 304))
+        no_body = self._no_body = (request.method == "HEAD" or status < 200
+                                   or status in (204, 304))
         keep = not (self._close or request.should_close or conn.closing)
+        chunked = False
         if self.body is not None:
-            if not self._no_body or request.method == hdrs.METH_HEAD:
-                headers[hdrs.CONTENT_LENGTH] = str(len(self.body))
-        elif self._no_body or hdrs.CONTENT_LENGTH in headers:
+            if (not no_body or request.method == "HEAD") and "content-length" not in names:
+                fields.append(("Content-Length", str(len(self.body))))
+        elif no_body or "content-length" in names:
             pass
-        elif version >= HttpVersion11:
-            headers[hdrs.TRANSFER_ENCODING] = "chunked"
-            self._chunked = True
+        elif version >= HTTP11:
+            fields.append(("Transfer-Encoding", "chunked"))
+            chunked = True
         else:
             keep = False  # an HTTP/1.0 client reads this body until the connection closes
+        if "connection" in names:
+            fields = [(n, v) for n, v in fields if n.lower() != "connection"]
         if not keep:
-            headers[hdrs.CONNECTION] = "close"
-            conn.close_after_reply()
-        elif version == HttpVersion10:
-            headers[hdrs.CONNECTION] = "keep-alive"
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
+            fields.append(("Connection", "close"))
+        elif version == HTTP10:
+            fields.append(("Connection", "keep-alive"))
+        if "date" not in names:
+            fields.append(("Date", http_date()))
         reason = self.reason
         if reason is None:
-            reason = _reason(status)
-        line = f"HTTP/{version.major}.{version.minor} {status} {reason}"
-        head: bytes = _serialize_headers(line, headers)
+            reason = _REASONS.get(status, "")
+        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", fields)
+        # Nothing above wrote or changed the connection: a bad head leaves it answerable.
+        self.prepared = True
+        self._conn = conn
+        self._chunked = chunked
+        if not keep:
+            conn.close_after_reply()
         if self._hold:
             self._head = head
         else:
@@ -206,11 +345,6 @@ class Reply:
         conn.answered = True  # type: ignore[union-attr]
         transport.write(data)
 
-    def _framed(self, data: bytes) -> bytes:
-        if self._chunked:
-            return b"%x\r\n%b\r\n" % (len(data), data)
-        return data
-
     async def write(self, data: bytes) -> None:
         self.send_now(data)
         await self.drain()
@@ -220,13 +354,47 @@ class Reply:
         wait: the bytes are buffered by the transport)."""
         if not data or self._no_body:
             return
+        if self._chunked:
+            data = chunk(data)
         head, self._head = self._head, None
-        self._send(head + self._framed(data) if head is not None else self._framed(data))
+        self._send(head + data if head is not None else data)
+
+    def send_pieces(self, pieces: list[bytes]) -> int:
+        """Like `send_now` for several pieces in one write, none of them copied (a bulk
+        body's reads): each becomes a chunk of its own. Returns the payload bytes."""
+        if self._no_body:
+            return 0
+        size = 0
+        out: list[bytes] = []
+        head, self._head = self._head, None
+        if head is not None:
+            out.append(head)
+        chunked = self._chunked
+        for piece in pieces:
+            if piece:
+                size += len(piece)
+                if chunked:
+                    out.append(b"%x\r\n" % len(piece))
+                    out.append(piece)
+                    out.append(b"\r\n")
+                else:
+                    out.append(piece)
+        if out:
+            conn = self._conn
+            transport = conn.transport if conn is not None else None
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("cannot write to a closing client connection")
+            conn.answered = True  # type: ignore[union-attr]
+            if len(out) == 1:
+                transport.write(out[0])
+            else:
+                transport.writelines(out)
+        return size
 
     async def drain(self) -> None:
         conn = self._conn
-        if conn is not None and conn.writing_paused:
-            await conn._drain_helper()
+        if conn is not None:
+            await conn.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         self.send_eof(data)
@@ -240,9 +408,9 @@ class Reply:
         self.finished = True
         out = b""
         if data and not self._no_body:
-            out = self._framed(data)
+            out = chunk(data) if self._chunked else data
         if self._chunked:
-            out += b"0\r\n\r\n"
+            out += LAST_CHUNK
         head, self._head = self._head, None
         if head is not None:
             out = head + out
@@ -254,50 +422,90 @@ class Reply:
         if not self.finished:
             self.start(request)
             self.send_eof(self.body or b"")
-        conn = self._conn
-        if conn is not None and conn.writing_paused:
-            await conn._drain_helper()
+        await self.drain()
 
 
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
-
-def _reason(status: int) -> str:
-    return _REASONS.get(status, "")
-
-
 Handler = Callable[[InboundRequest], Awaitable[Reply]]
 
 
-class ClientConnection(BaseProtocol):
+class ClientConnection(asyncio.Protocol):
     """One client connection: parse, serve requests one at a time, keep alive or close."""
 
-    __slots__ = ("_deadline", "_error", "_handler", "_queue", "_rejected", "_request",
-                 "_server", "_task", "_timer", "answered", "closing", "remote")
+    __slots__ = (
+        "_began_here",
+        "_body",
+        "_body_full",
+        "_consumed",
+        "_consumed_before",
+        "_deadline",
+        "_drain",
+        "_error",
+        "_handler",
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_parser",
+        "_queue",
+        "_reading",
+        "_rejected",
+        "_request",
+        "_server",
+        "_task",
+        "_timer",
+        "_url",
+        "answered",
+        "closing",
+        "remote",
+        "transport",
+        "write_listener",
+        "writing_paused",
+    )
 
     def __init__(self, server: InboundServer) -> None:
-        loop = server.loop
-        parser = HttpRequestParser(
-            self, loop, READ_LIMIT, max_line_size=MAX_HEADER_LINE, max_field_size=MAX_HEADER_LINE,
-            payload_exception=RequestPayloadError, auto_decompress=False,
-        )
-        super().__init__(loop, parser)
         self._server = server
         self._handler = server.handler
-        self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._queue: deque[InboundRequest] = deque()
         self._task: asyncio.Task[None] | None = None
         self._request: InboundRequest | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._rejected = False
         self._error: bytes | None = None  # a parse error's answer, due after the current one
+        # The head being parsed: target, fields, bytes so far (the 64 KiB cap).
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        # Where this read's bytes went (see data_received): what finished messages took.
+        self._consumed = 0
+        self._consumed_before = 0
+        self._began_here = False
+        self._body: BodyStream | None = None  # the body being received
+        self._body_full = False
+        self._reading = True
+        self._drain: asyncio.Future[None] | None = None
+        self.transport: asyncio.Transport | None = None
         self.closing = False  # no further request on this connection
         self.answered = False  # bytes of the current request's answer went out
+        self.writing_paused = False
+        self.write_listener: WriteListener | None = None
         self.remote: str | None = None
 
     # --- the connection's life --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self._setup(transport)
+        except Exception as exc:
+            self._server.connections.discard(self)
+            self._server.setup_failed(exc)
+            self._rejected = True
+            cast(asyncio.Transport, transport).abort()
+
+    def _setup(self, transport: asyncio.BaseTransport) -> None:
         server = self._server
         self.transport = cast(asyncio.Transport, transport)
         if len(server.connections) >= server.max_connections:
@@ -305,8 +513,8 @@ class ClientConnection(BaseProtocol):
             self._rejected = True
             self._arm(server.header_timeout)
             return
-        super().connection_made(transport)
         server.connections.add(self)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple | list) and peer:
             self.remote = str(peer[0])
@@ -321,45 +529,178 @@ class ClientConnection(BaseProtocol):
                 transport.write(BUSY_ANSWER)
                 transport.close()
             return
-        if self._error is not None:
+        if self._error is not None or self._parser is None:
             return  # the stream is broken: nothing after the bad request is read
+        self._consumed = 0
+        self._began_here = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No protocol switch through this proxy: answer the request, then close.
+            self.closing = True
+            self._parser = None
+            self._end_body()
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.answer, refused.status, refused.problem)
+            else:
+                self._refuse(BAD_REQUEST, 400, type(exc).__name__)
+            return
+        if self._in_head:
+            # An unfinished head: llhttp holds none of it, but httptools joins a field's
+            # pieces until it ends, so its bytes are bounded here, as they arrive.
+            if self._began_here:
+                self._head_bytes = len(data) - self._consumed_before
+            else:
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(HEADERS_TOO_LARGE, 431, "head_too_large")
+                return
+        if self._queue and self._task is None:
+            self._next()
+        self._pace()
+
+    # httptools callbacks: the order is begin, url, header*, headers_complete, body*,
+    # message_complete; a raise inside one stops the parser (HttpParserError).
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._began_here = True
+        self._consumed_before = self._consumed  # bytes of this read before this message
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(headers) >= MAX_HEADERS:
+            raise _Refused(HEADERS_TOO_LARGE, 431, "too_many_headers")
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._deadline = None  # complete headers arrived
         parser = self._parser
         assert parser is not None
-        try:
-            messages, upgraded, _tail = parser.feed_data(data)
-        except HttpProcessingError as exc:
-            self._bad_request(exc)
-            return
-        if messages:
-            self._deadline = None  # complete headers arrived
-            self._queue.extend(messages)
-            if self._task is None:
-                self._next()
-            if len(self._queue) >= MAX_QUEUED and not self._buffer_paused:
-                self._pause_reading_for_buffer()
-        if upgraded:
-            self.closing = True  # no protocol switch through this proxy: end after it
+        method = parser.get_method()
+        # The head's size as sent, give or take optional whitespace.
+        size = len(method) + len(self._url) + 13 + sum(
+            len(n) + len(v) + 4 for n, v in self._headers)
+        self._consumed += size
+        if size > MAX_HEAD_BYTES:
+            raise _Refused(HEADERS_TOO_LARGE, 431, "head_too_large")
+        version = _VERSIONS.get(parser.get_http_version()) or _version(
+            parser.get_http_version())
+        headers = CIMultiDict(self._headers)
+        body: BodyStream = EMPTY_BODY
+        codings = headers.getall("Transfer-Encoding", ())
+        if codings:
+            tokens = [t.strip().lower() for v in codings for t in v.split(",") if t.strip()]
+            if any(t != "chunked" for t in tokens):
+                raise _Refused(NOT_IMPLEMENTED, 501, "transfer_coding")
+            if version < HTTP11:
+                # RFC 9112 §6.1: chunked from an HTTP/1.0 peer is faulty framing.
+                raise _Refused(BAD_REQUEST, 400, "chunked_http10")
+            body = BodyStream(self)
+        elif headers.get("Content-Length", "0") != "0":
+            body = BodyStream(self)
+        self._body = body if body is not EMPTY_BODY else None
+        request = InboundRequest(
+            self, method.decode("ascii"), self._url.decode("latin-1"), version,
+            CIMultiDictProxy(headers), not parser.should_keep_alive(), body)
+        self._queue.append(request)
+
+    def on_body(self, data: bytes) -> None:
+        self._consumed += len(data)
+        body = self._body
+        if body is not None:
+            body.feed(data)
+
+    def on_message_complete(self) -> None:
+        self._end_body()
+
+    def _end_body(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            body.feed_eof()
+        self._body_full = False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        super().connection_lost(exc)
         self._server.connections.discard(self)
         self._stop_timer()
         self.closing = True
+        self._parser = None
+        self.transport = None
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("the client went away"))
         if self._rejected:
             return
+        gone = ConnectionResetError("the client went away")
         request = self._request
-        if request is not None and not request.content.is_eof():
-            request.content.set_exception(ConnectionResetError("the client went away"))
-        for _message, payload in self._queue:
-            if not payload.is_eof():
-                payload.set_exception(ConnectionResetError("the client went away"))
+        if request is not None:
+            request.content.set_exception(gone)
+        for queued in self._queue:
+            queued.content.set_exception(gone)
         self._queue.clear()
         if self._task is not None:
             self._task.cancel()  # the client left: its request's work stops with it
-        self._parser = None
+        listener = self.write_listener
+        if listener is not None:
+            listener.client_resumed()  # whoever waits on the client finds it gone
 
     def eof_received(self) -> bool:
         return False  # a half-closed client: close our side when the transport does
+
+    # --- flow control -----------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+        listener = self.write_listener
+        if listener is not None:
+            listener.client_paused()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        listener = self.write_listener
+        if listener is not None:
+            listener.client_resumed()
+
+    async def drain(self) -> None:
+        """Wait until the client took what was written (below the high-water mark)."""
+        if not self.writing_paused:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._drain)
+
+    def body_full(self, full: bool) -> None:
+        """The body reader fell behind (True) or caught up: pace reading from the client."""
+        if full != self._body_full:
+            self._body_full = full
+            self._pace()
+
+    def _pace(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        want = not self._body_full and len(self._queue) < MAX_QUEUED
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     def close_after_reply(self) -> None:
         self.closing = True
@@ -387,12 +728,9 @@ class ClientConnection(BaseProtocol):
     # --- requests ---------------------------------------------------------------------
 
     def _next(self) -> None:
-        message, payload = self._queue.popleft()
-        request = self._request = InboundRequest(self, message, payload)
+        request = self._request = self._queue.popleft()
         self.answered = False
-        self._task = self._loop.create_task(self._serve(request))
-        if self._buffer_paused and len(self._queue) < MAX_QUEUED:
-            self._resume_reading_for_buffer()
+        self._task = asyncio.get_running_loop().create_task(self._serve(request))
 
     async def _serve(self, request: InboundRequest) -> None:
         reply: Reply | None = None
@@ -408,24 +746,26 @@ class ClientConnection(BaseProtocol):
             self.closing = True
             transport = self.transport
             if transport is not None and not transport.is_closing() and not self.answered:
-                transport.write(_INTERNAL_ERROR)
+                transport.write(INTERNAL_ERROR)
         finally:
             self._task = None
             self._request = None
-        if reply is not None and reply._close:
+            self.write_listener = None
+        if reply is not None and reply.closes:
             self.closing = True
-        if not request.content.is_eof() and self.transport is not None:
-            await self._linger(request.content)
+        content = request.content
+        if not content.is_eof() and content.exception() is None and self.transport is not None:
+            await self._linger(content)
         self._done()
 
-    async def _linger(self, payload: StreamReader) -> None:
+    async def _linger(self, payload: BodyStream) -> None:
         try:
             async with asyncio.timeout(LINGERING_TIME):
-                while not payload.is_eof():
-                    await payload.readany()
+                while await payload.readany():
+                    pass
         except (Exception, asyncio.CancelledError):  # a broken or slow body only means: close
             pass
-        if not payload.is_eof():
+        if not payload.at_eof():
             self.closing = True
 
     def _done(self) -> None:
@@ -442,19 +782,30 @@ class ClientConnection(BaseProtocol):
             return
         if self._queue:
             self._next()
+            self._pace()
         else:
             server = self._server
             self._arm(min(server.header_timeout, server.keepalive_timeout))
 
-    def _bad_request(self, exc: HttpProcessingError) -> None:
-        too_large = isinstance(exc, LineTooLong) or "Too many headers" in str(exc)
-        answer = _HEADERS_TOO_LARGE if too_large else _BAD_REQUEST
-        self._server.log.info("bad_request", status=431 if too_large else 400,
-                              problem=type(exc).__name__)
-        self._error = answer
+    def _refuse(self, answer: bytes, status: int, problem: str) -> None:
+        """Malformed or refused input: nothing more is read. A request whose body broke
+        mid-way fails its body stream (its handler answers 400 now and the upload stops);
+        otherwise `answer` goes out after the current request's answer."""
+        self._server.log.info("bad_request", status=status, problem=problem)
+        self._parser = None
         self.closing = True
+        body, self._body = self._body, None
+        if body is not None and not body.is_eof():
+            body.set_exception(BadRequestBody("malformed request body framing"))
+            if self._task is not None and body is self._request_body():
+                return  # its handler answers (400, unless it already answered)
+        self._error = answer
         if self._task is None:
             self._done()
+
+    def _request_body(self) -> BodyStream | None:
+        request = self._request
+        return request.content if request is not None else None
 
     # --- the header timer -------------------------------------------------------------
     # It runs while the connection waits for a request's headers: from its start, and
@@ -462,13 +813,14 @@ class ClientConnection(BaseProtocol):
     # when it fires, so a busy keep-alive connection makes no timer per request.
 
     def _arm(self, delay: float) -> None:
-        self._deadline = deadline = self._loop.time() + delay
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + delay
         timer = self._timer
         if timer is not None and deadline < timer.when():
             timer.cancel()  # an earlier deadline (keep-alive after a long header wait)
             timer = None
         if timer is None:
-            self._timer = self._loop.call_at(deadline, self._expire)
+            self._timer = loop.call_at(deadline, self._expire)
 
     def _stop_timer(self) -> None:
         self._deadline = None
@@ -481,8 +833,9 @@ class ClientConnection(BaseProtocol):
         deadline = self._deadline
         if deadline is None:
             return  # headers arrived meanwhile: the next _arm starts a new timer
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._expire)
+        loop = asyncio.get_running_loop()
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._expire)
             return
         transport = self.transport
         if transport is None:
@@ -494,8 +847,19 @@ class ClientConnection(BaseProtocol):
             transport.close()
 
 
+class _Dropped(asyncio.Protocol):
+    """Stands in for a connection whose setup failed: it is closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()
+
+
 class InboundServer:
-    """The protocol factory for `loop.create_server`, and the set of its connections."""
+    """The protocol factory for `loop.create_server`, and the set of its connections.
+
+    A connection that cannot be set up is closed and its cause logged at ERROR, once per
+    cause (asyncio itself reports it only in debug mode: silent resets otherwise).
+    """
 
     def __init__(self, handler: Handler, *, header_timeout: float, keepalive_timeout: float,
                  max_connections: int, log: Any) -> None:
@@ -504,11 +868,21 @@ class InboundServer:
         self.keepalive_timeout = keepalive_timeout
         self.max_connections = max_connections
         self.log = log
-        self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
+        self._setup_failures: set[tuple[str, str]] = set()
 
-    def __call__(self) -> ClientConnection:
-        return ClientConnection(self)
+    def __call__(self) -> asyncio.Protocol:
+        try:
+            return ClientConnection(self)
+        except Exception as exc:
+            self.setup_failed(exc)
+            return _Dropped()
+
+    def setup_failed(self, exc: BaseException) -> None:
+        cause = (type(exc).__name__, str(exc))
+        if cause not in self._setup_failures and len(self._setup_failures) < 64:
+            self._setup_failures.add(cause)
+            self.log.error("connection_setup_failed", error_type=cause[0], error=cause[1])
 
     def pre_shutdown(self) -> None:
         """Idle keep-alive connections close now, busy ones after their answer."""

@@ -9,8 +9,7 @@ chunked body still arriving when the request goes upstream). Then a property ove
 response framings: the client receives exactly the body the target sent.
 
 These tests see the proxy only through its public surface (`AuthProxy`, sockets), so
-they hold for any HTTP layer underneath. A test marked `xfail(strict=True)` documents a
-defect that today's code still has: the fix must flip it.
+they hold for any HTTP layer underneath.
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ RawUpstreams = Callable[[RawServe], Awaitable[RawUpstream]]
 Connect = Callable[[int], Awaitable[Conn]]
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 UPLOADS = ["none", "memory", "streamed"]
-
-
-def xfail(n: int, why: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"issue 12 #{n}: {why}")
 
 
 @pytest.fixture
@@ -130,7 +125,6 @@ def close_delimited(head: bytes, pieces: list[bytes]) -> Target:
     return Target(answer)
 
 
-@xfail(1, "the pooled path parses with read_until_eof=False and drops the body")
 @pytest.mark.parametrize("upload", ["none", "memory"])
 @pytest.mark.parametrize("kind", sorted(CLOSE_DELIMITED))
 async def test_a_close_delimited_body_reaches_the_client_whole(
@@ -180,7 +174,6 @@ CONTROL = {
 }
 
 
-@xfail(2, "header serialization raises ValueError: the client gets no answer (or a 500)")
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 @pytest.mark.parametrize("kind", sorted(CONTROL))
 async def test_a_control_character_in_the_targets_head_gets_502(
@@ -216,7 +209,6 @@ async def test_a_control_character_in_the_targets_head_gets_502(
 
 # --- 3: a malformed chunk in a request body in flight -----------------------------------
 
-@xfail(3, "the parser's error never fails the body stream in flight: 504, then a 400")
 @pytest.mark.parametrize("bad", [b"zz\r\nbad\r\n0\r\n\r\n", b"5\r\nhelloXX\r\n0\r\n\r\n"],
                          ids=["size", "crlf"])
 async def test_a_malformed_chunk_mid_upload_gets_400_at_once_and_aborts_the_upload(
@@ -244,7 +236,6 @@ def fields(count: int, size: int) -> list[str]:
     return [f"X-Filler-{i}: {'v' * size}" for i in range(count)]
 
 
-@xfail(4, "only each line is capped (64 KiB) and their number (128), not the head")
 async def test_a_request_head_above_64_kib_gets_431_and_nothing_is_forwarded(
     raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
@@ -274,7 +265,6 @@ async def test_a_request_head_below_64_kib_is_forwarded_whole(
         await serves_next(port, conn, answer)
 
 
-@xfail(4, "an unfinished head is buffered until the header timer, however large")
 async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
     raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
 ) -> None:
@@ -294,7 +284,6 @@ async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
         await serves_next(port, conns[0], answer)
 
 
-@xfail(4, "the response parser caps each line (64 KiB), not the head")
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 async def test_a_response_head_above_64_kib_gets_502(
     raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
@@ -507,7 +496,6 @@ LATIN1 = b'attachment; filename="r\xe9sum\xe9.txt"'
 UTF8 = "caf\u00e9 \u2603".encode()
 
 
-@xfail(9, "bytes above 0x7F in header values and the reason phrase are deleted")
 @pytest.mark.parametrize("upload", UPLOADS)
 async def test_header_bytes_above_0x7f_pass_through_exactly_both_ways(
     raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
@@ -585,7 +573,7 @@ async def scripted(raw_upstream: RawUpstreams, make_authproxy: Any
 
 
 @pytest.mark.parametrize("framing", [
-    "length", "chunked", pytest.param("close", marks=xfail(1, "close-delimited body lost")),
+    "length", "chunked", "close",
 ])
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])

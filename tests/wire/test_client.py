@@ -337,3 +337,15 @@ async def test_one_connection_parses_answer_after_answer_of_every_shape(
     assert await call(client, proxy.url, "GET", None) == (200, b"abcde")
     assert await call(client, proxy.url) == (200, b"ok")
     assert upstream.connections == 1 and len(upstream.requests) == 6
+
+
+def test_tune_malloc_for_serving_applies_where_glibc_is() -> None:
+    """On glibc the serving trim threshold is accepted (a bulk download then does not give
+    the heap back and take it again on every read); elsewhere it is a no-op, not an error."""
+    import platform
+
+    from proxy.forwarding.listener import tune_malloc_for_serving
+
+    applied = tune_malloc_for_serving()
+    if platform.libc_ver()[0] == "glibc":
+        assert applied

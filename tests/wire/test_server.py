@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from helpers import LONG_WAIT, RawConn
+from helpers import LONG_WAIT, WAIT, RawConn
 
 
 async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -240,6 +240,48 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
         writer.close()
     reader, writer = await _exchange(
         proxy.port, b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    try:
+        status, _ = await _read_head(reader)
+        assert status.startswith("HTTP/1.1 200")
+    finally:
+        writer.close()
+
+
+async def test_a_connection_that_cannot_be_set_up_is_logged_once_per_cause(
+    make_upstream: Any, make_proxy: Any, monkeypatch: Any
+) -> None:
+    """A failure while accepting a client connection closes that connection and is logged
+    at ERROR once per cause (asyncio alone would say nothing outside debug mode), and the
+    proxy keeps serving once the cause is gone."""
+    import structlog
+
+    from proxy.wire.server import ClientConnection
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=b"ok")
+
+    upstream = await make_upstream(handler)
+    proxy = await make_proxy(str(upstream.make_url("/mcp")))
+    real = ClientConnection._setup
+
+    def broken(self: ClientConnection, transport: Any) -> None:
+        raise RuntimeError("no buffer space for this connection")
+
+    monkeypatch.setattr(ClientConnection, "_setup", broken)
+    raw = b"GET /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            reader, writer = await _exchange(proxy.port, raw)
+            try:
+                assert await asyncio.wait_for(reader.read(), WAIT) == b""
+            finally:
+                writer.close()
+    failures = [e for e in logs if e["event"] == "connection_setup_failed"]
+    assert len(failures) == 1
+    assert failures[0]["log_level"] == "error"
+    assert failures[0]["error_type"] == "RuntimeError"
+    monkeypatch.setattr(ClientConnection, "_setup", real)
+    reader, writer = await _exchange(proxy.port, raw)
     try:
         status, _ = await _read_head(reader)
         assert status.startswith("HTTP/1.1 200")

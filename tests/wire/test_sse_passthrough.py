@@ -1,4 +1,4 @@
-"""Chunked event streams passed on byte for byte: the pure framing checker and the relay."""
+"""Chunked event streams pushed on event by event, through the proxy."""
 
 from __future__ import annotations
 
@@ -8,75 +8,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from proxy.wire.chunked import ChunkedPassthrough, body_start
-
-from helpers import WAIT, RawConn, RawServe, chunk, unchunk
+from helpers import WAIT, RawConn, RawServe, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-# --- the pure framing checker ----------------------------------------------------------
-
-def test_one_whole_chunk_goes_on_as_it_came() -> None:
-    """The usual event costs no copy: the target's bytes are the client's bytes."""
-    event = chunk(b"data: {}\n\n")
-    decoder = ChunkedPassthrough()
-    assert decoder.feed(event) is event
-    assert decoder.payload_bytes == 10 and not decoder.done
-
-
-def test_the_last_chunk_and_trailers_are_consumed_not_passed_on() -> None:
-    """The client's message is ended by the proxy's writer, never twice."""
-    decoder = ChunkedPassthrough()
-    assert decoder.feed(b"0\r\nX-Trailer: 1\r\n\r\n") == b""
-    assert decoder.done
-    assert decoder.feed(b"garbage after the end") == b""
-
-
-@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8),
-       st.lists(st.integers(min_value=1, max_value=30), max_size=20),
-       st.booleans())
-def test_any_split_of_the_framing_gives_the_same_payload(
-    payloads: list[bytes], cuts: list[int], extensions: bool
-) -> None:
-    """However the target's bytes are cut up on the way, the client gets the same events."""
-    framed = b"".join(
-        (b"%x;name=v\r\n%b\r\n" if extensions else b"%X\r\n%b\r\n") % (len(p), p)
-        for p in payloads
-    ) + b"0\r\nTrailer-Field: x\r\n\r\n"
-    pieces, pos = [], 0
-    for cut in cuts:
-        pieces.append(framed[pos:pos + cut])
-        pos += cut
-    pieces.append(framed[pos:])
-    decoder = ChunkedPassthrough()
-    out = b"".join(decoder.feed(piece) for piece in pieces if piece)
-    assert decoder.done
-    assert unchunk(out) == b"".join(payloads)
-    assert decoder.payload_bytes == sum(map(len, payloads))
-    assert b";" not in out.split(b"\r\n", 1)[0]
-
-
-@pytest.mark.parametrize("bad", [
-    b"0x5\r\nhello\r\n", b"5 5\r\nhello\r\n", b"-5\r\nhello\r\n", b"5\nhello\r\n",
-    b"5\r\nhelloXY", b"\r\n", b"1_0\r\n" + b"a" * 16 + b"\r\n",
-])
-def test_malformed_framing_is_refused(bad: bytes) -> None:
-    """A size line a client's parser could read differently never reaches the client."""
-    with pytest.raises(ValueError):
-        ChunkedPassthrough().feed(bad)
-
-
-def test_the_body_starts_after_the_head() -> None:
-    """The bytes already received are split at the end of the response head."""
-    assert body_start(SSE_HEAD + b"5\r\n") == len(SSE_HEAD)
-    assert body_start(b"HTTP/1.1 200 OK\r\n") == -1
 
 
 # --- through the proxy ------------------------------------------------------------------

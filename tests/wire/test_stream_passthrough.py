@@ -1,9 +1,8 @@
-"""Chunked bulk bodies (downloads, not event streams) passed on byte for byte.
+"""Chunked bulk bodies (downloads, not event streams) pushed on as they arrive.
 
-The pure part: the framing checker hands the target's reads on unchanged and takes over
-cleanly from aiohttp's parser wherever that stopped. Through the proxy: the body arrives
-whole, its connection is reused, a body cut short is an error for the client, and a
-client that reads nothing stalls the target while the proxy's buffer stays bounded.
+Through the proxy: the body arrives whole, its connection is reused, a body cut short is
+an error for the client, and a client that reads nothing stalls the target while the
+proxy's buffer stays bounded.
 """
 
 from __future__ import annotations
@@ -17,13 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from proxy.forwarding.relay import PUSH_HIGH_WATER
-from proxy.wire.chunked import ChunkedPassthrough
+from proxy.wire.server import WRITE_HIGH_WATER as PUSH_HIGH_WATER
 
-from helpers import LONG_WAIT, RawConn, chunk, unchunk
+from helpers import LONG_WAIT, RawConn, chunk
 
 BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
@@ -43,65 +39,6 @@ def cut(data: bytes, sizes: list[int]) -> list[bytes]:
     if pos < len(data):
         pieces.append(data[pos:])
     return pieces
-
-
-# --- the pure framing checker ------------------------------------------------------------
-
-def test_bulk_reads_go_on_as_they_came_however_they_cut_the_chunks() -> None:
-    """No copy: a read that cuts a chunk's data (not its size line) is passed on itself."""
-    framed = b"".join(chunk(bytes([i]) * 65536) for i in range(8))
-    decoder = ChunkedPassthrough()
-    # Cuts inside chunk data and inside the CRLF after it, never inside a size line.
-    for piece in cut(framed, [1000, 70000, 65541, 2, 1, 100000]):
-        assert decoder.feed(piece) is piece
-    assert decoder.payload_bytes == 8 * 65536 and not decoder.done
-
-
-def test_a_size_line_cut_by_a_read_is_held_back_until_it_is_known() -> None:
-    """A cut "0" might start the last chunk, which the client must never get twice."""
-    decoder = ChunkedPassthrough()
-    assert decoder.feed(b"3\r\nabc\r\n1") == b"3\r\nabc\r\n"
-    assert decoder.feed(b"0\r\n" + b"x" * 16 + b"\r\n") == b"10\r\n" + b"x" * 16 + b"\r\n"
-    assert decoder.feed(b"0") == b""
-    assert decoder.feed(b"\r\n\r\n") == b""
-    assert decoder.done and not decoder.trailing
-
-
-def test_the_last_chunk_after_data_in_one_read_is_cut_off() -> None:
-    """The body and its end arrive together: only the body goes on."""
-    decoder = ChunkedPassthrough()
-    assert decoder.feed(b"c\r\nhello world!\r\n0\r\nX-T: 1\r\n\r\n") == b"c\r\nhello world!\r\n"
-    assert decoder.done and decoder.payload_bytes == 12
-
-
-@given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=6),
-       st.integers(min_value=0, max_value=2000),
-       st.lists(st.integers(min_value=1, max_value=200), max_size=30),
-       st.booleans())
-def test_a_handover_from_another_parser_anywhere_gives_the_same_body(
-    sizes: list[int], handover: int, cuts: list[int], extensions: bool
-) -> None:
-    """aiohttp's parser stops wherever a read ended; the client still gets clean framing.
-
-    The parser's payload goes on as one chunk, then `resume()`'s framing, then the
-    target's bytes as `feed` passes them.
-    """
-    payloads = [bytes([65 + i % 26]) * size for i, size in enumerate(sizes)]
-    framed = b"".join(
-        (b"%x;e=1\r\n%b\r\n" if extensions else b"%x\r\n%b\r\n") % (len(p), p)
-        for p in payloads
-    ) + b"0\r\nT: x\r\n\r\n"
-    handover = min(handover, len(framed) - 1)
-    decoder = ChunkedPassthrough()
-    first = decoder.decode(framed[:handover])
-    client = chunk(first) if first else b""
-    client += decoder.resume()
-    decoder.payload_bytes = 0
-    for piece in cut(framed[handover:], cuts):
-        client += decoder.feed(piece)
-    assert decoder.done and not decoder.trailing
-    assert unchunk(client) == b"".join(payloads)
-    assert decoder.payload_bytes == sum(sizes) - len(first)
 
 
 # --- through the proxy -------------------------------------------------------------------

@@ -1,0 +1,179 @@
+"""Which of the three relay paths (`proxy.forwarding.relay`) an answer takes, and that each
+delivers the target's body whole: raw sockets on the client side, where framing shows."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from proxy.forwarding.relay import COMPLETE, PUSHED, REWRITTEN
+
+from helpers import WAIT, RawConn, unchunk
+
+JSON = b'{"jsonrpc":"2.0","id":1,"result":{}}'
+
+
+async def _ask(port: int, raw: bytes) -> bytes:
+    """Send `raw` and read until the proxy closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        return await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+
+
+def _post(version: str = "1.1", path: str = "/mcp") -> bytes:
+    return (f"POST {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+            f"\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode()
+
+
+async def test_a_whole_json_answer_takes_the_complete_path(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """A small JSON answer that arrives whole goes out in one piece by path `complete`."""
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(JSON), JSON))
+        await conn.writer.drain()
+        await conn.reader.read()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    proxy = await make_proxy(url)
+    answer = await _ask(proxy.port, _post())
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\n" + JSON)
+    assert proxy.relay_counts == {COMPLETE: 1, PUSHED: 0, REWRITTEN: 0}
+
+
+async def test_an_http10_client_gets_a_complete_answer_with_its_length(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """An HTTP/1.0 client's JSON answer comes by path `complete` with a Content-Length."""
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%b\r\n0\r\n\r\n" % (len(JSON), JSON))
+        await conn.writer.drain()
+        await conn.reader.read()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    proxy = await make_proxy(url)
+    answer = await _ask(proxy.port, _post("1.0"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK")
+    assert b"Content-Length: %d" % len(JSON) in head and b"chunked" not in head
+    assert body == JSON
+    assert proxy.relay_counts[COMPLETE] == 1
+
+
+async def test_a_chunked_event_stream_takes_the_pushed_path(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """A POSTed event stream still coming after its head is pushed, its events whole."""
+    go_on = asyncio.Event()
+
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: a\n\r\n")
+        await conn.writer.drain()
+        await asyncio.wait_for(go_on.wait(), WAIT)
+        conn.writer.write(b"8\r\ndata: b\n\r\n0\r\n\r\n")
+        await conn.writer.drain()
+        await conn.reader.read()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    proxy = await make_proxy(url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(_post())
+        first = await asyncio.wait_for(reader.readuntil(b"data: a\n\r\n"), WAIT)
+        assert b"Transfer-Encoding: chunked" in first
+        go_on.set()
+        rest = await asyncio.wait_for(reader.read(), WAIT)
+    finally:
+        writer.close()
+    body = first.partition(b"\r\n\r\n")[2] + rest
+    assert unchunk(body) == b"data: a\ndata: b\n"
+    assert proxy.relay_counts == {COMPLETE: 0, PUSHED: 1, REWRITTEN: 0}
+
+
+async def test_an_event_stream_without_framing_is_pushed_until_the_target_closes(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """An event stream with neither length nor chunks (it ends when the target closes)
+    is pushed whole, re-framed as chunks for the HTTP/1.1 client with a clean end."""
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Connection: close\r\n\r\ndata: a\n\n")
+        await conn.writer.drain()
+        await asyncio.sleep(0.05)
+        conn.writer.write(b"data: b\n\n")
+        await conn.writer.drain()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    proxy = await make_proxy(url)
+    answer = await _ask(proxy.port, _post())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert unchunk(body) == b"data: a\n\ndata: b\n\n"
+    assert proxy.relay_counts == {COMPLETE: 0, PUSHED: 1, REWRITTEN: 0}
+
+
+async def test_an_http10_client_gets_a_pushed_stream_until_the_proxy_closes(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """An HTTP/1.0 client cannot take chunks: its pushed stream is the bare events, ended
+    by the proxy closing the connection."""
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n8\r\ndata: a\n\r\n")
+        await conn.writer.drain()
+        await asyncio.sleep(0.05)
+        conn.writer.write(b"8\r\ndata: b\n\r\n0\r\n\r\n")
+        await conn.writer.drain()
+        await conn.reader.read()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    proxy = await make_proxy(url)
+    answer = await _ask(proxy.port, _post("1.0"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK") and b"Connection: close" in head
+    assert b"chunked" not in head and b"Content-Length" not in head
+    assert body == b"data: a\ndata: b\n"
+    assert proxy.relay_counts == {COMPLETE: 0, PUSHED: 1, REWRITTEN: 0}
+
+
+async def test_the_legacy_endpoint_stream_takes_the_rewritten_path(
+    raw_upstream: Any, make_proxy: Any
+) -> None:
+    """A GET event stream (the legacy SSE endpoint) goes through the rewriter: the target's
+    absolute endpoint URL arrives moved to the proxy."""
+    port_of_target: list[int] = []
+
+    async def serve(conn: RawConn) -> None:
+        await conn.read_request()
+        target = f"http://127.0.0.1:{port_of_target[0]}/messages?s=1".encode()
+        event = b"event: endpoint\ndata: " + target + b"\n\n"
+        conn.writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(event), event))
+        await conn.writer.drain()
+        await conn.reader.read()
+
+    upstream = await raw_upstream(serve)
+    url = upstream.url()
+    port_of_target.append(int(url.rsplit(":", 1)[1].split("/")[0]))
+    proxy = await make_proxy(url)
+    answer = await _ask(proxy.port, b"GET /sse HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                                    b"Connection: close\r\n\r\n" % proxy.port)
+    body = unchunk(answer.partition(b"\r\n\r\n")[2])
+    assert body == f"event: endpoint\ndata: http://127.0.0.1:{proxy.port}/messages?s=1\n\n".encode()
+    assert proxy.relay_counts == {COMPLETE: 0, PUSHED: 0, REWRITTEN: 1}
