@@ -47,16 +47,18 @@ def _build_store(config: ProxyConfig, logger: Any) -> StatusStore:
 
 def _build_token_store(config: ProxyConfig, store: StatusStore) -> TokenStore | None:
     """With a redis store and an OAuth source: the tokens live in the store, encrypted."""
-    if not config.shared_store or config.credential_kind != "oauth":
+    if not config.shared_store or config.credential_kind not in ("oauth", "signin"):
         return None
     from .credentials.token_store import RedisTokenStore, read_key
     from .status.redis import RedisStore
 
     assert isinstance(store, RedisStore)
-    assert config.store_key_file is not None and config.oauth_token_url is not None
+    assert config.store_key_file is not None
+    # `--oauth`: the sign-in `login --store` put there names its own issuer.
+    issuer = config.oauth_token_url if config.credential_kind == "oauth" else None
     return RedisTokenStore(
         store.client, workload=config.workload, origin=str(config.target.origin()),
-        issuer=config.oauth_token_url, key=read_key(config.store_key_file),
+        issuer=issuer, key=read_key(config.store_key_file),
         lease=config.credential_wait, display=store.location.display)
 
 

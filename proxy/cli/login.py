@@ -30,8 +30,13 @@ from ..config import NAME_RE, ProxyConfig, default_name, default_state_dir
 from ..credentials.discovery import discover
 from ..credentials.files import read_secret_file
 from ..credentials.login import LoginOptions, SignIn
-from ..credentials.signin_store import CredentialsFileRefused, load_signin, save_signin
-from ..errors import ConfigError, SignInError
+from ..credentials.signin_store import (
+    CredentialsFileRefused,
+    StoredSignIn,
+    load_signin,
+    save_signin,
+)
+from ..errors import ConfigError, SignInError, StateError
 from ..monitor.auth import UnauthorizedCallback, UnauthorizedEvent
 from ..status.model import ConditionType, WorkloadRecord
 from ..tls import client_context
@@ -80,15 +85,15 @@ def add_login_parser(sub: Any, parser_class: type[argparse.ArgumentParser],
     login.add_argument("--timeout", type=number(float, minimum=1), metavar="S", default=300.0,
                        help="longest wait for the person to finish (300)")
     login.add_argument("--store", metavar="URL",
-                       help="not available yet: sign replicas in once into a shared store "
-                       "(comes with the replicas feature)")
-    login.add_argument("--store-key-file", metavar="PATH", help="not available yet (see --store)")
+                       help="redis:// store the workload's replicas share: the sign-in goes "
+                       "there (encrypted), once for every 'run --oauth --store' replica")
+    login.add_argument("--store-key-file", metavar="PATH",
+                       help="the Fernet key the replicas use (required with --store)")
 
 
 def login_options(args: argparse.Namespace, env: dict[str, str]) -> LoginOptions:
     """Flags -> `LoginOptions`; `ConfigError` naming the flag for bad input (exit 2)."""
-    if args.store is not None or args.store_key_file is not None:
-        raise ConfigError("--store: signing in to a shared store is not available yet")
+    store, key_file = _store_flags(args)
     state_dir = Path(args.state_dir or env.get("MCP_AUTHPROXY_STATE_DIR") or
                      default_state_dir())
     if args.name and args.name_flag and args.name != args.name_flag:
@@ -137,7 +142,30 @@ def login_options(args: argparse.Namespace, env: dict[str, str]) -> LoginOptions
         name=name, target_url=target, state_dir=state_dir, scopes=scopes,
         client_id=args.client_id, client_secret=secret,
         client_metadata_url=args.client_metadata_url, callback_port=args.callback_port,
-        no_browser=args.no_browser, device=args.device, timeout=args.timeout)
+        no_browser=args.no_browser, device=args.device, timeout=args.timeout,
+        store=store, store_key_file=key_file)
+
+
+def _store_flags(args: argparse.Namespace) -> tuple[str | None, Path | None]:
+    """`--store` and `--store-key-file`, checked as `run` checks them."""
+    if args.store is None or args.store == "file":
+        if args.store_key_file is not None:
+            raise ConfigError("--store-key-file: needs --store redis://...")
+        return None, None
+    from ..config import check_key_file, parse_store
+
+    try:
+        parse_store(args.store)
+    except ValueError as exc:
+        raise ConfigError(f"--store: {exc}") from None
+    if args.store_key_file is None:
+        raise ConfigError("--store-key-file: is required with --store redis:// (the "
+                          "sign-in kept in the store is encrypted with it)")
+    try:
+        check_key_file(Path(args.store_key_file))
+    except ValueError as exc:
+        raise ConfigError(f"--store-key-file: {exc}") from None
+    return args.store, Path(args.store_key_file)
 
 
 @contextlib.contextmanager
@@ -195,11 +223,35 @@ async def run_login(options: LoginOptions, *, ca_file: str | None, stderr: TextI
                                      trust_env=False) as session:
         found = await discover(session, options.target_url)
         signin = await SignIn(session, found, options, stderr=stderr).run()
+    if options.store is not None:
+        await save_to_store(options, signin)
+        return f"{signin.issuer} {options.name} {' '.join(signin.scope)}".rstrip()
     try:
         save_signin(options.state_dir, options.name, signin)
     except (CredentialsFileRefused, OSError) as exc:
         raise SignInError("storing the sign-in", str(exc)) from None
     return f"{signin.issuer} {options.name} {' '.join(signin.scope)}".rstrip()
+
+
+async def save_to_store(options: LoginOptions, signin: StoredSignIn) -> None:
+    """`login --store`: the sign-in into the shared store, where every replica reads it."""
+    from ..config import parse_store
+    from ..credentials.token_store import RedisTokenStore, read_key
+    from ..status.redis import connect
+
+    assert options.store is not None and options.store_key_file is not None
+    location = parse_store(options.store)
+    client = connect(location)
+    try:
+        store = RedisTokenStore(
+            client, workload=options.name, origin=str(URL(signin.target_url).origin()),
+            issuer=signin.issuer, key=read_key(options.store_key_file), lease=REQUEST_TIMEOUT,
+            display=location.display)
+        await store.save_signin(signin.to_json())
+    except StateError as exc:
+        raise SignInError("storing the sign-in", str(exc)) from None
+    finally:
+        await client.aclose()
 
 
 def login_main(args: argparse.Namespace, env: dict[str, str],

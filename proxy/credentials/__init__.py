@@ -14,7 +14,7 @@ from .base import Credential, CredentialReporter, CredentialSource, RefreshListe
 from .bearer import EnvBearerSource, FileBearerSource
 from .oauth import OAuthSource
 from .stored import StoredSignInSource
-from .token_store import TokenStore
+from .token_store import RedisTokenStore, TokenStore
 
 if TYPE_CHECKING:
     import aiohttp
@@ -60,8 +60,10 @@ def build_credential_source(
         source.refresh_listener = refresh_listener
         return source
     if kind == "signin":
-        # The stored sign-in stays in its file, also with a shared store (not yet in it).
-        source = StoredSignInSource(config, session_factory=session_factory)
+        # With a shared store the sign-in lives there (`login --store`), else in its file.
+        source = StoredSignInSource(config, session_factory=session_factory,
+                                    signin_store=token_store if isinstance(
+                                        token_store, RedisTokenStore) else None)
         source.refresh_listener = refresh_listener
         return source
     return None

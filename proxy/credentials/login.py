@@ -74,6 +74,8 @@ class LoginOptions:
     no_browser: bool = False
     device: bool = False
     timeout: float = 300.0
+    store: str | None = None  # `--store redis://...`: the sign-in goes there, encrypted
+    store_key_file: Path | None = None
 
 
 def _quietly(open_browser: Callable[[str], bool], url: str) -> None:

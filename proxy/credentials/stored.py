@@ -14,6 +14,13 @@ token is at hand. What differs:
 - the file is watched: a new sign-in written by `login` heals the source at once,
   in the same process, and its token replaces whatever a refresh in flight brings.
 
+With a shared store (`--store redis://`), the sign-in lives there instead (`login
+--store`), encrypted (`token_store.RedisTokenStore`) and authoritative: every refresh
+runs under the store's refresh lock on the sign-in read from the store, adopts a fresh
+token another replica got, and saves a rotated refresh token in the store before the
+new access token is used. Each replica reads the store every second: a new `login
+--store` heals every replica without a restart.
+
 Never logs or reports a token; messages name the file and the server's error code.
 """
 
@@ -26,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ProxyConfig
+from ..errors import StateError, StoreKeyMismatch
 from ..log import get_logger, redact_url
-from .base import Credential
+from .base import Credential, CredentialReporter
 from .files import FileWatch, file_signature
 from .oauth import OAuthSource
 from .signin_store import (
@@ -38,6 +46,7 @@ from .signin_store import (
     write_back,
 )
 from .token_endpoint import TokenFailure, TokenResponse, refresh_skew
+from .token_store import RedisTokenStore
 
 LOGIN_REQUIRED = "LoginRequired"
 # Refusals that only a new sign-in can heal.
@@ -51,15 +60,29 @@ def login_command(name: str) -> str:
 class StoredSignInSource(OAuthSource):
     """`--oauth`: the stored sign-in, refreshed with its refresh token and client."""
 
-    def __init__(self, config: ProxyConfig, **kwargs: Any) -> None:
+    def __init__(self, config: ProxyConfig, *, signin_store: RedisTokenStore | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._name = config.workload
         self._path: Path = signin_path(config.state_path, self._name)
-        self._watches = [FileWatch(self._path)]
+        self._store = signin_store
+        self._watches = [FileWatch(self._path)] if signin_store is None else []
         self._signin: StoredSignIn | None = None
         self._answer_for: StoredSignIn | None = None
-        self.description = f"the sign-in stored in {self._path}"
-        self.fix = f"sign in again: {login_command(self._name)}"
+        self._login = login_command(self._name)
+        if signin_store is None:
+            self.description = f"the sign-in stored in {self._path}"
+        else:
+            self.description = f"the sign-in stored in {signin_store.display}"
+            self._login += f" --store {signin_store.display} --store-key-file KEY"
+        self.fix = f"sign in again: {self._login}"
+
+    async def start(self, report: CredentialReporter) -> None:
+        await super().start(report)
+        if self._store is not None:
+            await self._check_store(initial=True)
+            self._tasks.append(asyncio.create_task(self._watch_store(),
+                                                   name="signin-store-watch"))
 
     async def get(self) -> Credential:
         if self._permanent is not None:
@@ -74,6 +97,8 @@ class StoredSignInSource(OAuthSource):
         return self._refresh_token
 
     async def _request_token(self) -> TokenResponse | TokenFailure:
+        if self._store is not None:
+            return await self._store_request(self._store)
         started_with = self._signin
         if started_with is None or started_with.refresh_token is None:
             return TokenFailure(True, "invalid_grant", "no refresh token is stored")
@@ -89,6 +114,8 @@ class StoredSignInSource(OAuthSource):
         await super()._succeeded(answer, now)
 
     async def _keep(self, answer: TokenResponse) -> None:
+        if self._store is not None:
+            return  # saved in the store, under its lock, before this answer is used
         signin = self._signin
         assert signin is not None
         expires_at = (datetime.fromtimestamp(time.time() + answer.expires_in, UTC)
@@ -112,12 +139,14 @@ class StoredSignInSource(OAuthSource):
         if reason == "TokenRefreshFailed" and failure is not None and (
                 failure.code in _SIGN_IN_AGAIN):
             reason = LOGIN_REQUIRED
-            message = f"{message}; sign in again: {login_command(self._name)}"
+            message = f"{message}; sign in again: {self._login}"
         super()._give_up(reason, message)
 
     # -- the credentials file ---------------------------------------------------------------
 
     def _load_files(self, *, initial: bool) -> bool:
+        if self._store is not None:
+            return False  # the store is watched instead (`_watch_store`)
         watch = self._watches[0]
         if not initial and not watch.changed():
             return False
@@ -176,3 +205,105 @@ class StoredSignInSource(OAuthSource):
         self._state(True, "SignedIn", f"signed in to {redact_url(signin.issuer)} "
                     f"({' '.join(signin.scope) or 'no scope'})", False)
         self._wake.set()
+
+    # -- the shared store ---------------------------------------------------------------------
+
+    def _from_store(self, doc: dict[str, Any], store: RedisTokenStore) -> StoredSignIn:
+        return StoredSignIn.from_json(doc, Path(store.display))
+
+    async def _store_request(self, store: RedisTokenStore) -> TokenResponse | TokenFailure:
+        """Under the store's lock: the stored sign-in's fresh token if another replica got
+        one, else a refresh with the stored refresh token, saved there before it is used."""
+        wait = self._config.credential_wait
+        try:
+            async with store.lock(wait):
+                doc = await store.load_signin()
+                if doc is None:
+                    return TokenFailure(True, "invalid_grant", "no sign-in is in the store")
+                stored = self._from_store(doc, store)
+                current = self._signin
+                if current is None or stored.signin_id != current.signin_id or (
+                        stored.refresh_token != current.refresh_token):
+                    self._take_client(stored)
+                    fresh = self._fresh(stored)
+                    if fresh is not None:
+                        self._answer_for = stored
+                        return fresh
+                if stored.refresh_token is None:
+                    return TokenFailure(True, "invalid_grant", "no refresh token is stored")
+                outcome = await self._grant(stored.refresh_token,
+                                            min(self._request_timeout, wait * 0.9))
+                if isinstance(outcome, TokenFailure):
+                    return outcome
+                expires_at = (datetime.fromtimestamp(time.time() + outcome.expires_in, UTC)
+                              if outcome.expires_in is not None else None)
+                updated = stored.refreshed(outcome.access_token, outcome.refresh_token,
+                                           expires_at, None)
+                await store.save_signin(updated.to_json())
+                self._signin = updated
+                self._refresh_token = updated.refresh_token
+                self._answer_for = updated
+                return TokenResponse(outcome.access_token, outcome.expires_in, None)
+        except StoreKeyMismatch as exc:
+            return TokenFailure(True, "StoreKeyMismatch", str(exc))
+        except CredentialsFileRefused as exc:
+            return TokenFailure(True, "invalid_grant", str(exc))
+        except StateError as exc:
+            # Never refresh without the store: the held token serves until it expires.
+            return TokenFailure(False, "store_unavailable", str(exc))
+
+    def _take_client(self, signin: StoredSignIn) -> None:
+        self._signin = signin
+        self._token_url = signin.token_endpoint
+        self._client_id = signin.client_id
+        self._secret = signin.client_secret
+        self._refresh_token = signin.refresh_token
+        self._resource = signin.resource
+
+    def _fresh(self, signin: StoredSignIn) -> TokenResponse | None:
+        """The stored access token when it is not the one held and has time left."""
+        held = self._credential.authorization if self._credential else None
+        if held == f"Bearer {signin.access_token}":
+            return None
+        if signin.expires_at is None:
+            return TokenResponse(signin.access_token, None, None)
+        remaining = (signin.expires_at - datetime.now(UTC)).total_seconds()
+        if remaining <= refresh_skew(remaining) + 1.0:
+            return None
+        return TokenResponse(signin.access_token, remaining, None)
+
+    async def _check_store(self, *, initial: bool) -> None:
+        """Adopt a new sign-in `login --store` put in the store (heals LoginRequired)."""
+        store = self._store
+        assert store is not None
+        try:
+            doc = await store.load_signin()
+            signin = None if doc is None else self._from_store(doc, store)
+        except StoreKeyMismatch as exc:
+            self._last_failure = None
+            super()._give_up("StoreKeyMismatch", str(exc))
+            return
+        except CredentialsFileRefused as exc:
+            self._last_failure = None
+            super()._give_up("CredentialsFileRefused", str(exc))
+            return
+        except StateError:
+            return  # the store's own status reports it; the held token serves meanwhile
+        if signin is None:
+            if initial or self._signin is None:
+                self._last_failure = None
+                super()._give_up(LOGIN_REQUIRED, f"no sign-in is stored for workload "
+                                 f"{self._name} in {store.display}; run: {self._login}")
+            return
+        current = self._signin
+        if current is not None and current.signin_id == signin.signin_id:
+            return  # the same sign-in (a refresh, ours or another replica's)
+        self._adopt(signin)
+
+    async def _watch_store(self) -> None:
+        while True:
+            await asyncio.sleep(self._watch_interval)
+            try:
+                await self._check_store(initial=False)
+            except Exception:  # keep watching; never log contents
+                get_logger().exception("signin_store_check_failed")

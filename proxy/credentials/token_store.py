@@ -7,7 +7,9 @@ Two implementations:
 - `RedisTokenStore`: replicas on several machines (`--store redis://`). The value is
   encrypted with Fernet (`--store-key-file`) and carries the workload name, the target
   origin and the issuer, checked after decryption: a value that does not decrypt with
-  the key, or belongs to another workload, raises `StoreKeyMismatch`.
+  the key, or belongs to another workload, raises `StoreKeyMismatch`. It also holds a
+  workload's whole sign-in (`login --store`; `save_signin`, `load_signin`): the same
+  fields as the credentials file, encrypted and bound the same way.
 - `FileTokenStore`: processes on one machine: a JSON file (mode 0600, written
   atomically) and a `filelock` next to it.
 
@@ -64,8 +66,10 @@ class TokenStore(Protocol):
 class RedisTokenStore:
     """Tokens in Redis, Fernet-encrypted and bound to (workload, origin, issuer)."""
 
-    def __init__(self, client: Any, *, workload: str, origin: str, issuer: str, key: bytes,
-                 lease: float, display: str) -> None:
+    def __init__(self, client: Any, *, workload: str, origin: str, issuer: str | None,
+                 key: bytes, lease: float, display: str) -> None:
+        """`issuer` None: a stored sign-in names its own issuer (`run --oauth`, which
+        learns it from the sign-in); the workload and origin are still checked."""
         from cryptography.fernet import Fernet
 
         self._client = client
@@ -73,8 +77,14 @@ class RedisTokenStore:
         self._binding = {"workload": workload, "origin": origin, "issuer": issuer}
         self._key = f"mcp-authproxy:{{{workload}}}:tokens"
         self._lock_key = f"mcp-authproxy:{{{workload}}}:refresh-lock"
+        self._signin_key = f"mcp-authproxy:{{{workload}}}:signin"
         self._lease = lease
         self._display = display
+
+    @property
+    def display(self) -> str:
+        """The store's URL without its password."""
+        return self._display
 
     def encrypt(self, tokens: TokenSet) -> bytes:
         payload = {**self._binding, "access_token": tokens.access_token,
@@ -82,21 +92,27 @@ class RedisTokenStore:
                    "seed": tokens.seed}
         return self._fernet.encrypt(json.dumps(payload).encode())
 
-    def decrypt(self, value: bytes) -> TokenSet:
+    def _open(self, value: bytes, what: str) -> dict[str, Any]:
         from cryptography.fernet import InvalidToken
 
         try:
             data = json.loads(self._fernet.decrypt(value))
         except InvalidToken:
             raise StoreKeyMismatch(
-                "the tokens in the store do not decrypt with --store-key-file "
+                f"the {what} in the store do not decrypt with --store-key-file "
                 "(another key wrote them)") from None
         except ValueError:
-            raise StoreKeyMismatch("the tokens in the store are not this proxy's") from None
-        for what, expected in self._binding.items():
-            if not isinstance(data, dict) or data.get(what) != expected:
+            raise StoreKeyMismatch(f"the {what} in the store are not this proxy's") from None
+        for part, expected in self._binding.items():
+            if not isinstance(data, dict) or (
+                    expected is not None and data.get(part) != expected):
                 raise StoreKeyMismatch(
-                    f"the tokens in the store belong to another {what} than this one's")
+                    f"the {what} in the store belong to another {part} than this one's")
+        assert isinstance(data, dict)
+        return data
+
+    def decrypt(self, value: bytes) -> TokenSet:
+        data = self._open(value, "tokens")
         return TokenSet(access_token=data.get("access_token"),
                         refresh_token=data.get("refresh_token"),
                         expires_at=data.get("expires_at"), seed=data.get("seed"))
@@ -107,6 +123,24 @@ class RedisTokenStore:
 
     async def save(self, tokens: TokenSet) -> None:
         await self._io(self._client.set(self._key, self.encrypt(tokens)))
+
+    async def load_signin(self) -> dict[str, Any] | None:
+        """The stored sign-in (the credentials file's fields), or None."""
+        value = await self._io(self._client.get(self._signin_key))
+        if value is None:
+            return None
+        data = self._open(value, "sign-in")
+        signin = data.get("signin")
+        if not isinstance(signin, dict) or signin.get("issuer") != data.get("issuer"):
+            raise StoreKeyMismatch("the sign-in in the store is not this proxy's")
+        return signin
+
+    async def save_signin(self, signin: dict[str, Any]) -> None:
+        """Store a sign-in (encrypted, bound to workload, origin and its issuer)."""
+        issuer = self._binding["issuer"] or signin.get("issuer")
+        payload = {**self._binding, "issuer": issuer, "signin": signin}
+        value = self._fernet.encrypt(json.dumps(payload).encode())
+        await self._io(self._client.set(self._signin_key, value))
 
     @contextlib.asynccontextmanager
     async def lock(self, wait: float) -> AsyncIterator[None]:

@@ -1,0 +1,174 @@
+"""`login --store`: one sign-in for every replica, kept encrypted in the shared Redis,
+used, refreshed and healed by `run --oauth --store` replicas without a restart."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from replicas.conftest import RedisServer
+from yarl import URL
+
+from proxy.config import parse_store
+from proxy.credentials.token_store import RedisTokenStore, read_key
+from proxy.status.redis import read_shared
+
+from .conftest import AuthServer, Cli, Running
+from .target import ProtectedTarget
+from .test_run_oauth import WAIT, call_tool, initialize, revoke_grant
+from helpers import eventually, write_secret
+
+pytestmark = pytest.mark.timeout(150)
+NAME = "shared"
+
+
+@pytest.fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def store_flags(redis: RedisServer, key: Path) -> tuple[str, ...]:
+    return ("--store", redis.url, "--store-key-file", str(key))
+
+
+async def stored_signin(redis: RedisServer, key: Path, target: ProtectedTarget
+                        ) -> dict[str, Any] | None:
+    """The sign-in in the store, decrypted with the key (as a replica reads it)."""
+    client = redis.client()
+    try:
+        store = RedisTokenStore(client, workload=NAME, origin=str(URL(target.url).origin()),
+                                issuer=None, key=read_key(key), lease=5.0, display="test")
+        return await store.load_signin()
+    finally:
+        await client.aclose()
+
+
+async def every_value(redis: RedisServer) -> list[bytes]:
+    """Every key in the store and everything stored under it, whatever its type."""
+    client = redis.client()
+    out: list[bytes] = []
+    try:
+        async for key in client.scan_iter():
+            out.append(key)
+            kind = (await client.type(key)).decode()
+            if kind == "string":
+                out.append(await client.get(key))
+            elif kind == "hash":
+                for field, value in (await client.hgetall(key)).items():
+                    out += [field, value]
+            elif kind == "set":
+                out += list(await client.smembers(key))
+            elif kind == "zset":
+                out += list(await client.zrange(key, 0, -1))
+            elif kind == "list":
+                out += list(await client.lrange(key, 0, -1))
+    finally:
+        await client.aclose()
+    return out
+
+
+async def status(redis: RedisServer) -> dict[str, Any]:
+    records = await read_shared(parse_store(redis.url), NAME)
+    return records[0].to_dict() if records else {}
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(cli: Cli, tmp_path: Path, target: ProtectedTarget,
+                       flags: tuple[str, ...]) -> AsyncIterator[list[str]]:
+    """Two `run --oauth --store` processes, each with a state dir of its own."""
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for n in (1, 2):
+            running: Running = await stack.enter_async_context(cli.started(
+                "run", "--oauth", "--target-url", target.url, "--name", NAME,
+                "--state-dir", str(tmp_path / f"replica{n}"), "--health-interval", "0",
+                *flags))
+            urls.append(await running.stdout_line())
+        yield urls
+
+
+async def test_login_store_signs_every_replica_in_and_heals_them(
+        cli: Cli, tmp_path: Path, authserver: AuthServer, target: ProtectedTarget,
+        redis: RedisServer) -> None:
+    """`login --store` puts the sign-in in Redis, encrypted (no token in any key); two
+    replicas serve an SDK client with it; a revoked grant makes them LoginRequired, and
+    a second `login --store` brings both back to running without a restart."""
+    key = write_secret(tmp_path / "store.key", base64.urlsafe_b64encode(
+        os.urandom(32)).decode())
+    flags = store_flags(redis, key)
+    login = await cli.login("--target-url", target.url, "--name", NAME, *flags)
+    assert login.code == 0, login.stderr
+    assert not cli.signin_file(NAME).exists()  # the store holds it, not this machine
+    first = await stored_signin(redis, key, target)
+    assert first is not None and first["target_url"] == target.url
+    values = b"\n".join(await every_value(redis))
+    for secret in (first["access_token"], first["refresh_token"]):
+        assert secret.encode() not in values and secret not in login.stdout + login.stderr
+
+    async with two_replicas(cli, tmp_path, target, flags) as urls, \
+            aiohttp.ClientSession() as session:
+        for url in urls:
+            assert await call_tool(url, "echo", "replica") == "echo: replica"
+        await eventually(lambda: _status_is(redis, "running"), WAIT, what="running")
+
+        await revoke_grant(authserver, first)
+
+        async def refused_everywhere() -> bool:
+            answers = [await initialize(session, url) for url in urls]
+            return all(code == 503 and b"mcp-authproxy login" in body
+                       for code, _, body in answers)
+
+        await eventually(refused_everywhere, WAIT, what="both replicas LoginRequired",
+                         every=0.2)
+        during = await status(redis)
+        assert during["status"] == "unauthenticated", during
+        assert during["reason"] == "LoginRequired", during
+
+        again = await cli.login("--target-url", target.url, "--name", NAME, *flags)
+        assert again.code == 0, again.stderr
+        second = await stored_signin(redis, key, target)
+        assert second is not None and second["signin_id"] != first["signin_id"]
+        for url in urls:
+            assert await _eventually_echo(url) == "echo: healed"
+        await eventually(lambda: _status_is(redis, "running"), WAIT, what="running again")
+
+    values = b"\n".join(await every_value(redis))
+    for signin in (first, second):
+        for field in ("access_token", "refresh_token"):
+            assert signin[field].encode() not in values
+    assert second["access_token"] in target.settings.seen_tokens
+
+
+async def _status_is(redis: RedisServer, wanted: str) -> bool:
+    return (await status(redis)).get("status") == wanted
+
+
+async def _eventually_echo(url: str) -> str:
+    async def attempt() -> str | None:
+        try:
+            return await call_tool(url, "echo", "healed")
+        except Exception:
+            return None
+
+    found: str = await eventually(attempt, WAIT, what="a healed replica", every=0.2)
+    return found
+
+
+async def test_login_store_needs_its_key(cli: Cli) -> None:
+    """`login --store redis://` without `--store-key-file` is one line naming the flag."""
+    result = await cli.login("--target-url", "https://mcp.example.com/mcp",
+                             "--store", "redis://127.0.0.1:1/0")
+    assert result.code == 2
+    assert "--store-key-file" in result.stderr
+    assert "Traceback" not in result.stderr
