@@ -36,7 +36,7 @@ from ..credentials.signin_store import (
     load_signin,
     save_signin,
 )
-from ..errors import ConfigError, SignInError, StateError
+from ..errors import ConfigError, SignInError, StateError, StoreKeyMismatch
 from ..monitor.auth import UnauthorizedCallback, UnauthorizedEvent
 from ..status.model import ConditionType, WorkloadRecord
 from ..tls import client_context
@@ -106,7 +106,11 @@ def login_options(args: argparse.Namespace, env: dict[str, str]) -> LoginOptions
     if target is None:
         if name is None:
             raise ConfigError("--target-url: give a workload NAME or --target-url")
-        target, stored_scope = _known_target(state_dir, name)
+        if store is not None:
+            assert key_file is not None
+            target, stored_scope = asyncio.run(_shared_target(store, key_file, name))
+        else:
+            target, stored_scope = _known_target(state_dir, name)
     else:
         try:
             url = URL(target)
@@ -192,6 +196,37 @@ def _known_target(state_dir: Path, name: str) -> tuple[str, tuple[str, ...]]:
         raise ConfigError(f"NAME: the status record of {name!r} holds a redacted query; "
                           "give --target-url")
     return record.target_url, ()
+
+
+async def _shared_target(store: str, key_file: Path, name: str
+                         ) -> tuple[str, tuple[str, ...]]:
+    """With `--store`: the target of the workload's shared record, and the scope of the
+    sign-in already in the store (when it decrypts with the key)."""
+    from ..config import parse_store
+    from ..credentials.token_store import RedisTokenStore, read_key
+    from ..status.redis import connect, read_shared
+
+    location = parse_store(store)
+    try:
+        records = await read_shared(location, name)
+    except StateError as exc:
+        raise ConfigError(f"--store: {exc}") from None
+    if not records or not records[0].target_url or URL(records[0].target_url).query_string:
+        raise ConfigError(f"NAME: no usable target for {name!r} in {location.display}; "
+                          "give --target-url")
+    target = records[0].target_url
+    client = connect(location)
+    try:
+        signin = await RedisTokenStore(
+            client, workload=name, origin=str(URL(target).origin()), issuer=None,
+            key=read_key(key_file), lease=REQUEST_TIMEOUT, display=location.display,
+        ).load_signin()
+    except (StateError, StoreKeyMismatch):
+        signin = None  # signing in again is the cure: go on without the old scope
+    finally:
+        await client.aclose()
+    scope = signin.get("scope") if signin is not None else None
+    return target, tuple(scope.split()) if isinstance(scope, str) else ()
 
 
 def _step_up_scopes(state_dir: Path, name: str) -> tuple[str, ...]:

@@ -19,9 +19,9 @@ from proxy.config import parse_store
 from proxy.credentials.token_store import RedisTokenStore, read_key
 from proxy.status.redis import read_shared
 
-from .conftest import AuthServer, Cli, Running
+from .conftest import AuthServer, Cli, Running, TargetFactory
 from .target import ProtectedTarget
-from .test_run_oauth import WAIT, call_tool, initialize, revoke_grant
+from .test_run_oauth import WAIT, _eventually, call_tool, initialize, revoke_grant
 from helpers import eventually, write_secret
 
 pytestmark = pytest.mark.timeout(150)
@@ -57,11 +57,12 @@ async def stored_signin(redis: RedisServer, key: Path, target: ProtectedTarget
 async def every_value(redis: RedisServer) -> list[bytes]:
     """Every key in the store and everything stored under it, whatever its type."""
     client = redis.client()
-    out: list[bytes] = []
+    out: list[Any] = []
     try:
         async for key in client.scan_iter():
             out.append(key)
-            kind = (await client.type(key)).decode()
+            kind = await client.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
             if kind == "string":
                 out.append(await client.get(key))
             elif kind == "hash":
@@ -75,7 +76,7 @@ async def every_value(redis: RedisServer) -> list[bytes]:
                 out += list(await client.lrange(key, 0, -1))
     finally:
         await client.aclose()
-    return out
+    return [v if isinstance(v, bytes) else str(v).encode() for v in out]
 
 
 async def status(redis: RedisServer) -> dict[str, Any]:
@@ -120,7 +121,7 @@ async def test_login_store_signs_every_replica_in_and_heals_them(
             aiohttp.ClientSession() as session:
         for url in urls:
             assert await call_tool(url, "echo", "replica") == "echo: replica"
-        await eventually(lambda: _status_is(redis, "running"), WAIT, what="running")
+        assert await _wait_status(redis, "running")
 
         await revoke_grant(authserver, first)
 
@@ -129,19 +130,20 @@ async def test_login_store_signs_every_replica_in_and_heals_them(
             return all(code == 503 and b"mcp-authproxy login" in body
                        for code, _, body in answers)
 
-        await eventually(refused_everywhere, WAIT, what="both replicas LoginRequired",
-                         every=0.2)
+        refused: bool = await eventually(refused_everywhere, WAIT, every=0.2,
+                                         what="both replicas LoginRequired")
+        assert refused
         during = await status(redis)
         assert during["status"] == "unauthenticated", during
         assert during["reason"] == "LoginRequired", during
 
-        again = await cli.login("--target-url", target.url, "--name", NAME, *flags)
+        again = await cli.login(NAME, *flags)  # the target: the shared record's
         assert again.code == 0, again.stderr
         second = await stored_signin(redis, key, target)
         assert second is not None and second["signin_id"] != first["signin_id"]
         for url in urls:
-            assert await _eventually_echo(url) == "echo: healed"
-        await eventually(lambda: _status_is(redis, "running"), WAIT, what="running again")
+            assert await _eventually(url, "echo", "healed") == "echo: healed"
+        assert await _wait_status(redis, "running")
 
     values = b"\n".join(await every_value(redis))
     for signin in (first, second):
@@ -150,19 +152,12 @@ async def test_login_store_signs_every_replica_in_and_heals_them(
     assert second["access_token"] in target.settings.seen_tokens
 
 
-async def _status_is(redis: RedisServer, wanted: str) -> bool:
-    return (await status(redis)).get("status") == wanted
+async def _wait_status(redis: RedisServer, wanted: str) -> bool:
+    async def holds() -> bool:
+        return (await status(redis)).get("status") == wanted
 
-
-async def _eventually_echo(url: str) -> str:
-    async def attempt() -> str | None:
-        try:
-            return await call_tool(url, "echo", "healed")
-        except Exception:
-            return None
-
-    found: str = await eventually(attempt, WAIT, what="a healed replica", every=0.2)
-    return found
+    reached: bool = await eventually(holds, WAIT, what=f"the shared status {wanted}")
+    return reached
 
 
 async def test_login_store_needs_its_key(cli: Cli) -> None:
@@ -172,3 +167,32 @@ async def test_login_store_needs_its_key(cli: Cli) -> None:
     assert result.code == 2
     assert "--store-key-file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_replicas_refresh_the_stored_sign_in_without_breaking_rotation(
+        cli: Cli, tmp_path: Path, short_lived_authserver: AuthServer,
+        make_target: TargetFactory, redis: RedisServer) -> None:
+    """Tokens living 3 s: the replicas refresh under the store's lock, the rotated
+    refresh token lands in the store (same sign-in), and both keep serving."""
+    target = await make_target(short_lived_authserver)
+    key = write_secret(tmp_path / "store.key", base64.urlsafe_b64encode(
+        os.urandom(32)).decode())
+    flags = store_flags(redis, key)
+    assert (await cli.login("--target-url", target.url, "--name", NAME, *flags)).code == 0
+    first = await stored_signin(redis, key, target)
+    assert first is not None
+
+    async with two_replicas(cli, tmp_path, target, flags) as urls:
+        async def rotated() -> dict[str, Any] | None:
+            now = await stored_signin(redis, key, target)
+            return now if now and now["refresh_token"] != first["refresh_token"] else None
+
+        second = await eventually(rotated, WAIT, what="a rotated token")
+        assert second is not None
+        for url in urls:
+            assert await call_tool(url, "echo", "later") == "echo: later"
+        assert await _wait_status(redis, "running")
+
+    assert second["signin_id"] == first["signin_id"]
+    assert second["access_token"] != first["access_token"]
+    assert second["access_token"] in target.settings.seen_tokens
