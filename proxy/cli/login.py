@@ -3,7 +3,9 @@
 Argparse for the subcommand, the target and scopes it works out (the stored sign-in,
 the status record, a step-up asked for by the target), then discovery and the sign-in
 itself (`credentials.discovery`, `credentials.login`), stored by
-`credentials.signin_store` for `run --oauth`, which picks it up without a restart.
+`credentials.signin_store` for `run --oauth`, which picks it up without a restart; with
+`--store redis://` it goes into the shared store instead, encrypted
+(`credentials.token_store`), for every replica.
 
 Stdout gets exactly one line, `<issuer> <workload> <granted scopes>`; the authorization
 URL and the device code go to stderr. Exit 0 signed in, 1 a step failed (one line naming
@@ -56,7 +58,8 @@ def add_login_parser(sub: Any, parser_class: type[argparse.ArgumentParser],
         description="Discover the target's authorization server (RFC 9728, RFC 8414), "
         "register a client if needed (RFC 7591), sign in with a browser (authorization "
         "code + PKCE, loopback redirect) or a device code (RFC 8628), and store the "
-        "sign-in for 'run --oauth'. A running 'run --oauth' picks it up at once.")
+        "sign-in for 'run --oauth' (with --store, in the store every replica shares). A running "
+        "'run --oauth' picks it up at once.")
     login.add_argument("name", nargs="?", metavar="NAME",
                        help="the workload; its target comes from its stored sign-in or "
                        "status record")

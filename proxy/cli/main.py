@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with a credential source, pass the target's 401 to the client "
                       "unchanged instead of a 503 upstream_unauthorized")
     cred.add_argument("--oauth", action="store_true", default=None,
-                      help="the sign-in 'mcp-authproxy login NAME' stored for this workload; "
+                      help="the sign-in 'mcp-authproxy login NAME' stored for this workload "
+                      "(with --store redis://, the one 'login --store' put in the store); "
                       "refreshed and picked up again without a restart")
     health = run.add_argument_group("health probes")
     health.add_argument("--health-interval", type=_number(float), metavar="S",
