@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from replicas.conftest import RedisServer
+from replicas.conftest import RedisServer, free_port
 from yarl import URL
 
 from proxy.config import parse_store
@@ -133,8 +133,8 @@ async def test_login_store_signs_every_replica_in_and_heals_them(
         refused: bool = await eventually(refused_everywhere, WAIT, every=0.2,
                                          what="both replicas LoginRequired")
         assert refused
+        assert await _wait_status(redis, "unauthenticated")
         during = await status(redis)
-        assert during["status"] == "unauthenticated", during
         assert during["reason"] == "LoginRequired", during
 
         again = await cli.login(NAME, *flags)  # the target: the shared record's
@@ -196,3 +196,30 @@ async def test_replicas_refresh_the_stored_sign_in_without_breaking_rotation(
     assert second["signin_id"] == first["signin_id"]
     assert second["access_token"] != first["access_token"]
     assert second["access_token"] in target.settings.seen_tokens
+
+
+async def test_a_replica_with_another_key_never_uses_the_stored_sign_in(
+        cli: Cli, tmp_path: Path, target: ProtectedTarget, redis: RedisServer) -> None:
+    """A replica whose `--store-key-file` is not the key `login --store` used says
+    `error` (StoreKeyMismatch), answers 503 and sends no token to the target."""
+    right = write_secret(tmp_path / "right.key", base64.urlsafe_b64encode(
+        os.urandom(32)).decode())
+    wrong = write_secret(tmp_path / "wrong.key", base64.urlsafe_b64encode(
+        os.urandom(32)).decode())
+    login = await cli.login("--target-url", target.url, "--name", NAME,
+                            *store_flags(redis, right))
+    assert login.code == 0, login.stderr
+    before = len(target.settings.seen_tokens)
+    admin = free_port()
+    async with cli.started("run", "--oauth", "--target-url", target.url, "--name", NAME,
+                           "--state-dir", str(tmp_path / "replica"), "--health-interval",
+                           "0", "--admin-port", str(admin), *store_flags(redis, wrong)
+                           ) as running, aiohttp.ClientSession() as session:
+        url = await running.stdout_line()
+        await running.stderr_line("store_key_mismatch")
+        async with session.get(f"http://127.0.0.1:{admin}/status") as response:
+            record = await response.json()
+        code, _, _ = await initialize(session, url)
+    assert record["status"] == "error" and record["reason"] == "StoreKeyMismatch", record
+    assert code == 503
+    assert target.settings.seen_tokens[before:] == []
