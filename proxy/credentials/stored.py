@@ -171,12 +171,7 @@ class StoredSignInSource(OAuthSource):
 
     def _adopt(self, signin: StoredSignIn) -> None:
         """Take a (new) sign-in: its client, its refresh token, its token while fresh."""
-        self._signin = signin
-        self._token_url = signin.token_endpoint
-        self._client_id = signin.client_id
-        self._secret = signin.client_secret
-        self._refresh_token = signin.refresh_token
-        self._resource = signin.resource
+        self._take_client(signin)
         self._reset_failures()
         self._last_failure = None
         self._rejected = None

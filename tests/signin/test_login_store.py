@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from replicas.conftest import RedisServer, free_port
+from replicas.conftest import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 from yarl import URL
 
 from proxy.config import parse_store
@@ -29,13 +29,9 @@ NAME = "shared"
 
 
 @pytest.fixture
-async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory)
-    await server.start()
-    yield server
-    await server.stop()
+def redis(redis_server: RedisServer) -> RedisServer:  # noqa: F811 (the fixture)
+    """The replicas suite's redis-server, under the name these tests use."""
+    return redis_server
 
 
 def store_flags(redis: RedisServer, key: Path) -> tuple[str, ...]:
