@@ -236,7 +236,16 @@ class AuthProxy:
                     await asyncio.wait_for(self._monitor.flush(), self.config.drain_timeout)
         else:
             await self._monitor.flush()
-        await self._workload.apply(st.Stopped())
+        stopped = asyncio.ensure_future(self._workload.apply(st.Stopped()))
+        if self._workload.shared:
+            # The goodbye is best effort: without it the entry expires after replica_ttl.
+            await asyncio.wait([stopped], timeout=self.config.drain_timeout)
+            if not stopped.done():
+                self._logger.warning("store_goodbye_unsent", store=redact_store_url(
+                    self.config.store))
+                stopped.cancel()
+        else:
+            await stopped
         await self._workload.close()
         self._logger.info("stopped")
 

@@ -254,7 +254,8 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._drop_pubsub()
-        await self.client.aclose()
+        with contextlib.suppress(RedisError, OSError):  # leaving: nothing more to write
+            await self.client.aclose()
 
     # --- operations (each runs inside `_io`) ----------------------------------------------
 

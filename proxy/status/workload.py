@@ -20,7 +20,6 @@ directory others could write) from `claim` reach the caller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +34,9 @@ from .store import SharedStatusStore, StatusStore
 _Operation = Callable[[Any], Awaitable[st.WorkloadRecord]]
 RETRY_FIRST = 0.05  # seconds before retrying a shared store that failed a write
 RETRY_CAP = 2.0  # longest wait between retries: the store coming back is noticed soon
+# At shutdown, how long a cancelled sync/writer task and the store client's close may
+# take: a stop must end even when the store or its client library hangs.
+CLOSE_GRACE = 2.0
 
 
 @dataclass(slots=True)
@@ -134,13 +136,20 @@ class Workload:
 
     async def close(self) -> None:
         """Stop the sync and any write still retrying (a shared store that stayed down)."""
-        for task in (self._sync, self._writer):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._sync, self._writer) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_GRACE)
+            for task in tasks:
+                if not task.done():
+                    self._logger.warning("store_task_stuck", task=task.get_name(),
+                                         action="left behind at shutdown")
         if self._shared_store is not None:
-            await self._shared_store.close()
+            try:
+                await asyncio.wait_for(self._shared_store.close(), CLOSE_GRACE)
+            except (TimeoutError, StateError, OSError) as exc:
+                self._logger.warning("store_close_failed", error=type(exc).__name__)
 
     # --- a shared store: heartbeat and re-read -------------------------------------
 

@@ -9,6 +9,7 @@ tunables), stopped by pid at teardown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -164,7 +165,19 @@ class Replica:
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.returncode is None:
             self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), WAIT)
+        try:
+            code = await asyncio.wait_for(asyncio.shield(self.proc.wait()), WAIT)
+        except TimeoutError:
+            # Say where it hangs: the replica prints its tasks' stacks on SIGUSR1.
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 2.0)
+            self.proc.kill()
+            await asyncio.wait_for(self.proc.wait(), WAIT)
+            if self._pump is not None:
+                await asyncio.wait_for(self._pump, WAIT)
+            pytest.fail(f"replica {self.pid} did not exit within {WAIT} s of signal {sig}; "
+                        "its log:\n" + "".join(self.lines[-200:]))
         if self._pump is not None:
             await asyncio.wait_for(self._pump, WAIT)
         return code
@@ -176,7 +189,9 @@ async def start_replica(run_flags: Sequence[str], *, events: Path | None = None,
     ours: list[str] = []
     if events is not None:
         ours += ["--events", str(events)]
-    for name, value in (tunables or {}).items():
+    # A stop's every wait is bounded by drain_timeout (twice at most): shortened so a
+    # replica that is slow to stop is told apart from one that hangs, well inside WAIT.
+    for name, value in {"drain_timeout": 3.0, **(tunables or {})}.items():
         ours += ["--tunable", f"{name}={value}"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "replica.py"), *ours, "--", *run_flags,

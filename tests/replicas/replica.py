@@ -54,11 +54,20 @@ def main(argv: list[str]) -> int:
         log.flush()
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1: every task's stack to stderr, so a test whose replica will not stop
+    can say where it hangs."""
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def _serve(config: Any, events: str | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
     callbacks = ({} if events is None else {
         "on_unauthorized": _writer(events, "unauthorized"),
         "on_reauthorized": _writer(events, "reauthorized")})
