@@ -233,9 +233,11 @@ class AuthProxy:
             # not taken by now is lost with this replica, whose entry expires anyway.
             if not self._workload.store_down:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._monitor.flush(), self.config.drain_timeout)
+                    await asyncio.wait_for(self._monitor.flush(self.config.drain_timeout),
+                                           self.config.drain_timeout)
         else:
-            await self._monitor.flush()
+            await self._monitor.flush(self.config.drain_timeout)
+        await self._monitor.close()  # callbacks still running end with the proxy
         stopped = asyncio.ensure_future(self._workload.apply(st.Stopped()))
         if self._workload.shared:
             # The goodbye is best effort: without it the entry expires after replica_ttl.

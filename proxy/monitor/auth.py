@@ -15,6 +15,7 @@ into forwarding. Nothing here logs or passes on a credential.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -39,6 +40,9 @@ INSUFFICIENT_SCOPE_REASON = "InsufficientScope"
 RETRYING_REASON = "TokenRefreshRetrying"
 EVENT_ENV = "MCP_AUTHPROXY_EVENT"
 CALLBACK_GRACE = 10.0  # seconds `flush` waits for callbacks before leaving them running
+# An `--on-unauthorized-exec` child still running when the proxy stops gets SIGTERM,
+# then SIGKILL after this many seconds: no hook outlives the proxy that started it.
+CHILD_GRACE = 2.0
 _MAX_ERROR_TEXT = 200  # the target's error text is untrusted: bound what we store
 # (reason, message) of the conditions a good answer on the MCP path sets.
 _AUTHORIZED = ("Authorized", "The target accepts requests on the MCP path.")
@@ -228,6 +232,15 @@ class AuthMonitor:
                 self._logger.warning("callbacks_still_running", count=len(pending))
                 return
             await asyncio.wait(pending, timeout=remaining)
+
+    async def close(self) -> None:
+        """Stopping: cancel callbacks still running (an exec hook's child is stopped) and
+        wait for them to end, within CHILD_GRACE and a margin."""
+        pending = [t for t in self._tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=CHILD_GRACE + 1.0)
 
     # --- decisions (synchronous, in memory) ---------------------------------------
 
@@ -431,7 +444,14 @@ def exec_callback(command: str) -> UnauthorizedCallback:
             logger.warning("on_unauthorized_exec_failed", workload=event.workload,
                            command=argv[0], error=exc.strerror or str(exc))
             return
-        code = await proc.wait()
+        try:
+            code = await proc.wait()
+        except asyncio.CancelledError:
+            # The proxy is stopping: the hook does not outlive it.
+            await _stop_child(proc)
+            logger.warning("on_unauthorized_exec_stopped", workload=event.workload,
+                           command=argv[0], exit_code=proc.returncode)
+            raise
         if code != 0:
             logger.warning("on_unauthorized_exec_failed", workload=event.workload,
                            command=argv[0], exit_code=code)
@@ -439,3 +459,17 @@ def exec_callback(command: str) -> UnauthorizedCallback:
             logger.info("on_unauthorized_exec_done", workload=event.workload, command=argv[0])
 
     return run
+
+
+async def _stop_child(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after CHILD_GRACE; reaped either way."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), CHILD_GRACE)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
