@@ -14,14 +14,15 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY proxy ./proxy
 # A venv: a distribution's Python refuses a system-wide pip install (PEP 668). The same
-# install as the README's path: pinned by constraints.txt, with the uvloop extra.
+# install as the README's path: pinned by constraints.txt, with the uvloop extra and the
+# redis extra (replicas: --store redis:// works in the stock image).
 # The optional secret "pip-ca" is a CA bundle for pip behind a TLS-intercepting proxy
 # (scripts/build-image passes the caller's $PIP_CERT); a secret leaves no trace in the image.
 RUN --mount=type=secret,id=pip-ca \
     if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
  && python3 -m venv /opt/mcp-authproxy \
  && /opt/mcp-authproxy/bin/pip install --no-cache-dir --disable-pip-version-check \
-        --progress-bar off -c constraints.txt '.[uvloop]'
+        --progress-bar off -c constraints.txt '.[uvloop,redis]'
 
 FROM ${BASE}
 COPY --from=build /opt/mcp-authproxy /opt/mcp-authproxy

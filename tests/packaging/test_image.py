@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -61,3 +62,15 @@ def test_the_image_entrypoint_starts_a_proxy_its_healthcheck_can_reach() -> None
     assert urlsplit(url).hostname == config.admin_host == "127.0.0.1"
     assert urlsplit(url).port == config.admin_port
     assert probe[0].rsplit("/", 1)[0] == entrypoint[0].rsplit("/", 1)[0]  # the same venv
+
+
+def test_the_image_installs_every_extra_a_run_flag_needs() -> None:
+    """`--store redis://` (the redis extra) and uvloop work in the stock image: its pip
+    install names every optional extra pyproject.toml declares but the test tools."""
+    text = DOCKERFILE.read_text()
+    match = re.search(r"constraints\.txt '\.\[([a-z,]+)\]'", text)
+    assert match, "the build stage installs the project with its extras"
+    installed = set(match.group(1).split(","))
+    declared = tomllib.loads((DOCKERFILE.parent / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    assert installed == set(declared) - {"test"}, (installed, set(declared))
