@@ -27,8 +27,10 @@ from ..credentials.base import Credential, CredentialSource
 from ..credentials.challenge import bearer_error
 from ..errors import CredentialUnavailable
 from ..log import AccessLog, get_logger
+from ..wire.body import BadRequestBody
 from ..wire.client import UpstreamError, UpstreamPool, UpstreamResponse
-from ..wire.server import HTTP10, BadRequestBody, InboundRequest, Reply, error_body
+from ..wire.reply import HTTP10, Reply
+from ..wire.server import InboundRequest, error_body
 from .observe import Exchange, ForwardObserver
 from .relay import (
     COMPLETE,

@@ -31,7 +31,8 @@ from typing import Any
 from aiohttp import hdrs
 
 from ..wire.client import UpstreamResponse
-from ..wire.server import InboundRequest, Reply
+from ..wire.reply import Reply
+from ..wire.server import InboundRequest
 from .rules import REDIRECT_STATUSES, response_fields
 
 # --- the request body ---------------------------------------------------------------

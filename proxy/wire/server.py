@@ -5,11 +5,9 @@ A reverse proxy needs little of a web framework: this keeps llhttp's strict pars
 pipelining in order, keep-alive, a request-header timeout (slowloris), a connection cap
 (503 above it), a 64 KiB cap on the request head (431), lingering on an unread body,
 JSON 400/431/501 answers for malformed input that quote nothing back, and a drain at
-shutdown. Request bodies arrive in a `BodyStream` whose reader's pace pauses and
-resumes reading from the socket (a high-water mark); the answer's writes are paced by
-the transport's own high-water mark (`pause_writing`). Responses are written by `Reply`:
-headers and a small body in one write, chunked framing when the length is unknown and
-the client speaks HTTP/1.1, `Connection: close` when the connection ends with the answer.
+shutdown. Request bodies arrive in a `BodyStream` (body.py) whose reader's pace pauses
+and resumes reading from the socket; the answer, a `Reply` (reply.py), is paced by the
+transport's own high-water mark (`pause_writing`).
 It must never block the loop, never leave a socket or task behind after `shutdown`,
 never let a parse error leave a request body waiting, and never reach into another
 library's private state.
@@ -21,15 +19,14 @@ import asyncio
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from .chunked import LAST_CHUNK, chunk
-from .head import http_date, serialize_head
+from .body import EMPTY_BODY, BadRequestBody, BodyStream
 from .limits import MAX_HEAD_BYTES, MAX_HEADERS
+from .reply import HTTP10, HTTP11, Reply, WriteListener
 
 # After the answer, how long a client still sending an unwanted body (a 413) is read
 # and ignored before its connection is closed: closing at once would reset the
@@ -38,16 +35,11 @@ LINGERING_TIME = 1.0
 # Pipelined requests parsed ahead of the one being served; above this the socket is not
 # read until the queue drains (what one read holds is parsed: at most one buffer's worth).
 MAX_QUEUED = 32
-# Request body bytes buffered before reading from the client pauses (it resumes once the
-# reader took them): a slow target stalls the client, the proxy holds one window.
-BODY_HIGH_WATER = 2**16
 # Client-side write buffer above which the transport asks the writer to pause
 # (`pause_writing`): what a client that stops reading costs the proxy at most.
 WRITE_HIGH_WATER = 2**18
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-HTTP10 = (1, 0)
-HTTP11 = (1, 1)
 _VERSIONS = {"1.1": HTTP11, "1.0": HTTP10}
 
 
@@ -82,10 +74,6 @@ INTERNAL_ERROR = _fixed_answer("500 Internal Server Error", "internal_error",
                                "the proxy failed to handle the request")
 
 
-class BadRequestBody(Exception):
-    """The request body's framing broke mid-body (a malformed chunk): answer 400, close."""
-
-
 class _Refused(Exception):
     """A request the parser accepted but the proxy will not frame; carries the answer."""
 
@@ -96,87 +84,6 @@ class _Refused(Exception):
         self.problem = problem
 
 
-class BodyStream:
-    """A request body as it arrives, for one reader; reading paces the socket.
-
-    `is_eof()`: every byte arrived (some may still be buffered); `at_eof()`: and read.
-    """
-
-    __slots__ = ("_buffer", "_conn", "_eof", "_exc", "_size", "_waiter", "total_bytes")
-
-    def __init__(self, conn: ClientConnection | None) -> None:
-        self._conn = conn
-        self._buffer: deque[bytes] = deque()
-        self._size = 0
-        self._eof = conn is None
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.total_bytes = 0
-
-    def feed(self, data: bytes) -> None:
-        self._buffer.append(data)
-        self._size += len(data)
-        self.total_bytes += len(data)
-        self._wake()
-        conn = self._conn
-        if self._size > BODY_HIGH_WATER and conn is not None:
-            conn.body_full(True)
-
-    def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if self._exc is None and not self._eof:
-            self._exc = exc
-        self._wake()
-
-    def exception(self) -> BaseException | None:
-        return self._exc
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def is_eof(self) -> bool:
-        return self._eof
-
-    def at_eof(self) -> bool:
-        return self._eof and not self._buffer
-
-    def read_nowait(self, n: int = -1) -> bytes:
-        """Everything buffered (`n` is accepted for the StreamReader shape; all is read)."""
-        buffer = self._buffer
-        if not buffer:
-            return b""
-        data = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
-        buffer.clear()
-        self._size = 0
-        conn = self._conn
-        if conn is not None:
-            conn.body_full(False)
-        return data
-
-    async def readany(self) -> bytes:
-        """The next bytes of the body; b"" at its end. Raises what broke it."""
-        while not self._buffer:
-            if self._exc is not None:
-                raise self._exc
-            if self._eof:
-                return b""
-            conn = self._conn
-            if conn is not None:
-                conn.body_full(False)  # a reader waits: whatever paused reading is over
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.read_nowait()
-
-
-EMPTY_BODY = BodyStream(None)
 
 
 class InboundRequest:
@@ -227,205 +134,6 @@ class InboundRequest:
             transport.write(CONTINUE)
 
 
-class WriteListener(Protocol):
-    """Told when the client's write buffer crosses its high-water mark (a pushed relay)."""
-
-    def client_paused(self) -> None: ...
-    def client_resumed(self) -> None: ...
-
-
-class Reply:
-    """The answer to one request: status line, headers, then the body as it comes.
-
-    `headers` is a multidict or a list of (name, value) fields, in order; a body's length
-    as given there is trusted. `body` set: sent whole with a Content-Length by `finish()`.
-    Otherwise `start()`
-    frames it: the headers' Content-Length as given, chunked for an HTTP/1.1 client,
-    else until the connection closes. Returned by the handler; the connection finishes
-    whatever the handler did not. `start()` raises ValueError for a head that cannot be
-    written safely (a control character in a header), before anything is sent.
-    """
-
-    __slots__ = ("_chunked", "_close", "_conn", "_head", "_hold", "_no_body", "body",
-                 "finished", "headers", "prepared", "reason", "status")
-
-    def __init__(self, status: int, reason: str | None = None,
-                 headers: CIMultiDict[str] | list[tuple[str, str]] | None = None,
-                 body: bytes | None = None, content_type: str | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        # As given: `start()` adds the framing fields to the head it writes, not here.
-        self.headers: CIMultiDict[str] | list[tuple[str, str]] = (
-            headers if headers is not None else CIMultiDict())
-        if content_type is not None:
-            if isinstance(self.headers, list):
-                self.headers.append(("Content-Type", content_type))
-            else:
-                self.headers.add("Content-Type", content_type)
-        self.body = body
-        self.prepared = False
-        self.finished = False
-        self._conn: ClientConnection | None = None
-        self._head: bytes | None = None  # headers not yet written
-        self._hold = False
-        self._chunked = False
-        self._no_body = False
-        self._close = False
-
-    @property
-    def chunked(self) -> bool:
-        return self._chunked
-
-    @property
-    def closes(self) -> bool:
-        """The connection closes after this answer."""
-        return self._close
-
-    def force_close(self) -> None:
-        """Close the client connection after this answer."""
-        self._close = True
-
-    def send_headers_with_body(self) -> None:
-        """Hold the headers back until the first body write (one packet, not two)."""
-        self._hold = True
-
-    def start(self, request: InboundRequest) -> Reply:
-        """Fix the framing and send the headers (or hold them for the first write)."""
-        if self.prepared:
-            return self
-        conn = request.protocol
-        headers = self.headers
-        fields = list(headers) if isinstance(headers, list) else list(headers.items())
-        names = {name.lower() for name, _ in fields}
-        status = self.status
-        version = request.version
-        no_body = self._no_body = (request.method == "HEAD" or status < 200
-                                   or status in (204, 304))
-        keep = not (self._close or request.should_close or conn.closing)
-        chunked = False
-        if self.body is not None:
-            if (not no_body or request.method == "HEAD") and "content-length" not in names:
-                fields.append(("Content-Length", str(len(self.body))))
-        elif no_body or "content-length" in names:
-            pass
-        elif version >= HTTP11:
-            fields.append(("Transfer-Encoding", "chunked"))
-            chunked = True
-        else:
-            keep = False  # an HTTP/1.0 client reads this body until the connection closes
-        if "connection" in names:
-            fields = [(n, v) for n, v in fields if n.lower() != "connection"]
-        if not keep:
-            fields.append(("Connection", "close"))
-        elif version == HTTP10:
-            fields.append(("Connection", "keep-alive"))
-        if "date" not in names:
-            fields.append(("Date", http_date()))
-        reason = self.reason
-        if reason is None:
-            reason = _REASONS.get(status, "")
-        head = serialize_head(f"HTTP/{version[0]}.{version[1]} {status} {reason}", fields)
-        # Nothing above wrote or changed the connection: a bad head leaves it answerable.
-        self.prepared = True
-        self._conn = conn
-        self._chunked = chunked
-        if not keep:
-            conn.close_after_reply()
-        if self._hold:
-            self._head = head
-        else:
-            self._send(head)
-        return self
-
-    def _send(self, data: bytes) -> None:
-        conn = self._conn
-        transport = conn.transport if conn is not None else None
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("cannot write to a closing client connection")
-        conn.answered = True  # type: ignore[union-attr]
-        transport.write(data)
-
-    async def write(self, data: bytes) -> None:
-        self.send_now(data)
-        await self.drain()
-
-    def send_now(self, data: bytes) -> None:
-        """`write()` without waiting for the client to take it (for a caller that cannot
-        wait: the bytes are buffered by the transport)."""
-        if not data or self._no_body:
-            return
-        if self._chunked:
-            data = chunk(data)
-        head, self._head = self._head, None
-        self._send(head + data if head is not None else data)
-
-    def send_pieces(self, pieces: list[bytes]) -> int:
-        """Like `send_now` for several pieces in one write, none of them copied (a bulk
-        body's reads): each becomes a chunk of its own. Returns the payload bytes."""
-        if self._no_body:
-            return 0
-        size = 0
-        out: list[bytes] = []
-        head, self._head = self._head, None
-        if head is not None:
-            out.append(head)
-        chunked = self._chunked
-        for piece in pieces:
-            if piece:
-                size += len(piece)
-                if chunked:
-                    out.append(b"%x\r\n" % len(piece))
-                    out.append(piece)
-                    out.append(b"\r\n")
-                else:
-                    out.append(piece)
-        if out:
-            conn = self._conn
-            transport = conn.transport if conn is not None else None
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("cannot write to a closing client connection")
-            conn.answered = True  # type: ignore[union-attr]
-            if len(out) == 1:
-                transport.write(out[0])
-            else:
-                transport.writelines(out)
-        return size
-
-    async def drain(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            await conn.drain()
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        self.send_eof(data)
-        await self.drain()
-
-    def send_eof(self, data: bytes = b"") -> None:
-        """The rest of the body and the end of the message, without waiting for the client
-        to read it (`drain()` does)."""
-        if self.finished:
-            return
-        self.finished = True
-        out = b""
-        if data and not self._no_body:
-            out = chunk(data) if self._chunked else data
-        if self._chunked:
-            out += LAST_CHUNK
-        head, self._head = self._head, None
-        if head is not None:
-            out = head + out
-        if out:
-            self._send(out)
-
-    async def finish(self, request: InboundRequest) -> None:
-        """Send whatever the handler left unsent: headers, the whole body, the end."""
-        if not self.finished:
-            self.start(request)
-            self.send_eof(self.body or b"")
-        await self.drain()
-
-
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 Handler = Callable[[InboundRequest], Awaitable[Reply]]
 
