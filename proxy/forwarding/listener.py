@@ -24,9 +24,10 @@ import aiohttp
 from ..config import ProxyConfig
 from ..credentials.base import CredentialSource
 from ..log import get_logger
-from ..wire.client import UpstreamPool, make_session
+from ..wire.client import UpstreamPool
 from ..wire.compat import check as check_dependencies
 from ..wire.server import InboundServer
+from ..wire.session import make_session
 from .handler import Forwarder
 from .observe import ForwardObserver
 

@@ -1,6 +1,4 @@
-"""The proxy's upstream connections: a lean keep-alive pool on httptools' response parser,
-the `ClientSession` the rest of the proxy uses (probes, token requests), and the TLS
-context both verify targets with.
+"""The proxy's upstream connections: a lean keep-alive pool on httptools' response parser.
 
 `UpstreamPool` connects only to the target's origin and sends one request per connection
 at a time: the head in one write with a body already in memory, or the head and then a
@@ -22,7 +20,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -30,35 +27,7 @@ from ..config import ProxyConfig
 from ..tls import client_context
 from .chunked import LAST_CHUNK, chunk
 from .head import serialize_head
-from .limits import MAX_HEAD_BYTES, MAX_HEADER_LINE
-
-# Headers aiohttp would otherwise invent; a client that sent them still has them forwarded.
-SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-
-
-def make_session(config: ProxyConfig) -> aiohttp.ClientSession:
-    """The shared session for probes; must be created inside the running loop.
-
-    Transparent: it adds no headers of its own, never decompresses, never stores cookies
-    and never follows redirects by itself.
-    """
-    connector = aiohttp.TCPConnector(
-        limit=0,
-        limit_per_host=0,
-        keepalive_timeout=config.upstream_idle_timeout,
-        ssl=client_context(config.ca_file),
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None, sock_read=None, sock_connect=None),
-        trust_env=False,
-        raise_for_status=False,
-        max_line_size=MAX_HEADER_LINE,
-        max_field_size=MAX_HEADER_LINE,
-    )
+from .limits import MAX_HEAD_BYTES
 
 
 class UpstreamError(Exception):
