@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import ProxyConfig, parse_store, redact_store_url
 from .credentials import build_credential_source
-from .credentials.base import CredentialSource
+from .credentials.base import TOKEN_LOADED, CredentialSource
 from .credentials.oauth import OAuthSource
 from .credentials.token_store import TokenStore
 from .forwarding.listener import ForwardingServer
@@ -266,8 +266,9 @@ class AuthProxy:
     # --- internals -----------------------------------------------------------------
 
     def _on_token_refresh(self, outcome: str, expires_in: float | None) -> None:
-        self.metrics.token_refresh(outcome)
-        if outcome == "success":
+        if outcome != TOKEN_LOADED:  # a stored sign-in's token: no refresh happened
+            self.metrics.token_refresh(outcome)
+        if outcome in ("success", TOKEN_LOADED):
             self.metrics.set_token_expiry(expires_in)
 
     def _current_version(self) -> int | None:

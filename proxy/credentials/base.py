@@ -17,8 +17,12 @@ from typing import Any, Protocol
 # Retry-After for an invalid source: a user may fix it any moment.
 INVALID_RETRY_AFTER = 5.0
 
-# Called when an OAuth refresh ends: (outcome, seconds the new token lives or None).
+# Told of every token an OAuth source takes up: (outcome, seconds it lives or None).
+# `outcome` is how a token request ended ("success", "transient_error", "refused"), or
+# TOKEN_LOADED for a token taken without one (a stored sign-in loaded or picked up): a
+# listener then learns its expiry but counts no refresh.
 RefreshListener = Callable[[str, float | None], None]
+TOKEN_LOADED = "loaded"
 
 @dataclass(frozen=True, slots=True)
 class Credential:

@@ -27,7 +27,14 @@ from ..config import ProxyConfig
 from ..errors import CredentialInvalid, CredentialRetrying, StateError, StoreKeyMismatch
 from ..log import get_logger, redact_url
 from ..tls import client_context
-from .base import INVALID_RETRY_AFTER, Credential, CredentialReporter, ReportOnChange, cancel_task
+from .base import (
+    INVALID_RETRY_AFTER,
+    Credential,
+    CredentialReporter,
+    RefreshListener,
+    ReportOnChange,
+    cancel_task,
+)
 from .files import WATCH_INTERVAL, FileWatch, file_signature, read_secret_file, warn_if_shared
 from .token_endpoint import (
     MAX_TOKEN_RESPONSE,
@@ -135,8 +142,9 @@ class OAuthSource:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # Told of every token-endpoint outcome ("success" with the token's lifetime,
-        # "transient_error", "refused"): the metrics hang here, nothing on the hot path.
-        self.refresh_listener: Callable[[str, float | None], None] | None = None
+        # "transient_error", "refused") and of a token taken without one (TOKEN_LOADED):
+        # the metrics hang here, nothing on the hot path.
+        self.refresh_listener: RefreshListener | None = None
 
     # -- CredentialSource ------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 from ..config import ProxyConfig
 from ..errors import StateError, StoreKeyMismatch
 from ..log import get_logger, redact_url
-from .base import Credential, CredentialReporter
+from .base import TOKEN_LOADED, Credential, CredentialReporter
 from .files import FileWatch, file_signature
 from .oauth import OAuthSource
 from .signin_store import (
@@ -184,6 +184,7 @@ class StoredSignInSource(OAuthSource):
             # Expired already: refresh at once (the driver sees no credential).
             self._credential = None
             self._expires_at = self._refresh_at = None
+            self._tell(TOKEN_LOADED, None)  # no token at hand until the refresh
             self._wake.set()
             return
         self._version += 1
@@ -197,6 +198,7 @@ class StoredSignInSource(OAuthSource):
             self._expires_at = now + remaining
             self._refresh_at = now + max(ahead, self._min_refresh_delay)
         self._last_ok = True
+        self._tell(TOKEN_LOADED, remaining)  # its expiry is known now, not at the refresh
         self._state(True, "SignedIn", f"signed in to {redact_url(signin.issuer)} "
                     f"({' '.join(signin.scope) or 'no scope'})", False)
         self._wake.set()

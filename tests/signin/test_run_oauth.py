@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,45 @@ async def test_no_sign_in_is_login_required(cli: Cli, target: ProtectedTarget) -
     assert len(episodes.unauthorized) == 1
     assert episodes.unauthorized[0].reason == "LoginRequired"
     assert target.settings.seen_tokens == []  # nothing reached the target
+
+
+async def scrape_metrics(admin_port: int | None) -> dict[str, float]:
+    """The admin `/metrics`, parsed as Prometheus parses it: unlabelled samples by name,
+    labelled ones as `name{k=v,...}`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert admin_port is not None
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{admin_port}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+async def test_token_expiry_is_known_right_after_start(
+        cli: Cli, target: ProtectedTarget) -> None:
+    """Started from a stored sign-in whose token is still valid, the proxy's /metrics
+    shows the token's remaining lifetime at once, before any refresh happened."""
+    assert (await cli.login("--target-url", target.url, "--name", "gauge")).code == 0
+    stored = cli.signin("gauge")
+    config = signin_config(cli, target, "gauge", admin_port=0)
+    async with AuthProxy(config) as running:
+        samples = await scrape_metrics(running.admin_port)
+        remaining = (datetime.fromisoformat(stored["expires_at"])
+                     - datetime.now(UTC)).total_seconds()
+
+    expiry = samples["mcp_authproxy_token_expiry_seconds"]
+    assert expiry > 0  # known: not NaN, not the 0 of an absent gauge
+    assert abs(expiry - remaining) < 30, (expiry, remaining)
+    refreshes = {k: v for k, v in samples.items()
+                 if k.startswith("mcp_authproxy_token_refreshes_total")}
+    assert refreshes and set(refreshes.values()) == {0.0}, refreshes
+    assert cli.signin("gauge")["refresh_token"] == stored["refresh_token"]
 
 
 async def test_expiry_refreshes_and_writes_the_rotated_token_back(
