@@ -6,7 +6,8 @@ the MCP authorization spec's flow and returns a `StoredSignIn` for `signin_store
 - client identity (`registration.py`), first that applies: a client registered
   beforehand (`--client-id`); a Client ID Metadata Document URL where the server
   supports them; Dynamic Client Registration (RFC 7591) of a native public client,
-  stored per issuer and reused;
+  stored per issuer and reused while the server knows it (one it forgot, `invalid_client`,
+  is dropped and registered anew, once per sign-in);
 - the authorization code grant with PKCE S256 (RFC 7636, required), `state`, `resource`
   (RFC 8707) and a redirect to a loopback listener (RFC 8252 §7.3), or the device
   authorization grant (RFC 8628, `device.py`);
@@ -46,7 +47,7 @@ from .login_http import (
     pkce_pair,
     post_form,
 )
-from .registration import DEVICE_GRANT, Client, register
+from .registration import DEVICE_GRANT, Client, register, still_registered
 from .signin_store import (
     Registration,
     StoredSignIn,
@@ -120,8 +121,10 @@ class SignIn:
                 granted = await self._authorize(client, listener, state)
                 answer = await self._exchange_code(client, granted, listener.redirect_uri)
             except SignInError as exc:
-                if exc.code == "invalid_client" and client.registration and attempt == 1:
-                    # A stored registration the server forgot: register anew, once.
+                if (exc.code == "invalid_client" and client.registration is not None
+                        and not client.new and attempt == 1):
+                    # A stored registration the server forgot since it was checked
+                    # (`_client`): register anew, once. A new one refused is an error.
                     forget_registration(self._options.state_dir, self._server.issuer)
                     continue
                 raise
@@ -180,7 +183,13 @@ class SignIn:
             assert options.client_metadata_url is not None
             return Client(options.client_metadata_url)
         if reuse is not None:
-            return Client(reuse.client_id, reuse.client_secret, reuse)
+            client = Client(reuse.client_id, reuse.client_secret, reuse)
+            if await still_registered(self._session, self._server.token_endpoint, client):
+                return client
+            # Deleted or expired at the server: drop it and register anew, once.
+            forget_registration(options.state_dir, self._server.issuer)
+            self._say(f"{self._server.issuer} no longer knows the client registered "
+                      "with it; registering a new one")
         return await self._register(redirect_uri)
 
     async def _register(self, redirect_uri: str | None) -> Client:

@@ -1,13 +1,15 @@
 """The client identity a sign-in uses, and Dynamic Client Registration (RFC 7591).
 
 `login` picks the first that applies: a client registered beforehand (`--client-id`), a
-Client ID Metadata Document URL, a registration stored for the issuer, else a new
-registration of a native public client (`register`), stored once it has signed someone
-in. A client secret never reaches a log or an error message.
+Client ID Metadata Document URL, a registration stored for the issuer while the server
+still knows it (`still_registered`), else a new registration of a native public client
+(`register`), stored once it has signed someone in. A client secret never reaches a log
+or an error message.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ from aiohttp import hdrs
 
 from ..errors import SignInError
 from .discovery import ServerMetadata
-from .login_http import post_json
+from .login_http import json_object, post_form, post_json
 from .signin_store import Registration
 from .token_endpoint import basic_client_auth
 
@@ -83,3 +85,20 @@ async def register(session: aiohttp.ClientSession, server: ServerMetadata,
         tuple(u for u in uris if isinstance(u, str)) if isinstance(uris, list) else (),
         tuple(grants), secret if isinstance(secret, str) else None)
     return Client(client_id, registration.client_secret, registration, new=True)
+
+
+async def still_registered(session: aiohttp.ClientSession, token_endpoint: str,
+                           client: Client) -> bool:
+    """Whether the server still knows a stored registration (it may have deleted or
+    expired it). A refresh with a made-up refresh token authenticates the client before
+    anything else: a client the server forgot gets `invalid_client` (RFC 6749 §5.2), a
+    known one `invalid_grant`. Only `invalid_client` says it is gone, so that a server
+    answering otherwise keeps its registration; asked before the person is sent to a
+    browser, where an unknown client gets an error page and no redirect back."""
+    form = {"grant_type": "refresh_token", "refresh_token": secrets.token_urlsafe(32)}
+    headers = client.auth(form)
+    status, body = await post_form(session, token_endpoint, form, headers,
+                                   "client registration check")
+    doc = json_object(body)
+    return not (status in (400, 401) and doc is not None
+                and doc.get("error") == "invalid_client")

@@ -99,6 +99,22 @@ def start_authserver(log: Path, **env: str) -> AuthServer:
     return AuthServer(process, issuer, log)
 
 
+def restart_authserver(server: AuthServer) -> AuthServer:
+    """The same issuer (same port) started afresh: its storage is in memory, so every
+    registered client, grant and token it issued is forgotten, as when a server drops
+    dynamically registered clients."""
+    port = server.issuer.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1]
+    server.stop()
+    return start_authserver(server.log, AS_PORT=port)
+
+
+def registrations(server: AuthServer) -> list[str]:
+    """Client ids registered at `server` (Dynamic Client Registration), oldest first,
+    across its restarts (they share the log)."""
+    return [line.split()[1] for line in server.log.read_text().splitlines()
+            if line.startswith("registered ")]
+
+
 @pytest.fixture(scope="session")
 def authserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
     """One authorization server for the session (clients and grants are per test)."""

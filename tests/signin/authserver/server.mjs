@@ -99,6 +99,10 @@ const provider = new Provider(issuer, {
 });
 // The test server speaks plain http on loopback.
 provider.proxy = false;
+// One line per Dynamic Client Registration in the log (stderr), so tests can count them.
+provider.on('registration_create.success', (ctx, client) => {
+  process.stderr.write(`registered ${client.clientId}\n`);
+});
 
 const callback = provider.callback();
 server.on('request', (req, res) => {
