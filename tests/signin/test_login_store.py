@@ -7,6 +7,7 @@ import base64
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,21 @@ import pytest
 from replicas.conftest import RedisServer, free_port, redis_server  # noqa: F401 (a fixture)
 from yarl import URL
 
+from proxy import AuthProxy, ProxyConfig
 from proxy.config import parse_store
 from proxy.credentials.token_store import RedisTokenStore, read_key
 from proxy.status.redis import read_shared
 
 from .conftest import AuthServer, Cli, Running, TargetFactory
 from .target import ProtectedTarget
-from .test_run_oauth import WAIT, _eventually, call_tool, initialize, revoke_grant
+from .test_run_oauth import (
+    WAIT,
+    _eventually,
+    call_tool,
+    initialize,
+    revoke_grant,
+    scrape_metrics,
+)
 from helpers import eventually, write_secret
 
 pytestmark = pytest.mark.timeout(150)
@@ -219,3 +228,26 @@ async def test_a_replica_with_another_key_never_uses_the_stored_sign_in(
     assert record["status"] == "error" and record["reason"] == "StoreKeyMismatch", record
     assert code == 503
     assert target.settings.seen_tokens[before:] == []
+
+
+async def test_token_expiry_is_known_from_the_stored_sign_in(
+        cli: Cli, tmp_path: Path, target: ProtectedTarget, redis: RedisServer) -> None:
+    """A replica started from the sign-in `login --store` put in the store shows that
+    token's remaining lifetime on /metrics at once, before any refresh."""
+    key = write_secret(tmp_path / "store.key", base64.urlsafe_b64encode(
+        os.urandom(32)).decode())
+    flags = store_flags(redis, key)
+    assert (await cli.login("--target-url", target.url, "--name", NAME, *flags)).code == 0
+    stored = await stored_signin(redis, key, target)
+    assert stored is not None
+    config = ProxyConfig(target_url=target.url, name=NAME, state_dir=tmp_path / "replica",
+                         oauth=True, store=redis.url, store_key_file=key,
+                         health_interval=0, admin_port=0)
+    async with AuthProxy(config) as running:
+        samples = await scrape_metrics(running.admin_port)
+        remaining = (datetime.fromisoformat(stored["expires_at"])
+                     - datetime.now(UTC)).total_seconds()
+
+    expiry = samples["mcp_authproxy_token_expiry_seconds"]
+    assert abs(expiry - remaining) < 30, (expiry, remaining)
+    assert samples["mcp_authproxy_token_refreshes_total{outcome=success}"] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import pty
 import shlex
@@ -166,6 +167,25 @@ async def test_token_expiry_is_known_right_after_start(
                  if k.startswith("mcp_authproxy_token_refreshes_total")}
     assert refreshes and set(refreshes.values()) == {0.0}, refreshes
     assert cli.signin("gauge")["refresh_token"] == stored["refresh_token"]
+
+
+async def test_token_expiry_follows_a_sign_in_picked_up(
+        cli: Cli, target: ProtectedTarget) -> None:
+    """Started with no sign-in the expiry is unknown (NaN); a `login` the running proxy
+    picks up makes it known at once, with no refresh counted."""
+    config = signin_config(cli, target, "later", admin_port=0)
+    async with AuthProxy(config) as running:
+        before = await scrape_metrics(running.admin_port)
+        assert (await cli.login("--target-url", target.url, "--name", "later")).code == 0
+        assert await _eventually(running.url, "echo", "signed in") == "echo: signed in"
+        after = await scrape_metrics(running.admin_port)
+        remaining = (datetime.fromisoformat(cli.signin("later")["expires_at"])
+                     - datetime.now(UTC)).total_seconds()
+
+    assert math.isnan(before["mcp_authproxy_token_expiry_seconds"])
+    expiry = after["mcp_authproxy_token_expiry_seconds"]
+    assert abs(expiry - remaining) < 30, (expiry, remaining)
+    assert after["mcp_authproxy_token_refreshes_total{outcome=success}"] == 0
 
 
 async def test_expiry_refreshes_and_writes_the_rotated_token_back(
