@@ -19,11 +19,11 @@ import struct
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from aiohttp import web
 
-from proxy import ReauthorizedEvent, UnauthorizedEvent
+from proxy import AuthProxy, ReauthorizedEvent, UnauthorizedEvent, WorkloadStatus
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -36,8 +36,16 @@ SLOW_WAIT = 30.0  # a process under load, or a stream that must stay open that l
 T = TypeVar("T")
 
 
-async def eventually(predicate: Callable[[], T | Awaitable[T]], within: float = WAIT, *,
-                     what: str = "", every: float = 0.01) -> T:
+# The value returned is the predicate's first true one, so never None: `T | None` lets a
+# predicate that answers "not yet" with None type its result without an assert.
+@overload
+async def eventually(predicate: Callable[[], Awaitable[T | None]], within: float = WAIT, *,
+                     what: str = "", every: float = 0.01) -> T: ...
+@overload
+async def eventually(predicate: Callable[[], T | None], within: float = WAIT, *,
+                     what: str = "", every: float = 0.01) -> T: ...
+async def eventually(predicate: Callable[[], object], within: float = WAIT, *,
+                     what: str = "", every: float = 0.01) -> object:
     """Poll `predicate` (plain or async) until it gives a true value, and return that value;
     raise AssertionError naming what was awaited if `within` seconds pass first.
 
@@ -51,7 +59,7 @@ async def eventually(predicate: Callable[[], T | Awaitable[T]], within: float = 
                 if inspect.isawaitable(value):
                     value = await value
                 if value:
-                    return value  # type: ignore[return-value]
+                    return value
                 await asyncio.sleep(every)
     except TimeoutError:
         if not bound.expired():
@@ -65,6 +73,12 @@ def _describe(predicate: Callable[..., object]) -> str:
         return inspect.getsource(predicate).strip()
     except (OSError, TypeError):
         return getattr(predicate, "__qualname__", repr(predicate))
+
+
+def status_now(proxy: AuthProxy) -> WorkloadStatus:
+    """`proxy`'s workload status read afresh; a call, so that a type checker does not carry
+    an earlier assert's narrowing over the awaits during which the status changes."""
+    return proxy.status.status
 
 
 def write_secret(path: Path, value: str) -> Path:
@@ -108,7 +122,8 @@ def chunk(data: bytes) -> bytes:
 def unchunk(framed: bytes) -> bytes:
     """The payload of chunks (up to the last chunk, which may be left off), checked
     strictly here: a size line, the data, CRLF, with nothing of the proxy's code."""
-    data, out, pos = framed + b"0\r\n\r\n", [], 0
+    data, pos = framed + b"0\r\n\r\n", 0
+    out: list[bytes] = []
     while True:
         cut = data.index(b"\r\n", pos)
         size = int(data[pos:cut].split(b";", 1)[0], 16)

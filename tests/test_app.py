@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import AuthProxy, ProxyConfig, UnauthorizedEvent, WorkloadStatus
 
-from helpers import LONG_WAIT, eventually, write_secret
+from helpers import LONG_WAIT, eventually, status_now, write_secret
 
 UpstreamFactory = Callable[..., Awaitable[TestServer]]
 
@@ -206,7 +206,7 @@ async def test_probes_answered_401_make_the_workload_unauthenticated_not_unhealt
                          LONG_WAIT, what="five probes answered 400")
         assert proxy.status.status is WorkloadStatus.UNAUTHENTICATED
         answers["status"] = 200
-        await eventually(lambda: proxy.status.status is WorkloadStatus.RUNNING,
+        await eventually(lambda: status_now(proxy) is WorkloadStatus.RUNNING,
                          LONG_WAIT, what="proof by probe")
     assert len(events) == 1
 

@@ -80,13 +80,13 @@ async def test_sigterm_drains_an_in_flight_request_then_exits_zero(
     processes.append(proc)
     async with aiohttp.ClientSession() as client:
         slow = asyncio.create_task(client.get(proc.url.replace("/mcp", "/slow")))
-        await asyncio.wait_for(upstream.app[ARRIVED].wait(), 10)  # type: ignore[index]
+        await asyncio.wait_for(upstream.app[ARRIVED].wait(), 10)
         proc.proc.send_signal(signal.SIGTERM)
         path = state_dir / "workloads" / "drain.json"
         # the proxy says "stopping" while it drains
         await eventually(lambda: json.loads(path.read_text())["status"] == "stopping",
                          LONG_WAIT, every=0.05)
-        upstream.app[RELEASE].set()  # type: ignore[index]
+        upstream.app[RELEASE].set()
         resp = await asyncio.wait_for(slow, 15)
         assert resp.status == 200
         resp.release()

@@ -149,11 +149,11 @@ async def test_sigterm_with_200_open_streams_drains_in_time_and_says_stopped(
             await asyncio.wait_for(all_open.wait(), 30)
             for resp in responses:
                 assert resp.status == 200
-            loop = asyncio.get_running_loop()
-            began = loop.time()
+            clock = asyncio.get_running_loop()
+            began = clock.time()
             proc.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(proc.wait(), drain + 10)
-            took = loop.time() - began
+            took = clock.time() - began
             assert code == 0, (await proc.stderr.read()).decode()[-2000:]
 
             async def ended(resp: aiohttp.ClientResponse) -> None:

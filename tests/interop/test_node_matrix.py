@@ -123,14 +123,14 @@ async def test_python_client_ts_server(processes: Processes, transport: str) -> 
     listed, progress seen while the tool runs, a large result whole."""
     server = await start_ts_server(processes, TOKEN)
     proxy = await proxy_for(processes, server.url(transport), f"py-ts-{transport}")
-    progress: list[tuple[float, float | None, str | None]] = []
+    updates: list[tuple[float, float | None, str | None]] = []
     releases: set[asyncio.Task[Any]] = set()
 
     async with connect(proxy.url, transport=transport) as client:  # type: ignore[arg-type]
 
-        async def on_progress(done: float, total: float | None, message: str | None) -> None:
-            progress.append((done, total, message))
-            if len(progress) == 1:
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            updates.append((progress, total, message))
+            if len(updates) == 1:
                 task = asyncio.create_task(client.call_tool("release", {}))
                 releases.add(task)
 
@@ -144,7 +144,7 @@ async def test_python_client_ts_server(processes: Processes, transport: str) -> 
         large = await asyncio.wait_for(client.call_tool("large", {"bytes": 960 * 1024}), WAIT)
         assert text_of(large) == "0123456789abcdef" * (960 * 1024 // 16)
         await asyncio.wait_for(asyncio.gather(*releases), WAIT)
-    assert progress[0] == (1, 3, "step 1")
+    assert updates[0] == (1, 3, "step 1")
     only_the_proxys_credential(await server.seen())
 
 

@@ -94,10 +94,10 @@ async def only_probes_and_no_session_left(server: TsServer, proxy: ProxyProcess)
     try:
         await eventually(lambda: sessions_deleted(server), LONG_WAIT)
     except AssertionError:
-        seen = [(r["method"], r["status"], r["headers"].get("mcp-session-id"))
-                for r in await server.seen()]
+        requests = [(r["method"], r["status"], r["headers"].get("mcp-session-id"))
+                    for r in await server.seen()]
         raise AssertionError(f"a probe's session was left open: {await server.sessions()}; "
-                             f"the server saw {seen}") from None
+                             f"the server saw {requests}") from None
     seen = await server.seen()
     assert [r for r in seen if "x-forwarded-for" in r["headers"]] == []  # no client
     assert {(r["method"], r["path"]) for r in seen} <= {("POST", "/mcp"), ("DELETE", "/mcp")}

@@ -18,7 +18,7 @@ from proxy import AuthProxy, ProxyConfig, WorkloadStatus
 
 from .conftest import McpUpstream, UpstreamFactory, status_file
 from helpers import LONG_WAIT as WAIT
-from helpers import Episodes, eventually, write_secret
+from helpers import Episodes, eventually, status_now, write_secret
 
 TOKEN = "probe-token-5e1d9a7c3b"
 
@@ -69,7 +69,7 @@ async def test_probes_alone_end_the_episode_once_the_target_accepts_the_token_ag
         upstream.gate.accept_only(TOKEN)  # and accepted again
         await asyncio.wait_for(episodes.closed.wait(), WAIT)
         await asyncio.wait_for(running.monitor.flush(), WAIT)
-        assert running.status.status == WorkloadStatus.RUNNING
+        assert status_now(running) == WorkloadStatus.RUNNING
         assert status_file(tmp_path / "state", "probes")["status"] == "running"
         await assert_no_session_left(upstream)
     assert len(episodes.unauthorized) == 1 and len(episodes.reauthorized) == 1

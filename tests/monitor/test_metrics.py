@@ -260,11 +260,12 @@ def test_created_series_follow_prometheus_client_switch() -> None:
     """disable_created_metrics() drops _created from the per-request families too."""
     from prometheus_client import disable_created_metrics, enable_created_metrics
 
-    disable_created_metrics()
+    # prometheus_client (py.typed) leaves these two functions unannotated
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         names = {n for n, _ in scrape(Metrics())}
     finally:
-        enable_created_metrics()
+        enable_created_metrics()  # type: ignore[no-untyped-call]
     assert "mcp_authproxy_requests_total" in names
     assert not any(n.endswith("_created") for n in names)
     assert "mcp_authproxy_requests_created" in {n for n, _ in scrape(Metrics())}

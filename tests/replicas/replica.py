@@ -33,7 +33,8 @@ def main(argv: list[str]) -> int:
     split = argv.index("--")
     ours, run_flags = argv[:split], argv[split + 1:]
     events: str | None = None
-    tunables: dict[str, float] = {}
+    # fields named at run time, so their types are unknown here: replace() checks names
+    tunables: dict[str, Any] = {}
     while ours:
         flag = ours.pop(0)
         if flag == "--events":

@@ -116,7 +116,8 @@ async def test_a_replica_that_never_saw_the_401_ends_the_episode_with_its_proof(
 
         async def b_knows() -> bool:
             async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
-                return (await resp.json())["status"] == "unauthenticated"
+                status: str = (await resp.json())["status"]
+                return status == "unauthenticated"
 
         await eventually(b_knows, WAIT, what="replica B's /status says unauthenticated")
         assert (await post(session, b.url))[0] == 200

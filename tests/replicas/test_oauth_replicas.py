@@ -85,6 +85,13 @@ def oauth_flags(redis: RedisServer, server: TestServer, refresh: Path, key: Path
             "--log-format", "json", *extra]
 
 
+def as_bytes(value: object) -> bytes:
+    """A reply of a client without `decode_responses`: bytes, whatever redis-py's types
+    allow for."""
+    assert isinstance(value, bytes), value
+    return value
+
+
 async def every_key(redis: RedisServer) -> list[bytes]:
     """Every value Redis holds, whatever its type."""
     client = redis.client()
@@ -92,11 +99,11 @@ async def every_key(redis: RedisServer) -> list[bytes]:
     try:
         async for key in client.scan_iter():
             values.append(key)
-            kind = (await client.type(key)).decode()
+            kind = as_bytes(await client.type(key)).decode()
             if kind == "string":
-                values.append(await client.get(key))
+                values.append(as_bytes(await client.get(key)))
             elif kind == "set":
-                values += list(await client.smembers(key))
+                values += [as_bytes(member) for member in await client.smembers(key)]
             else:
                 values.append(repr(await client.dump(key)).encode())
     finally:
@@ -149,25 +156,26 @@ async def test_a_value_copied_to_another_workload_or_read_with_another_key_is_re
     another workload's key, or read with another key, it is StoreKeyMismatch."""
     client = redis_server.client()
     key = fernet_key().encode()
-    common = {"origin": "https://mcp.example", "issuer": "https://as.example/token",
-              "lease": 5.0, "display": "redis://test"}
-    one = RedisTokenStore(client, workload="one", key=key, **common)  # type: ignore[arg-type]
-    two = RedisTokenStore(client, workload="two", key=key, **common)  # type: ignore[arg-type]
+
+    def store(workload: str, key: bytes,
+              issuer: str = "https://as.example/token") -> RedisTokenStore:
+        return RedisTokenStore(client, workload=workload, key=key, issuer=issuer,
+                               origin="https://mcp.example", lease=5.0, display="redis://test")
+
+    one = store("one", key)
+    two = store("two", key)
     try:
         await one.save(TokenSet("access-secret", "refresh-secret", None, None))
         assert (await one.load()) is not None
-        raw = await client.get("mcp-authproxy:{one}:tokens")
+        raw = as_bytes(await client.get("mcp-authproxy:{one}:tokens"))
         assert b"access-secret" not in raw
         await client.set("mcp-authproxy:{two}:tokens", raw)  # copied across workloads
         with pytest.raises(StoreKeyMismatch, match="workload"):
             await two.load()
-        other_key = RedisTokenStore(client, workload="one", key=fernet_key().encode(),
-                                    **common)  # type: ignore[arg-type]
+        other_key = store("one", fernet_key().encode())
         with pytest.raises(StoreKeyMismatch, match="decrypt"):
             await other_key.load()
-        elsewhere = RedisTokenStore(client, workload="one", key=key,
-                                    **{**common, "issuer": "https://evil.example/token"}
-                                    )  # type: ignore[arg-type]
+        elsewhere = store("one", key, issuer="https://evil.example/token")
         with pytest.raises(StoreKeyMismatch, match="issuer"):
             await elsewhere.load()
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from structlog.typing import EventDict
 
 from proxy import AuthProxy, ProxyConfig
 
@@ -31,7 +32,7 @@ SECRETS = (SECRET, CLIENT_SECRET, COOKIE_SECRET, QUERY_SECRET)
 class LeakWatch:
     """What the autouse check searches: logs, extra text (CLI stderr) and state dirs."""
 
-    logs: list[dict[str, Any]] = field(default_factory=list)
+    logs: list[EventDict] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     dirs: list[Path] = field(default_factory=list)
 

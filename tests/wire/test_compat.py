@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ def test_versions_inside_the_ranges_pass_and_others_are_named(
 def test_the_cli_stops_at_start_with_one_line(monkeypatch: Any, capsys: Any) -> None:
     """`mcp-authproxy run` with an unsupported aiohttp exits 1 before serving, saying so
     on one stderr line (never a traceback, never a proxy that resets connections)."""
-    real = compat.version
+    real = installed_version  # what compat.version is until patched
     monkeypatch.setattr(compat, "version",
                         lambda name: "3.11.18" if name == "aiohttp" else real(name))
     code = main(["run", "--target-url", "http://127.0.0.1:9/mcp", "--port", "0"])
