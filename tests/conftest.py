@@ -7,7 +7,7 @@ Kept generic on purpose: an upstream is any catch-all aiohttp handler, the proxy
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +15,26 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from proxy.config import ProxyConfig
+from proxy.credentials.base import CredentialSource
 from proxy.forwarding.listener import ForwardingServer
+from proxy.forwarding.observe import ForwardObserver
 
-from helpers import WAIT, RawServe, RawUpstream
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-UpstreamFactory = Callable[..., Awaitable[TestServer]]
-ProxyFactory = Callable[..., Awaitable[ForwardingServer]]
+from helpers import (
+    WAIT,
+    Handler,
+    ProxyFactory,
+    RawServe,
+    RawUpstream,
+    RawUpstreamFactory,
+    UpstreamFactory,
+)
 
 
 @pytest.fixture
-async def make_upstream(aiohttp_server: Any) -> UpstreamFactory:
+async def make_upstream(aiohttp_server: AiohttpServer) -> UpstreamFactory:
     """Start a loopback upstream answering every method and path with `handler`."""
 
     async def factory(handler: Handler, **server_kwargs: Any) -> TestServer:
@@ -44,8 +51,9 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     """Start a `ForwardingServer` for a target URL; shortened tunables can be passed."""
     started: list[ForwardingServer] = []
 
-    async def factory(target_url: str, *, credentials: Any = None,
-                      observers: Iterable[Any] = (), **config: Any) -> ForwardingServer:
+    async def factory(target_url: str, *, credentials: CredentialSource | None = None,
+                      observers: Iterable[ForwardObserver] = (),
+                      **config: Any) -> ForwardingServer:
         config.setdefault("state_dir", tmp_path / "state")
         server = ForwardingServer(
             ProxyConfig(target_url=target_url, **config),
@@ -71,7 +79,7 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[[RawServe], Awaitable[RawUpstream]]]:
+async def raw_upstream() -> AsyncIterator[RawUpstreamFactory]:
     """Start a `RawUpstream`: `upstream = await raw_upstream(serve)`, then `upstream.url()`.
     Stopped at teardown, its connections cancelled."""
     started: list[tuple[asyncio.Server, RawUpstream]] = []

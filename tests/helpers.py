@@ -17,13 +17,17 @@ import inspect
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy import AuthProxy, ReauthorizedEvent, UnauthorizedEvent, WorkloadStatus
+from proxy.credentials.base import CredentialSource
+from proxy.forwarding.listener import ForwardingServer
+from proxy.forwarding.observe import ForwardObserver
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -228,6 +232,28 @@ class RawUpstream:
             self.open -= 1
             self.changed.set()
             self.tasks.discard(task)
+
+
+# The types of tests/conftest.py's factory fixtures, for the tests that take them.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class UpstreamFactory(Protocol):
+    """`make_upstream`: a loopback aiohttp upstream answering every request with `handler`."""
+
+    def __call__(self, handler: Handler, **server_kwargs: Any) -> Awaitable[TestServer]: ...
+
+
+class ProxyFactory(Protocol):
+    """`make_proxy`: a started `ForwardingServer` for `target_url`, `config` passed to
+    `ProxyConfig` (shortened tunables)."""
+
+    def __call__(self, target_url: str, *, credentials: CredentialSource | None = None,
+                 observers: Iterable[ForwardObserver] = (),
+                 **config: Any) -> Awaitable[ForwardingServer]: ...
+
+
+RawUpstreamFactory = Callable[[RawServe], Awaitable[RawUpstream]]  # `raw_upstream`
 
 
 class Episodes:
