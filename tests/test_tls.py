@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+
+from helpers import ProxyFactory, UpstreamFactory
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def test_an_https_target_signed_by_the_ca_file_is_reached(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
     ca: trustme.CA, server_ssl: ssl.SSLContext, tmp_path: Path,
 ) -> None:
     """A private CA given with --ca-file is trusted; the target learns the client used https."""
@@ -45,7 +46,7 @@ async def test_an_https_target_signed_by_the_ca_file_is_reached(
 
 
 async def test_an_https_target_with_an_unknown_ca_is_a_502(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
     server_ssl: ssl.SSLContext,
 ) -> None:
     """Without the CA the certificate is not trusted: the proxy refuses, it never skips checks."""

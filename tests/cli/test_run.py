@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -16,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from .conftest import ProxyProcess, run_cli, start_proxy
-from helpers import LONG_WAIT, eventually, write_secret
+from helpers import LONG_WAIT, UpstreamFactory, eventually, write_secret
 
 RELEASE = web.AppKey("release", asyncio.Event)
 ARRIVED = web.AppKey("arrived", asyncio.Event)
@@ -179,7 +178,7 @@ async def test_second_process_with_the_same_name_exits_2_naming_the_pid(
 
 
 async def test_on_unauthorized_exec_runs_once_with_the_event_and_warns(
-    state_dir: Path, processes: list[ProxyProcess], tmp_path: Path, make_upstream: Any
+    state_dir: Path, processes: list[ProxyProcess], tmp_path: Path, make_upstream: UpstreamFactory
 ) -> None:
     """--on-unauthorized-exec runs the command once per episode with the event JSON in
     MCP_AUTHPROXY_EVENT, and stderr has one WARN `unauthorized` naming the error code."""

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -15,7 +14,7 @@ from aiohttp import web
 from proxy.status import model as st
 
 from .conftest import run_cli
-from helpers import LONG_WAIT, SLOW_WAIT, WAIT, eventually, write_secret
+from helpers import LONG_WAIT, SLOW_WAIT, WAIT, UpstreamFactory, eventually, write_secret
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,7 +92,7 @@ async def test_demo_walks_through_revocation_and_restoration() -> None:
 
 
 async def test_runner_example_keeps_unauthenticated_despite_set_running(
-    tmp_path: Path, make_upstream: Any
+    tmp_path: Path, make_upstream: UpstreamFactory
 ) -> None:
     """The runner calls set_running() in a loop, yet a 401 episode shows until proof."""
     accepted = {"token": "good-token"}

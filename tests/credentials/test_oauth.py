@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
 from proxy.config import ProxyConfig
@@ -32,7 +33,7 @@ from proxy.credentials.token_endpoint import (
 )
 from proxy.errors import CredentialInvalid, CredentialRetrying
 
-from helpers import RawConn, eventually
+from helpers import RawConn, RawUpstreamFactory, eventually
 
 TARGET = "http://127.0.0.1:9/mcp?api_key=k"
 RESOURCE = "http://127.0.0.1:9/mcp"
@@ -113,7 +114,7 @@ class TokenEndpoint:
 
 
 @pytest.fixture
-async def endpoint(aiohttp_server: Any) -> AsyncIterator[TokenEndpoint]:
+async def endpoint(aiohttp_server: AiohttpServer) -> AsyncIterator[TokenEndpoint]:
     ep = TokenEndpoint()
     app = web.Application()
     app.router.add_post("/token", ep.handle)
@@ -419,7 +420,7 @@ async def test_failure_shapes_are_acted_on(
 
 
 async def test_reset_connection_is_transient(
-    raw_upstream: Any, make_source: Callable[..., OAuthSource]
+    raw_upstream: RawUpstreamFactory, make_source: Callable[..., OAuthSource]
 ) -> None:
     """A token endpoint that drops the connection is retried, not given up on."""
     async def reset(conn: RawConn) -> None:

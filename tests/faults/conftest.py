@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import RawConn, RawServe
+from helpers import ProxyFactory, RawConn, RawServe, RawUpstreamFactory
 
 Behaviour = Callable[[RawConn], Awaitable[None]]
 
@@ -35,7 +35,8 @@ def misbehaving(behaviour: Behaviour) -> RawServe:
 
 
 @pytest.fixture
-async def proxy_to(raw_upstream: Any, make_proxy: Any) -> Callable[..., Awaitable[Any]]:
+async def proxy_to(raw_upstream: RawUpstreamFactory,
+                   make_proxy: ProxyFactory) -> Callable[..., Awaitable[Any]]:
     """Start a proxy (`make_proxy` settings) in front of a `misbehaving(behaviour)` target."""
 
     async def start(behaviour: Behaviour, **config: Any) -> Any:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
 
 import pytest
 from aiohttp import web
 
-from helpers import WAIT
+from helpers import WAIT, ProxyFactory, UpstreamFactory
 
 CHUNK = 64 * 1024
 TOTAL = 512 * 1024 * 1024  # far more than any buffer on the way should hold
@@ -18,7 +17,7 @@ BOUND = 64 * 1024 * 1024  # socket buffers both sides plus the proxy's read-ahea
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
 async def test_a_client_that_stops_reading_stalls_the_target_instead_of_filling_memory(
-    make_upstream: Any, make_proxy: Any, method: str
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, method: str
 ) -> None:
     """A slow reader costs the proxy a bounded buffer, not the whole response."""
     sent = 0

@@ -9,7 +9,6 @@ import signal
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from proxy.status.store import decode
 
-from helpers import WAIT, answering
+from helpers import WAIT, ProxyFactory, UpstreamFactory, answering
 
 WRITER = textwrap.dedent("""
     import sys
@@ -95,7 +94,7 @@ async def test_kill_9_during_status_writes_leaves_a_parseable_file(
 
 
 async def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A client that keeps a connection open and says nothing is let go after keepalive_timeout."""
     upstream = await make_upstream(answering("hi"))
@@ -112,7 +111,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_sigterm_with_200_open_streams_drains_in_time_and_says_stopped(
-    make_upstream: Any, tmp_path: Path, loop: str
+    make_upstream: UpstreamFactory, tmp_path: Path, loop: str
 ) -> None:
     """Stopping a busy proxy ends every stream within drain_timeout, exits 0 and says stopped."""
     streams = 200

@@ -22,12 +22,12 @@ from proxy.app import AuthProxy
 from proxy.config import ProxyConfig
 from proxy.status.store import FileStore
 
-from helpers import WAIT, answering
+from helpers import WAIT, UpstreamFactory, answering
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
 async def test_status_writes_failing_are_reported_once_and_forwarding_goes_on(
-    make_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+    make_upstream: UpstreamFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
 ) -> None:
     """With a full disk or read-only state dir, clients are served and the callback still fires."""
     authorized = True
@@ -69,7 +69,7 @@ async def test_status_writes_failing_are_reported_once_and_forwarding_goes_on(
 
 
 async def test_a_status_file_corrupted_while_running_is_reported_once_and_replaced(
-    make_upstream: Any, tmp_path: Path
+    make_upstream: UpstreamFactory, tmp_path: Path
 ) -> None:
     """Someone scribbling over the status file does not stop the proxy; it is rewritten."""
     upstream = await make_upstream(answering("ok"))

@@ -15,7 +15,7 @@ from yarl import URL
 
 from proxy.forwarding.observe import Exchange
 
-from helpers import WAIT, eventually
+from helpers import WAIT, ProxyFactory, UpstreamFactory, eventually
 
 
 async def echo(request: web.Request) -> web.Response:
@@ -33,7 +33,7 @@ def header_names(seen: dict[str, Any]) -> set[str]:
 
 
 async def test_every_method_path_and_query_reach_the_target_byte_for_byte(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A client's method, encoded path and query arrive at the target exactly as sent."""
     upstream = await make_upstream(echo)
@@ -49,7 +49,7 @@ async def test_every_method_path_and_query_reach_the_target_byte_for_byte(
 
 
 async def test_target_query_is_added_to_requests_for_the_target_path_only(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Query parameters of --target-url (an API key) reach the target path, nowhere else."""
     upstream = await make_upstream(echo)
@@ -64,7 +64,7 @@ async def test_target_query_is_added_to_requests_for_the_target_path_only(
 
 
 async def test_each_sse_event_reaches_the_client_while_the_stream_stays_open(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The first event arrives at once, not when the target ends the stream."""
     second = asyncio.Event()
@@ -88,7 +88,7 @@ async def test_each_sse_event_reaches_the_client_while_the_stream_stays_open(
 
 
 async def test_a_chunked_upload_streams_to_the_target_as_it_is_sent(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The target reads the first part of an upload before the client has sent the rest."""
     got_first = asyncio.Event()
@@ -116,7 +116,7 @@ async def test_a_chunked_upload_streams_to_the_target_as_it_is_sent(
 
 
 async def test_the_clients_content_length_is_kept(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A body sent with Content-Length reaches the target with that length, not chunked."""
     upstream = await make_upstream(echo)
@@ -130,7 +130,7 @@ async def test_the_clients_content_length_is_kept(
 
 
 async def test_hop_by_hop_headers_are_dropped_both_ways(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Connection-specific headers, and those named in Connection, never cross the proxy."""
     seen: dict[str, Any] = {}
@@ -160,7 +160,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(
 
 
 async def test_mcp_headers_and_encoded_bodies_pass_untouched(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Session ids, protocol version, Last-Event-ID and gzip bodies arrive as sent."""
     packed = gzip.compress(b'{"jsonrpc": "2.0"}')
@@ -192,7 +192,7 @@ async def test_mcp_headers_and_encoded_bodies_pass_untouched(
 
 
 async def test_forwarded_headers_are_replaced_with_the_proxys_own(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The target sees the real client address and its own scheme, never a client's claims."""
     upstream = await make_upstream(echo)
@@ -211,7 +211,7 @@ async def test_forwarded_headers_are_replaced_with_the_proxys_own(
 
 
 async def test_a_307_redirect_on_the_targets_origin_is_followed_with_method_and_body(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A client that cannot follow redirects still gets its POST answered."""
 
@@ -229,7 +229,7 @@ async def test_a_307_redirect_on_the_targets_origin_is_followed_with_method_and_
 
 
 async def test_a_303_redirect_turns_into_a_get_without_body(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """See Other is followed like a browser does: GET, no body."""
 
@@ -248,7 +248,7 @@ async def test_a_303_redirect_turns_into_a_get_without_body(
 
 
 async def test_a_redirect_loop_stops_after_ten_and_reaches_the_client(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """An endless redirect ends with the eleventh redirect passed to the client."""
     hits: list[str] = []
@@ -265,7 +265,7 @@ async def test_a_redirect_loop_stops_after_ten_and_reaches_the_client(
 
 
 async def test_a_redirect_to_another_origin_is_passed_to_the_client(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The proxy never follows a redirect off the target's origin itself."""
     other_hits: list[str] = []
@@ -288,7 +288,7 @@ async def test_a_redirect_to_another_origin_is_passed_to_the_client(
 
 
 async def test_a_disallowed_or_repeated_origin_gets_403_and_loopback_origins_pass(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A web page from another site cannot drive the proxy; local pages and non-browsers can."""
     upstream = await make_upstream(echo)
@@ -309,7 +309,7 @@ async def test_a_disallowed_or_repeated_origin_gets_403_and_loopback_origins_pas
 
 
 async def test_a_foreign_host_on_a_loopback_bind_gets_421(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """DNS rebinding: a request naming some other host is refused; loopback names pass."""
     upstream = await make_upstream(echo)
@@ -325,7 +325,7 @@ async def test_a_foreign_host_on_a_loopback_bind_gets_421(
 
 
 async def test_a_body_announced_too_large_gets_413_and_never_reaches_the_target(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A Content-Length above --max-request-bytes is refused before anything is sent."""
     hits: list[str] = []
@@ -345,7 +345,7 @@ async def test_a_body_announced_too_large_gets_413_and_never_reaches_the_target(
 
 
 async def test_a_chunked_body_crossing_the_limit_gets_413_and_the_target_never_gets_it_all(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The upload is cut off as soon as it crosses the limit."""
     received: list[int] = []
@@ -381,7 +381,7 @@ async def test_a_chunked_body_crossing_the_limit_gets_413_and_the_target_never_g
 
 
 async def test_an_unreachable_target_gets_502(
-    make_proxy: Any, client: aiohttp.ClientSession, unused_tcp_port: int
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession, unused_tcp_port: int
 ) -> None:
     """A target that refuses connections is a 502 with a JSON reason, not a hang."""
     proxy = await make_proxy(f"http://127.0.0.1:{unused_tcp_port}/mcp")
@@ -391,7 +391,7 @@ async def test_an_unreachable_target_gets_502(
 
 
 async def test_a_target_without_response_headers_in_time_gets_504(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A target that never answers is a 504 after --response-timeout."""
     never = asyncio.Event()
@@ -408,7 +408,7 @@ async def test_a_target_without_response_headers_in_time_gets_504(
 
 
 async def test_a_client_hanging_up_on_an_idle_stream_frees_the_target_side(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Closing an SSE stream in the client closes the proxy's upstream connection too."""
     opened = asyncio.Event()
@@ -437,7 +437,7 @@ async def test_a_client_hanging_up_on_an_idle_stream_frees_the_target_side(
 
 
 async def test_a_target_dying_mid_stream_ends_the_clients_stream_with_an_error(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The client sees a broken stream at once, not a clean end and not a hang."""
     die = asyncio.Event()
@@ -478,7 +478,7 @@ class Recorder:
 
 
 async def test_observers_hear_each_request_once_and_a_failing_one_breaks_nothing(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Metrics and the auth monitor see every answer, the proxy's own included."""
     upstream = await make_upstream(_hello)
@@ -496,7 +496,7 @@ async def test_observers_hear_each_request_once_and_a_failing_one_breaks_nothing
 
 
 async def test_each_request_is_logged_once_without_query_values_or_credentials(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The access log names method, path and statuses, never a token in the query."""
     upstream = await make_upstream(echo)
@@ -523,7 +523,7 @@ async def _hello(request: web.Request) -> web.Response:
 
 
 async def test_head_gets_the_targets_headers_and_no_body(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """HEAD answers carry the target's Content-Length and Content-Type, and no body."""
 
@@ -540,7 +540,7 @@ async def test_head_gets_the_targets_headers_and_no_body(
 
 
 async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """What the client receives is the target's answer, not one the proxy dressed up."""
 

@@ -14,7 +14,7 @@ from proxy.credentials.base import Credential, CredentialReporter
 from proxy.errors import CredentialRetrying
 from proxy.forwarding.observe import Exchange
 
-from helpers import WAIT
+from helpers import WAIT, ProxyFactory, UpstreamFactory
 
 
 class StaticBearer:
@@ -94,7 +94,7 @@ def guarded(valid: str, seen: list[tuple[str | None, bytes]]) -> Any:
 
 
 async def test_the_configured_credential_replaces_the_clients_authorization(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The target sees the proxy's token, never the one the client sent (no passthrough)."""
     seen: list[tuple[str | None, bytes]] = []
@@ -109,7 +109,7 @@ async def test_the_configured_credential_replaces_the_clients_authorization(
 
 
 async def test_without_a_source_the_clients_authorization_is_forwarded(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """With no credential configured the client authenticates itself through the proxy."""
     seen: list[tuple[str | None, bytes]] = []
@@ -121,7 +121,7 @@ async def test_without_a_source_the_clients_authorization_is_forwarded(
 
 
 async def test_no_credential_at_hand_is_a_503_with_retry_after_never_a_401(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Clients are told to retry later instead of starting their own OAuth discovery."""
     seen: list[tuple[str | None, bytes]] = []
@@ -137,7 +137,7 @@ async def test_no_credential_at_hand_is_a_503_with_retry_after_never_a_401(
 
 
 async def test_a_401_with_a_static_token_becomes_a_503_naming_the_fix(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The proxy owns the credential: the client gets 503 upstream_unauthorized with
     Retry-After and the fix, never the target's challenge; the source is told once."""
@@ -158,7 +158,7 @@ async def test_a_401_with_a_static_token_becomes_a_503_naming_the_fix(
 
 
 async def test_pass_401_passes_the_targets_401_unchanged(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """With pass_401 the client gets the target's own 401 and challenge."""
     seen: list[tuple[str | None, bytes]] = []
@@ -171,7 +171,7 @@ async def test_pass_401_passes_the_targets_401_unchanged(
 
 
 async def test_a_403_insufficient_scope_becomes_json_naming_the_scope(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """The client learns which scope is missing, without a challenge that would send a
     TypeScript-SDK client to the target's authorization server for a step-up."""
@@ -192,7 +192,7 @@ async def test_a_403_insufficient_scope_becomes_json_naming_the_scope(
 
 
 async def test_a_401_off_the_mcp_path_passes_unchanged(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Only the MCP path's 401 speaks about the proxy's credential."""
     seen: list[tuple[str | None, bytes]] = []
@@ -203,7 +203,7 @@ async def test_a_401_off_the_mcp_path_passes_unchanged(
 
 
 async def test_a_refreshing_source_gets_one_refresh_and_one_replay_with_the_same_body(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """An expired OAuth token costs the client nothing: it just gets its answer."""
     seen: list[tuple[str | None, bytes]] = []
@@ -219,7 +219,7 @@ async def test_a_refreshing_source_gets_one_refresh_and_one_replay_with_the_same
 
 
 async def test_a_replayed_chunked_body_is_sent_whole_the_second_time(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A streamed upload small enough to keep is replayed exactly after a refresh."""
     seen: list[tuple[str | None, bytes]] = []
@@ -236,7 +236,7 @@ async def test_a_replayed_chunked_body_is_sent_whole_the_second_time(
 
 
 async def test_a_body_over_the_replay_limit_is_not_replayed(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A large upload is sent once; its 401 reaches the client as the proxy's 503."""
     seen: list[tuple[str | None, bytes]] = []
@@ -251,7 +251,7 @@ async def test_a_body_over_the_replay_limit_is_not_replayed(
 
 
 async def test_a_redirect_elsewhere_never_carries_the_credential(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A target redirecting to another origin gets the redirect to the client, no token."""
     other_seen: list[str | None] = []
@@ -284,7 +284,7 @@ async def test_a_redirect_elsewhere_never_carries_the_credential(
 
 
 async def test_a_redirect_of_a_body_too_large_to_keep_goes_to_the_client(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A 307 the proxy cannot honour (body not kept) is the client's to follow."""
     hits: list[str] = []
@@ -302,7 +302,7 @@ async def test_a_redirect_of_a_body_too_large_to_keep_goes_to_the_client(
 
 
 async def test_a_401_before_the_body_is_sent_still_replays_the_whole_body(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """A target that refuses at once, mid-upload, still gets the full body on the replay."""
     refreshed = asyncio.Event()

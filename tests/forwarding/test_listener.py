@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -13,7 +12,7 @@ from aiohttp import web
 from proxy.config import ProxyConfig
 from proxy.forwarding.listener import ForwardingServer, display_host
 
-from helpers import WAIT, eventually
+from helpers import WAIT, ProxyFactory, UpstreamFactory, eventually
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -29,7 +28,7 @@ async def read_until_closed(reader: asyncio.StreamReader) -> bytes:
 
 
 async def test_a_client_trickling_its_headers_is_disconnected_after_header_timeout(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A slowloris client cannot hold a connection open by sending a header now and then."""
     upstream = await make_upstream(hello)
@@ -51,7 +50,7 @@ async def test_a_client_trickling_its_headers_is_disconnected_after_header_timeo
 
 
 async def test_an_idle_kept_alive_connection_is_closed_after_header_timeout(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """After a response, a client that sends nothing more is disconnected."""
     upstream = await make_upstream(hello)
@@ -69,7 +68,7 @@ async def test_an_idle_kept_alive_connection_is_closed_after_header_timeout(
 
 
 async def test_a_slow_target_is_not_cut_off_by_header_timeout(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """header_timeout limits the client's headers, not how long the target may think."""
 
@@ -84,7 +83,7 @@ async def test_a_slow_target_is_not_cut_off_by_header_timeout(
 
 
 async def test_connections_above_the_cap_get_503_and_are_closed(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An overloaded proxy says so plainly instead of hanging new clients."""
     upstream = await make_upstream(hello)
@@ -114,7 +113,7 @@ async def test_connections_above_the_cap_get_503_and_are_closed(
 
 
 async def test_shutdown_lets_a_request_finish_and_cuts_an_endless_stream(
-    make_upstream: Any, tmp_path: Path, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, tmp_path: Path, client: aiohttp.ClientSession
 ) -> None:
     """Stopping the proxy drains in-flight answers, then ends streams after drain_timeout."""
     finish = asyncio.Event()

@@ -4,11 +4,10 @@ delivers the target's body whole: raw sockets on the client side, where framing 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from proxy.forwarding.relay import COMPLETE, PUSHED, REWRITTEN
 
-from helpers import WAIT, RawConn, unchunk
+from helpers import WAIT, ProxyFactory, RawConn, RawUpstreamFactory, unchunk
 
 JSON = b'{"jsonrpc":"2.0","id":1,"result":{}}'
 
@@ -29,7 +28,7 @@ def _post(version: str = "1.1", path: str = "/mcp") -> bytes:
 
 
 async def test_a_whole_json_answer_takes_the_complete_path(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A small JSON answer that arrives whole goes out in one piece by path `complete`."""
     async def serve(conn: RawConn) -> None:
@@ -48,7 +47,7 @@ async def test_a_whole_json_answer_takes_the_complete_path(
 
 
 async def test_an_http10_client_gets_a_complete_answer_with_its_length(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An HTTP/1.0 client's JSON answer comes by path `complete` with a Content-Length."""
     async def serve(conn: RawConn) -> None:
@@ -70,7 +69,7 @@ async def test_an_http10_client_gets_a_complete_answer_with_its_length(
 
 
 async def test_a_chunked_event_stream_takes_the_pushed_path(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A POSTed event stream still coming after its head is pushed, its events whole."""
     go_on = asyncio.Event()
@@ -103,7 +102,7 @@ async def test_a_chunked_event_stream_takes_the_pushed_path(
 
 
 async def test_an_event_stream_without_framing_is_pushed_until_the_target_closes(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An event stream with neither length nor chunks (it ends when the target closes)
     is pushed whole, re-framed as chunks for the HTTP/1.1 client with a clean end."""
@@ -127,7 +126,7 @@ async def test_an_event_stream_without_framing_is_pushed_until_the_target_closes
 
 
 async def test_an_http10_client_gets_a_pushed_stream_until_the_proxy_closes(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An HTTP/1.0 client cannot take chunks: its pushed stream is the bare events, ended
     by the proxy closing the connection."""
@@ -153,7 +152,7 @@ async def test_an_http10_client_gets_a_pushed_stream_until_the_proxy_closes(
 
 
 async def test_the_legacy_endpoint_stream_takes_the_rewritten_path(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A GET event stream (the legacy SSE endpoint) goes through the rewriter: the target's
     absolute endpoint URL arrives moved to the proxy."""

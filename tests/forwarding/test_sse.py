@@ -18,7 +18,7 @@ from proxy.forwarding.sse import (
     rewrite_endpoint_url,
 )
 
-from helpers import WAIT
+from helpers import WAIT, ProxyFactory, UpstreamFactory
 
 TARGET = URL("https://mcp.example:8443")
 PROXY = "http://127.0.0.1:9000"
@@ -108,7 +108,7 @@ def test_any_chunking_gives_the_same_stream(cuts: list[int], newline: bytes) -> 
 
 
 async def test_a_legacy_sse_client_is_sent_back_through_the_proxy(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """Posting to the announced endpoint goes through the proxy and reaches the target."""
     posted: list[bytes] = []

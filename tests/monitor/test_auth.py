@@ -16,6 +16,7 @@ from aiohttp import hdrs, web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from multidict import CIMultiDict, CIMultiDictProxy
+from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
 from proxy.credentials.base import Credential
@@ -113,7 +114,7 @@ class Harness:
 
 
 @pytest.fixture
-async def upstream(aiohttp_server: Any) -> AsyncIterator[tuple[Upstream, str]]:
+async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Upstream, str]]:
     target = Upstream()
     server = await aiohttp_server(target.app(), host="127.0.0.1")
     yield target, str(server.make_url("")).rstrip("/")

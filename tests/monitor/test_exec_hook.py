@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 from proxy import AuthProxy, ProxyConfig
 from proxy.monitor.auth import CHILD_GRACE, exec_callback
 
-from helpers import WAIT, eventually, write_secret
+from helpers import WAIT, UpstreamFactory, eventually, write_secret
 
 
 def _alive(pid: int) -> bool:
@@ -26,7 +26,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_a_hook_still_running_at_stop_is_stopped_with_the_proxy(
-    make_upstream: object, tmp_path: Path
+    make_upstream: UpstreamFactory, tmp_path: Path
 ) -> None:
     """A hook that ignores SIGTERM and would run for ten minutes: stopping the proxy
     waits drain_timeout for it, then ends it (SIGTERM, SIGKILL after CHILD_GRACE); no
@@ -36,7 +36,7 @@ async def test_a_hook_still_running_at_stop_is_stopped_with_the_proxy(
         return web.json_response({}, status=401,
                                  headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
-    upstream = await make_upstream(deny)  # type: ignore[operator]
+    upstream = await make_upstream(deny)
     pid_file = tmp_path / "hook.pid"
     script = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
               "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)")

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import hdrs, web
+from pytest_aiohttp import AiohttpServer
 
 from proxy.config import ProxyConfig
 from proxy.credentials.base import Credential, CredentialReporter
@@ -560,7 +561,7 @@ class SessionTarget:
 
 
 async def test_an_open_episode_is_probed_with_initialize_and_its_session_deleted(
-    aiohttp_server: Any, session: aiohttp.ClientSession
+    aiohttp_server: AiohttpServer, session: aiohttp.ClientSession
 ) -> None:
     """While an episode is open each probe is an `initialize` whose event-stream 2xx
     reaches the observer as proof; its session is deleted with the negotiated version."""
@@ -568,6 +569,7 @@ async def test_an_open_episode_is_probed_with_initialize_and_its_session_deleted
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", target.handle)
     server = await aiohttp_server(app, host="127.0.0.1")
+    assert server.port is not None  # started, so bound
     observer = Observer()
     prober = HealthProber(_config(server.port), session=session, credentials=Credentials(),
                           conditions=Sink(), observer=observer, proof_wanted=lambda: True)
@@ -581,7 +583,7 @@ async def test_an_open_episode_is_probed_with_initialize_and_its_session_deleted
 
 
 async def test_a_target_that_refuses_delete_with_405_is_not_asked_again(
-    aiohttp_server: Any, session: aiohttp.ClientSession
+    aiohttp_server: AiohttpServer, session: aiohttp.ClientSession
 ) -> None:
     """A target answering the session DELETE with 405 gets no further DELETEs; once no
     episode is open, probes go back to a plain `ping`."""
@@ -589,6 +591,7 @@ async def test_a_target_that_refuses_delete_with_405_is_not_asked_again(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", target.handle)
     server = await aiohttp_server(app, host="127.0.0.1")
+    assert server.port is not None  # started, so bound
     episode = [True]
     prober = HealthProber(_config(server.port), session=session, credentials=Credentials(),
                           conditions=Sink(), observer=Observer(),
@@ -602,7 +605,7 @@ async def test_a_target_that_refuses_delete_with_405_is_not_asked_again(
 
 
 async def test_without_a_credential_source_probes_only_ping(
-    aiohttp_server: Any, session: aiohttp.ClientSession
+    aiohttp_server: AiohttpServer, session: aiohttp.ClientSession
 ) -> None:
     """With no credential of its own the proxy has nothing to prove: every probe is a
     plain `ping` and no session is ever opened on the target."""
@@ -610,6 +613,7 @@ async def test_without_a_credential_source_probes_only_ping(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", target.handle)
     server = await aiohttp_server(app, host="127.0.0.1")
+    assert server.port is not None  # started, so bound
     prober = HealthProber(_config(server.port), session=session, credentials=None,
                           conditions=Sink(), observer=Observer(), proof_wanted=lambda: True)
     for _ in range(2):

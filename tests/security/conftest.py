@@ -19,7 +19,7 @@ from structlog.typing import EventDict
 
 from proxy import AuthProxy, ProxyConfig
 
-from helpers import Started, write_secret
+from helpers import Started, UpstreamFactory, write_secret
 
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
 CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
@@ -83,7 +83,7 @@ async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]
 
 
 @pytest.fixture
-async def serve_mcp(make_upstream: Any) -> Callable[[Any], Awaitable[str]]:
+async def serve_mcp(make_upstream: UpstreamFactory) -> Callable[[Any], Awaitable[str]]:
     """Start a loopback upstream answering every request with `handler`: its /mcp URL."""
 
     async def serve(handler: Any) -> str:

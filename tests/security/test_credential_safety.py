@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .conftest import CLIENT_SECRET, COOKIE_SECRET, QUERY_SECRET, SECRET, LeakWatch, Recorder
 from .raw import exchange, parse, request
-from helpers import WAIT
+from helpers import WAIT, UpstreamFactory
 
 
 def auth_headers(seen: list[Any]) -> list[str]:
@@ -24,7 +24,7 @@ def auth_headers(seen: list[Any]) -> list[str]:
 
 
 @pytest.fixture
-async def elsewhere(make_upstream: Any) -> Recorder:
+async def elsewhere(make_upstream: UpstreamFactory) -> Recorder:
     """A second server on another port: another origin that must never see the credential."""
     rec = Recorder()
     server = await make_upstream(rec.handler)
@@ -34,7 +34,7 @@ async def elsewhere(make_upstream: Any) -> Recorder:
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_a_redirect_to_another_origin_is_passed_to_the_client_without_following(
-    make_upstream: Any, make_authproxy: Any, elsewhere: Recorder, status: int
+    make_upstream: UpstreamFactory, make_authproxy: Any, elsewhere: Recorder, status: int
 ) -> None:
     """A target redirecting elsewhere cannot lure the proxy into sending it the token."""
     location = elsewhere.url + "steal"
@@ -90,7 +90,7 @@ async def test_client_credentials_and_proxy_headers_are_not_passed_through(
 
 
 async def test_proxy_authenticate_from_the_target_never_reaches_the_client(
-    make_upstream: Any, make_authproxy: Any
+    make_upstream: UpstreamFactory, make_authproxy: Any
 ) -> None:
     """A target cannot make the user's client prompt for proxy credentials."""
 

@@ -21,6 +21,7 @@ import pytest
 import trustme
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
 
 from .conftest import AuthServer, Cli, TargetFactory, open_in_browser, start_authserver
 from .target import ProtectedTarget
@@ -161,7 +162,7 @@ MetadataFront = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-async def metadata_front(aiohttp_server: Any, authserver: AuthServer) -> MetadataFront:
+async def metadata_front(aiohttp_server: AiohttpServer, authserver: AuthServer) -> MetadataFront:
     """An authorization-server metadata document at another URL, edited by the test."""
 
     async def make(edit: Callable[[dict[str, Any], str], dict[str, Any]]) -> str:
@@ -303,7 +304,8 @@ async def test_callback_port_is_the_redirect_port(cli: Cli, target: ProtectedTar
 
 
 async def test_client_id_metadata_document_end_to_end(
-        cli: Cli, tmp_path: Path, aiohttp_server: Any, make_target: TargetFactory) -> None:
+        cli: Cli, tmp_path: Path, aiohttp_server: AiohttpServer,
+        make_target: TargetFactory) -> None:
     """A Client ID Metadata Document served over https: the server fetches it, the person
     consents, and the sign-in is stored for that client, with nothing registered."""
     ca = trustme.CA()

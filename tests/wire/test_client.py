@@ -13,7 +13,16 @@ from multidict import CIMultiDict
 
 from proxy.wire.client import request_head
 
-from helpers import WAIT, RawConn, RawServe, RawUpstream, chunk
+from helpers import (
+    WAIT,
+    ProxyFactory,
+    RawConn,
+    RawServe,
+    RawUpstream,
+    RawUpstreamFactory,
+    UpstreamFactory,
+    chunk,
+)
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -35,7 +44,8 @@ def answering(answer: Callable[[int, int], Any]) -> RawServe:
     return serve
 
 
-async def start(raw_upstream: Any, answer: Callable[[int, int], Any]) -> tuple[RawUpstream, str]:
+async def start(raw_upstream: RawUpstreamFactory,
+                answer: Callable[[int, int], Any]) -> tuple[RawUpstream, str]:
     upstream: RawUpstream = await raw_upstream(answering(answer))
     return upstream, upstream.url()
 
@@ -48,7 +58,7 @@ async def call(client: aiohttp.ClientSession, url: str, method: str = "POST",
 
 
 async def test_sequential_requests_share_one_upstream_connection(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """Back-to-back calls do not pay a new upstream connection each."""
     upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
@@ -60,7 +70,7 @@ async def test_sequential_requests_share_one_upstream_connection(
 
 
 async def test_concurrent_requests_are_not_queued_behind_a_pool_limit(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """Many slow calls at once all reach the target at once instead of waiting in line."""
     release = asyncio.Event()
@@ -85,7 +95,7 @@ async def test_concurrent_requests_are_not_queued_behind_a_pool_limit(
 
 
 async def test_a_kept_alive_connection_the_target_dropped_is_retried_for_a_get(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """A target that silently drops an idle keep-alive connection costs a GET nothing."""
     # The first connection answers once, then hangs up on the next request unanswered:
@@ -99,7 +109,7 @@ async def test_a_kept_alive_connection_the_target_dropped_is_retried_for_a_get(
 
 
 async def test_a_post_on_a_dropped_connection_is_not_sent_twice(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """A tool call the target may have seen is never repeated behind the client's back."""
     upstream, url = await start(raw_upstream,
@@ -112,7 +122,7 @@ async def test_a_post_on_a_dropped_connection_is_not_sent_twice(
 
 
 async def test_idle_upstream_connections_close_after_upstream_idle_timeout(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """The proxy does not hold the target's connections open forever after traffic stops."""
     upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
@@ -123,7 +133,7 @@ async def test_idle_upstream_connections_close_after_upstream_idle_timeout(
 
 
 async def test_shutdown_closes_idle_upstream_connections(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """Stopping the proxy leaves no connection open at the target."""
     upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
@@ -134,7 +144,7 @@ async def test_shutdown_closes_idle_upstream_connections(
 
 
 async def test_the_request_reaches_the_target_byte_exact_with_host_first(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """The target sees the client's path, query and body untouched and its own Host."""
     upstream, url = await start(raw_upstream, lambda conn, index: ANSWER)
@@ -175,7 +185,7 @@ def test_request_head_sets_content_length_like_a_client_would() -> None:
 
 
 async def test_a_response_timeout_cuts_only_the_request_that_ran_out(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """A hung call gets its 504 while calls on other connections keep being answered."""
     hang = asyncio.Event()  # never set: the first connection's request hangs
@@ -225,7 +235,7 @@ def test_tune_gc_for_serving_keeps_collecting_cycles() -> None:
 
 
 async def test_posted_event_stream_events_arrive_one_by_one(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """Each event of a streamed tool-call answer reaches the client before the next is sent."""
     from aiohttp import web
@@ -260,7 +270,7 @@ async def test_posted_event_stream_events_arrive_one_by_one(
 
 
 async def test_a_target_dying_mid_event_stream_ends_the_clients_stream_with_an_error(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """A streamed answer cut by the target is an error for the client, never a clean end."""
     cut = asyncio.Event()
@@ -283,7 +293,7 @@ async def test_a_target_dying_mid_event_stream_ends_the_clients_stream_with_an_e
 
 
 async def test_a_client_leaving_a_posted_event_stream_frees_the_target(
-    make_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """Hanging up on a streamed answer closes the target's stream too."""
     from aiohttp import web
@@ -316,7 +326,7 @@ async def test_a_client_leaving_a_posted_event_stream_frees_the_target(
 
 
 async def test_one_connection_parses_answer_after_answer_of_every_shape(
-    raw_upstream: Any, make_proxy: Any, client: aiohttp.ClientSession,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, client: aiohttp.ClientSession,
 ) -> None:
     """The pooled connection keeps one parser across answers: a HEAD's bodiless answer,
     a 204, an interim 100 and a chunked body in between must not shift the framing."""

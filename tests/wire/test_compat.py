@@ -7,7 +7,6 @@ import re
 import tomllib
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -53,7 +52,9 @@ def test_versions_inside_the_ranges_pass_and_others_are_named(
         assert f"{bad} {installed[bad]} is installed" in message
 
 
-def test_the_cli_stops_at_start_with_one_line(monkeypatch: Any, capsys: Any) -> None:
+def test_the_cli_stops_at_start_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`mcp-authproxy run` with an unsupported aiohttp exits 1 before serving, saying so
     on one stderr line (never a traceback, never a proxy that resets connections)."""
     real = installed_version  # what compat.version is until patched

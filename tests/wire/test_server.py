@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp import web
 
-from helpers import LONG_WAIT, WAIT, RawConn
+from helpers import LONG_WAIT, WAIT, ProxyFactory, RawConn, RawUpstreamFactory, UpstreamFactory
 
 
 async def _exchange(port: int, raw: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -43,7 +44,7 @@ async def _streaming(request: web.Request) -> web.StreamResponse:
 
 
 async def test_http10_client_gets_the_streamed_body_unframed_then_close(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     upstream = await make_upstream(_streaming)
     proxy = await make_proxy(str(upstream.make_url("/mcp")))
@@ -60,7 +61,7 @@ async def test_http10_client_gets_the_streamed_body_unframed_then_close(
 
 
 async def test_http10_keep_alive_is_honoured_when_the_length_is_known(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     async def fixed(request: web.Request) -> web.Response:
         return web.Response(body=b"fixed:" + request.path.encode())
@@ -82,7 +83,7 @@ async def test_http10_keep_alive_is_honoured_when_the_length_is_known(
 
 
 async def test_head_answer_has_no_body_and_the_connection_stays_usable(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=b"12345", content_type="text/plain")
@@ -105,7 +106,7 @@ async def test_head_answer_has_no_body_and_the_connection_stays_usable(
 
 
 async def test_pipelined_requests_are_answered_in_order(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     seen: list[str] = []
 
@@ -132,7 +133,7 @@ async def test_pipelined_requests_are_answered_in_order(
 
 
 async def test_only_a_date_is_added_to_the_targets_headers(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A bare answer reaches the client with a Date added and no header of the proxy's own."""
 
@@ -154,7 +155,7 @@ async def test_only_a_date_is_added_to_the_targets_headers(
 
 
 async def test_request_after_a_malformed_one_is_not_served(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     seen: list[str] = []
 
@@ -182,7 +183,7 @@ async def test_request_after_a_malformed_one_is_not_served(
 
 
 async def test_a_flood_of_pipelined_requests_is_served_in_order(
-    make_upstream: Any, make_proxy: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """More pipelined requests than the parse-ahead queue holds: reading pauses, resumes,
     and every request is answered once, in order."""
@@ -207,7 +208,7 @@ async def test_a_flood_of_pipelined_requests_is_served_in_order(
 
 
 async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
-    make_upstream: Any, make_proxy: Any, monkeypatch: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bug in the handler: the client gets a short JSON 500 (no traceback, nothing of
     the request), the connection closes, and the proxy keeps serving others."""
@@ -248,7 +249,7 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
 
 
 async def test_a_connection_that_cannot_be_set_up_is_logged_once_per_cause(
-    make_upstream: Any, make_proxy: Any, monkeypatch: Any
+    make_upstream: UpstreamFactory, make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failure while accepting a client connection closes that connection and is logged
     at ERROR once per cause (asyncio alone would say nothing outside debug mode), and the

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import aiohttp
 import pytest
 
-from helpers import WAIT, RawConn, RawServe, chunk
+from helpers import WAIT, ProxyFactory, RawConn, RawServe, RawUpstreamFactory, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
@@ -30,7 +29,7 @@ def reading_the_request(script: Script) -> RawServe:
 
 
 async def test_each_event_reaches_the_client_before_the_next_is_sent(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """Events are not held back: the target sends the next only once the client has this one."""
     got = asyncio.Queue[bytes]()
@@ -60,7 +59,7 @@ async def test_each_event_reaches_the_client_before_the_next_is_sent(
 
 
 async def test_odd_framing_reaches_the_client_as_the_same_events(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """Split chunks, chunk extensions and trailers from the target still give clean events."""
     framed = (chunk(b"data: first\n\n") + b"e;ext=1\r\ndata: second\n\n\r\n"
@@ -84,7 +83,7 @@ async def test_odd_framing_reaches_the_client_as_the_same_events(
 
 @pytest.mark.parametrize("ending", [b"", b"zz\r\n"], ids=["target-dies", "broken-framing"])
 async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
-    raw_upstream: Any, make_proxy: Any, ending: bytes
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, ending: bytes
 ) -> None:
     """A client never mistakes a target that died mid-stream for a clean end."""
     streaming = asyncio.Event()
@@ -108,7 +107,7 @@ async def test_a_stream_cut_short_by_the_target_is_an_error_for_the_client(
 
 
 async def test_a_client_hanging_up_closes_the_targets_stream(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """An abandoned stream does not keep the target's connection open."""
     closed = asyncio.Event()
@@ -128,7 +127,7 @@ async def test_a_client_hanging_up_closes_the_targets_stream(
 
 
 async def test_a_client_that_stops_reading_stalls_an_event_stream(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """A slow SSE reader costs the proxy a bounded buffer, not the whole stream."""
     sent = 0
@@ -162,7 +161,7 @@ async def test_a_client_that_stops_reading_stalls_an_event_stream(
 
 
 async def test_an_ended_event_stream_leaves_its_connection_for_the_next_call(
-    raw_upstream: Any, make_proxy: Any,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory,
 ) -> None:
     """A tool call answered as a stream does not cost the next call a new connection."""
     first_seen = asyncio.Queue[None]()
@@ -187,7 +186,7 @@ async def test_an_ended_event_stream_leaves_its_connection_for_the_next_call(
 
 
 async def test_a_stream_whose_first_events_came_with_its_head_is_carried_on_whole(
-    raw_upstream: Any, make_proxy: Any
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory
 ) -> None:
     """Head and first events in one read are sent from the socket callback; the rest of
     the stream follows them in order, byte for byte, and the clean end leaves the target

@@ -19,7 +19,7 @@ import pytest
 
 from proxy.wire.server import WRITE_HIGH_WATER as PUSH_HIGH_WATER
 
-from helpers import LONG_WAIT, RawConn, chunk
+from helpers import LONG_WAIT, ProxyFactory, RawConn, RawUpstreamFactory, chunk
 
 BULK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
              b"Transfer-Encoding: chunked\r\n\r\n")
@@ -59,7 +59,7 @@ def odd_body(seed: int) -> tuple[bytes, bytes]:
 
 
 async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_request(
-    raw_upstream: Any, make_proxy: Any,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory,
 ) -> None:
     """Reads cut anywhere (size lines included); every byte arrives; one connection."""
     framed, payload = odd_body(7)
@@ -88,7 +88,7 @@ async def test_a_bulk_body_arrives_whole_and_leaves_its_connection_for_the_next_
 
 @pytest.mark.parametrize("ending", [b"", b"\r\nzz\r\n"], ids=["target-dies", "broken-framing"])
 async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
-    raw_upstream: Any, make_proxy: Any, ending: bytes
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory, ending: bytes
 ) -> None:
     """A truncated download never looks like a complete one."""
     streaming = asyncio.Event()
@@ -114,7 +114,7 @@ async def test_a_bulk_body_cut_short_by_the_target_is_an_error_for_the_client(
 
 
 async def test_a_client_that_reads_nothing_stalls_the_target_and_bounds_the_proxys_buffer(
-    raw_upstream: Any, make_proxy: Any,
+    raw_upstream: RawUpstreamFactory, make_proxy: ProxyFactory,
 ) -> None:
     """Bounded memory: while the client reads nothing, the proxy holds at most its high
     water mark plus one read, the target's writes block, and the client hanging up then
