@@ -11,15 +11,18 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpRawServer
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from proxy import AuthProxy, ProxyConfig
+from proxy.monitor.auth import UnauthorizedCallback
 
-from helpers import Started, UpstreamFactory, write_secret
+from helpers import Handler, Started, UpstreamFactory, write_secret
 
 SECRET = "sk-live-7f3a9c1e5b2d4f6a8c0e"
 CLIENT_SECRET = "client-own-bearer-1b2c3d4e5f"
@@ -65,12 +68,21 @@ def token_file(tmp_path: Path) -> Path:
     return write_secret(tmp_path / "token", SECRET)
 
 
+class AuthProxyFactory(Protocol):
+    """`make_authproxy`: a started `AuthProxy` for `target_url` holding SECRET; `config`
+    passed to `ProxyConfig`."""
+
+    def __call__(self, target_url: str, *, on_unauthorized: UnauthorizedCallback | None = None,
+                 **config: Any) -> Awaitable[AuthProxy]: ...
+
+
 @pytest.fixture
-async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]:
+async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[AuthProxyFactory]:
     """Start a full `AuthProxy` holding SECRET as a bearer token file; stopped at teardown."""
     async with Started() as started:
 
-        async def factory(target_url: str, *, on_unauthorized: Any = None,
+        async def factory(target_url: str, *,
+                          on_unauthorized: UnauthorizedCallback | None = None,
                           **config: Any) -> AuthProxy:
             config.setdefault("state_dir", tmp_path / "state")
             config.setdefault("bearer_token_file", token_file)
@@ -83,10 +95,10 @@ async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Any]
 
 
 @pytest.fixture
-async def serve_mcp(make_upstream: UpstreamFactory) -> Callable[[Any], Awaitable[str]]:
+async def serve_mcp(make_upstream: UpstreamFactory) -> Callable[[Handler], Awaitable[str]]:
     """Start a loopback upstream answering every request with `handler`: its /mcp URL."""
 
-    async def serve(handler: Any) -> str:
+    async def serve(handler: Handler) -> str:
         server = await make_upstream(handler)
         return str(server.make_url("/mcp"))
 
@@ -107,10 +119,9 @@ class Recorder:
 
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
+    proxy: AuthProxy | None = None  # one started in front of it, kept across examples
 
-    async def handler(self, request: Any) -> Any:
-        from aiohttp import web
-
+    async def handler(self, request: web.BaseRequest) -> web.Response:
         body = await request.read()
         self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()),
                               body))
@@ -118,7 +129,7 @@ class Recorder:
 
 
 @pytest.fixture
-async def recorder(aiohttp_raw_server: Any) -> Recorder:
+async def recorder(aiohttp_raw_server: AiohttpRawServer) -> Recorder:
     """A low-level upstream (no router), so even paths a router would refuse are recorded."""
     rec = Recorder()
     server = await aiohttp_raw_server(rec.handler, host="127.0.0.1")
@@ -127,7 +138,6 @@ async def recorder(aiohttp_raw_server: Any) -> Recorder:
 
 
 @pytest.fixture
-async def proxy(make_authproxy: Any, recorder: Recorder) -> AuthProxy:
+async def proxy(make_authproxy: AuthProxyFactory, recorder: Recorder) -> AuthProxy:
     """A proxy in front of `recorder`."""
-    proxy: AuthProxy = await make_authproxy(recorder.url)
-    return proxy
+    return await make_authproxy(recorder.url)

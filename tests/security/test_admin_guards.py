@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import aiohttp
 import pytest
 from aiohttp import web
 
+from .conftest import AuthProxyFactory
 from helpers import UpstreamFactory
 
 
@@ -24,7 +23,8 @@ from helpers import UpstreamFactory
     ],
 )
 async def test_a_rebound_page_cannot_read_the_admin_port(
-    make_upstream: UpstreamFactory, make_authproxy: Any, headers: dict[str, str], status: int
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory, headers: dict[str, str],
+    status: int
 ) -> None:
     """A web page that rebinds its host name to 127.0.0.1, or posts from a foreign origin,
     cannot read /status or /metrics from the admin port."""
@@ -42,7 +42,7 @@ async def test_a_rebound_page_cannot_read_the_admin_port(
 
 
 async def test_allowed_host_turns_the_host_guard_on_for_a_wildcard_bind(
-    make_upstream: UpstreamFactory, make_authproxy: Any
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory
 ) -> None:
     """Bound to 0.0.0.0 with `--allowed-host svc`, a rebound host name gets 421 on the
     proxy port and on the admin port, while `svc` and loopback names pass."""
@@ -64,7 +64,7 @@ async def test_allowed_host_turns_the_host_guard_on_for_a_wildcard_bind(
 
 
 async def test_the_admin_port_binds_loopback_even_when_the_proxy_binds_everything(
-    make_upstream: UpstreamFactory, make_authproxy: Any
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory
 ) -> None:
     """With `--host 0.0.0.0` the proxy answers on every address but `/status` and
     `/metrics` only on 127.0.0.1, unless `--admin-host` says otherwise."""

@@ -14,7 +14,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import CLIENT_SECRET, COOKIE_SECRET, QUERY_SECRET, SECRET, LeakWatch, Recorder
+from .conftest import (
+    CLIENT_SECRET,
+    COOKIE_SECRET,
+    QUERY_SECRET,
+    SECRET,
+    AuthProxyFactory,
+    LeakWatch,
+    Recorder,
+)
 from .raw import exchange, parse, request
 from helpers import WAIT, UpstreamFactory
 
@@ -34,7 +42,8 @@ async def elsewhere(make_upstream: UpstreamFactory) -> Recorder:
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 async def test_a_redirect_to_another_origin_is_passed_to_the_client_without_following(
-    make_upstream: UpstreamFactory, make_authproxy: Any, elsewhere: Recorder, status: int
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory, elsewhere: Recorder,
+    status: int
 ) -> None:
     """A target redirecting elsewhere cannot lure the proxy into sending it the token."""
     location = elsewhere.url + "steal"
@@ -52,7 +61,7 @@ async def test_a_redirect_to_another_origin_is_passed_to_the_client_without_foll
 
 @pytest.mark.parametrize("form", ["absolute", "authority"])
 async def test_the_proxy_is_not_an_open_proxy_for_other_hosts(
-    make_authproxy: Any, recorder: Recorder, elsewhere: Recorder, form: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, elsewhere: Recorder, form: str
 ) -> None:
     """An absolute-form or CONNECT request never reaches another host with the token."""
     proxy = await make_authproxy(recorder.url)
@@ -68,7 +77,7 @@ async def test_the_proxy_is_not_an_open_proxy_for_other_hosts(
 
 
 async def test_client_credentials_and_proxy_headers_are_not_passed_through(
-    make_authproxy: Any, recorder: Recorder
+    make_authproxy: AuthProxyFactory, recorder: Recorder
 ) -> None:
     """With a configured credential the client's own token is replaced and proxy auth dropped."""
     proxy = await make_authproxy(recorder.url)
@@ -90,7 +99,7 @@ async def test_client_credentials_and_proxy_headers_are_not_passed_through(
 
 
 async def test_proxy_authenticate_from_the_target_never_reaches_the_client(
-    make_upstream: UpstreamFactory, make_authproxy: Any
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory
 ) -> None:
     """A target cannot make the user's client prompt for proxy credentials."""
 
@@ -105,7 +114,7 @@ async def test_proxy_authenticate_from_the_target_never_reaches_the_client(
 
 
 async def test_secrets_in_requests_and_the_target_url_are_redacted_everywhere(
-    make_authproxy: Any, recorder: Recorder, leak_watch: LeakWatch, tmp_path: Path
+    make_authproxy: AuthProxyFactory, recorder: Recorder, leak_watch: LeakWatch, tmp_path: Path
 ) -> None:
     """Tokens in headers, cookies, query strings and the target URL never reach logs or status."""
     proxy = await make_authproxy(recorder.url + f"?api_key={QUERY_SECRET}",
@@ -129,7 +138,7 @@ async def test_secrets_in_requests_and_the_target_url_are_redacted_everywhere(
 
 
 async def test_error_answers_do_not_echo_the_target_url_secret(
-    make_authproxy: Any, leak_watch: LeakWatch
+    make_authproxy: AuthProxyFactory, leak_watch: LeakWatch
 ) -> None:
     """A 502 for an unreachable target says why without repeating the target's API key."""
     proxy = await make_authproxy(f"http://127.0.0.1:9/mcp?token={QUERY_SECRET}")
@@ -139,7 +148,7 @@ async def test_error_answers_do_not_echo_the_target_url_secret(
 
 
 async def test_status_files_are_private_to_the_user(
-    make_authproxy: Any, recorder: Recorder, tmp_path: Path
+    make_authproxy: AuthProxyFactory, recorder: Recorder, tmp_path: Path
 ) -> None:
     """Other local users cannot read the status directory or files."""
     old = os.umask(0o022)

@@ -9,13 +9,13 @@ from aiohttp import web
 
 from proxy.log import REDACTED, mask_known_secrets, register_secret
 
-from .conftest import SECRET, LeakWatch
+from .conftest import SECRET, AuthProxyFactory, LeakWatch
 from .raw import request
 from helpers import UpstreamFactory
 
 
 async def test_a_target_echoing_the_token_in_its_challenge_does_not_leak_it(
-    make_upstream: UpstreamFactory, make_authproxy: Any, leak_watch: LeakWatch
+    make_upstream: UpstreamFactory, make_authproxy: AuthProxyFactory, leak_watch: LeakWatch
 ) -> None:
     """Even a careless target quoting the token in error_description leaves no trace of it."""
 

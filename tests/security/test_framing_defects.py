@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
-from .conftest import LeakWatch
+from .conftest import AuthProxyFactory, LeakWatch
 from .http1 import (
     CHUNKED_POST_HEAD,
     Conn,
@@ -61,7 +61,7 @@ async def connect() -> AsyncIterator[Connect]:
 
 
 @contextlib.asynccontextmanager
-async def proxied(raw_upstream: RawUpstreams, make_authproxy: Any, target: Target,
+async def proxied(raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, target: Target,
                   **config: Any) -> AsyncIterator[int]:
     """Run `target` and a proxy (holding a bearer credential) in front of it: the port."""
     upstream = await raw_upstream(target.serve)
@@ -128,7 +128,8 @@ def close_delimited(head: bytes, pieces: list[bytes]) -> Target:
 @pytest.mark.parametrize("upload", ["none", "memory"])
 @pytest.mark.parametrize("kind", sorted(CLOSE_DELIMITED))
 async def test_a_close_delimited_body_reaches_the_client_whole(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, kind: str,
+    upload: str
 ) -> None:
     """A target that ends its body by closing the connection gets its whole body to the client."""
     head, pieces = CLOSE_DELIMITED[kind]
@@ -145,7 +146,7 @@ async def test_a_close_delimited_body_reaches_the_client_whole(
 
 @pytest.mark.parametrize("kind", sorted(CLOSE_DELIMITED))
 async def test_a_close_delimited_body_reaches_the_client_whole_after_a_streamed_upload(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, kind: str
 ) -> None:
     """The same close-delimited answers arrive whole when the request body was streamed."""
     head, pieces = CLOSE_DELIMITED[kind]
@@ -177,7 +178,7 @@ CONTROL = {
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 @pytest.mark.parametrize("kind", sorted(CONTROL))
 async def test_a_control_character_in_the_targets_head_gets_502(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect,
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect,
     caplog: pytest.LogCaptureFixture, leak_watch: LeakWatch, kind: str, upload: str
 ) -> None:
     """A target head with a control character gets the client a 502, never a hang, never
@@ -212,7 +213,7 @@ async def test_a_control_character_in_the_targets_head_gets_502(
 @pytest.mark.parametrize("bad", [b"zz\r\nbad\r\n0\r\n\r\n", b"5\r\nhelloXX\r\n0\r\n\r\n"],
                          ids=["size", "crlf"])
 async def test_a_malformed_chunk_mid_upload_gets_400_at_once_and_aborts_the_upload(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, bad: bytes
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, bad: bytes
 ) -> None:
     """A chunked upload that breaks its framing after a good chunk gets 400 at once, its
     connection closes, and the target's request is cut off rather than left hanging."""
@@ -237,7 +238,7 @@ def fields(count: int, size: int) -> list[str]:
 
 
 async def test_a_request_head_above_64_kib_gets_431_and_nothing_is_forwarded(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect
 ) -> None:
     """A request whose head totals more than 64 KiB (in lines each well below it) gets 431."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
@@ -252,7 +253,7 @@ async def test_a_request_head_above_64_kib_gets_431_and_nothing_is_forwarded(
 
 
 async def test_a_request_head_below_64_kib_is_forwarded_whole(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect
 ) -> None:
     """A 60 KB head (large cookies, long tokens) is the target's to judge: it goes through."""
     target = Target(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
@@ -266,7 +267,7 @@ async def test_a_request_head_below_64_kib_is_forwarded_whole(
 
 
 async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect
 ) -> None:
     """A client that keeps sending header lines is answered 431 and cut off as soon as its
     head passes 64 KiB, not held (and its bytes kept) until the header timer."""
@@ -286,7 +287,7 @@ async def test_an_unfinished_request_head_above_64_kib_is_refused_at_once(
 
 @pytest.mark.parametrize("upload", ["none", "streamed"])
 async def test_a_response_head_above_64_kib_gets_502(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, upload: str
 ) -> None:
     """A target whose response head totals more than 64 KiB gets the client a 502."""
     big = "".join(f"{line}\r\n" for line in fields(20, 4000)).encode()
@@ -352,7 +353,7 @@ class BigEvent:
 
 @pytest.mark.parametrize("kind", ["lines", "one-line"])
 async def test_a_huge_first_event_streams_through_before_it_ends(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, kind: str
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, kind: str
 ) -> None:
     """A first event of 16 MiB of data lines, or one 128 MiB line, reaches the client as it
     comes (its start before the target sends its end), byte for byte, never held whole."""
@@ -380,7 +381,7 @@ async def test_a_huge_first_event_streams_through_before_it_ends(
 
 
 async def test_a_huge_first_event_does_not_stall_other_clients(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect
 ) -> None:
     """While a 16 MiB first event streams to one client, another client's requests are
     answered promptly all along."""
@@ -434,7 +435,7 @@ async def test_a_huge_first_event_does_not_stall_other_clients(
 @pytest.mark.parametrize("line", [b"TRACE /mcp HTTP/1.1", b"CONNECT 127.0.0.1:443 HTTP/1.1"],
                          ids=["TRACE", "CONNECT"])
 async def test_trace_and_connect_get_405_and_are_never_forwarded(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, line: bytes
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, line: bytes
 ) -> None:
     """TRACE (which would echo the credential) and CONNECT get 405 with a JSON body; the
     target never hears of them."""
@@ -453,7 +454,7 @@ async def test_trace_and_connect_get_405_and_are_never_forwarded(
 # --- 7: HTTP/1.0 with chunked framing --------------------------------------------------
 
 async def test_http10_with_chunked_framing_gets_400_and_the_connection_closes(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect
 ) -> None:
     """An HTTP/1.0 request claiming chunked framing is refused (400) and its connection
     closed: a pipelined request after it is never served, nothing reaches the target."""
@@ -474,7 +475,7 @@ async def test_http10_with_chunked_framing_gets_400_and_the_connection_closes(
 
 @pytest.mark.parametrize("coding", [b"gzip, chunked", b"x-custom, chunked"])
 async def test_an_unknown_transfer_coding_gets_501(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, coding: bytes
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, coding: bytes
 ) -> None:
     """A request body in a transfer coding the proxy cannot decode gets 501; nothing of it
     reaches the target."""
@@ -498,7 +499,7 @@ UTF8 = "caf\u00e9 \u2603".encode()
 
 @pytest.mark.parametrize("upload", UPLOADS)
 async def test_header_bytes_above_0x7f_pass_through_exactly_both_ways(
-    raw_upstream: RawUpstreams, make_authproxy: Any, connect: Connect, upload: str
+    raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory, connect: Connect, upload: str
 ) -> None:
     """Latin-1 and UTF-8 bytes in header values reach the target and the client exactly
     as sent, and so does the target's reason phrase."""
@@ -563,7 +564,7 @@ class Scripted:
 
 
 @pytest.fixture
-async def scripted(raw_upstream: RawUpstreams, make_authproxy: Any
+async def scripted(raw_upstream: RawUpstreams, make_authproxy: AuthProxyFactory
                    ) -> AsyncIterator[tuple[Scripted, Target, int]]:
     """One scripted target and proxy for all the examples of a property."""
     script = Scripted()

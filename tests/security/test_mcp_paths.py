@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.forwarding.rules import is_mcp_path
 from proxy.status.model import WorkloadStatus
 
-from .conftest import CLIENT_SECRET, SECRET, Recorder
+from .conftest import CLIENT_SECRET, SECRET, AuthProxyFactory, Recorder
 from .raw import request
 from helpers import WAIT
 
@@ -67,7 +67,7 @@ async def target(serve_mcp: Any) -> tuple[Target, str]:
 
 
 async def test_a_flapping_client_cannot_open_episodes_from_an_always_401_path(
-    make_authproxy: Any, target: tuple[Target, str]
+    make_authproxy: AuthProxyFactory, target: tuple[Target, str]
 ) -> None:
     """Twenty round trips alternating an always-401 admin path and the MCP path run the
     unauthorized callback zero times and leave the workload running."""
@@ -87,7 +87,7 @@ async def test_a_flapping_client_cannot_open_episodes_from_an_always_401_path(
 
 
 async def test_the_credential_is_injected_on_mcp_paths_only(
-    make_authproxy: Any, target: tuple[Target, str]
+    make_authproxy: AuthProxyFactory, target: tuple[Target, str]
 ) -> None:
     """The target sees the proxy's credential on `/mcp` and below it, and neither that nor
     the client's own `Authorization` anywhere else on its origin."""
@@ -115,7 +115,7 @@ async def test_the_credential_is_injected_on_mcp_paths_only(
 
 
 async def test_a_preflight_and_a_redirect_to_a_login_page_prove_nothing(
-    make_authproxy: Any, target: tuple[Target, str]
+    make_authproxy: AuthProxyFactory, target: tuple[Target, str]
 ) -> None:
     """While an episode is open, a preflight's 204 on the MCP path and a followed redirect
     from it to a login page leave the workload unauthenticated; a real 2xx ends it."""
@@ -145,7 +145,7 @@ async def test_a_preflight_and_a_redirect_to_a_login_page_prove_nothing(
 
 
 async def test_a_redirect_onto_the_mcp_path_gets_the_credential_there_only(
-    make_authproxy: Any, target: tuple[Target, str]
+    make_authproxy: AuthProxyFactory, target: tuple[Target, str]
 ) -> None:
     """A request to an old path that the target redirects to the MCP path goes out
     without the credential, and the followed request to `/mcp` with it."""
@@ -161,7 +161,7 @@ async def test_a_redirect_onto_the_mcp_path_gets_the_credential_there_only(
 @pytest.mark.parametrize(("method", "target"), [("TRACE", "/mcp"), ("CONNECT", "/mcp"),
                                                  ("CONNECT", "example.com:443")])
 async def test_trace_and_connect_get_405_and_never_reach_the_target(
-    make_authproxy: Any, recorder: Recorder, method: str, target: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, method: str, target: str
 ) -> None:
     """TRACE would echo the injected credential back to the client and CONNECT would
     open a tunnel: both get 405 with `Allow`, and the target sees nothing."""

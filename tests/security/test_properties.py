@@ -13,7 +13,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.forwarding.rules import (
@@ -28,7 +28,7 @@ from proxy.forwarding.rules import (
 )
 from proxy.forwarding.sse import EndpointRewriter
 
-from .conftest import Recorder
+from .conftest import AuthProxyFactory, Recorder
 from .raw import request
 
 TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~"
@@ -93,7 +93,7 @@ def test_no_hop_by_hop_header_ever_reaches_the_target(
 def test_no_hop_by_hop_header_ever_reaches_the_client(headers: CIMultiDict[str]) -> None:
     """Whatever headers a target sends, connection-level ones never reach the client."""
     named = connection_tokens(headers)
-    out = response_headers(headers)  # type: ignore[arg-type]
+    out = response_headers(CIMultiDictProxy(headers))
     expected = [(k, v) for k, v in headers.items()
                 if k.lower() not in HOP_BY_HOP and k.lower() not in named]
     assert list(out.items()) == expected
@@ -138,13 +138,12 @@ def test_target_url_parameters_never_change_the_clients_own_query(
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=raw_path, query=raw_query)
 async def test_path_and_query_reach_a_real_target_byte_for_byte(
-    make_authproxy: Any, recorder: Recorder, path: str, query: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, path: str, query: str
 ) -> None:
     """Through the running proxy, the target receives exactly the path and query sent."""
-    proxy = getattr(recorder, "_proxy", None)
+    proxy = recorder.proxy
     if proxy is None:
-        proxy = await make_authproxy(recorder.url)
-        recorder._proxy = proxy  # type: ignore[attr-defined]
+        proxy = recorder.proxy = await make_authproxy(recorder.url)
     target = f"{path}?{query}" if query else path
     answer = await request(proxy.port, ["Host: 127.0.0.1"], target=target)
     assert answer is not None and answer.status == 200
