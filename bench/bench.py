@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -595,7 +596,7 @@ def compare_stores(ctx: Ctx, targets: Sequence[Target], rounds: int, quiet: floa
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for r in range(rounds):
             order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            run_scenario(key, lambda t, fn=fn: fn(ctx, t), order, quiet)  # type: ignore[misc]
+            run_scenario(key, functools.partial(fn, ctx), order, quiet)
             for t in targets:
                 if key in t.raw:
                     runs[t.name].append(t.raw.pop(key))

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import UpstreamFactory, connect, text_of
+from .conftest import Transport, UpstreamFactory, connect, text_of
 from .processes import (
     INITIALIZE,
     TOKEN,
@@ -118,7 +118,7 @@ async def test_ts_client_python_server(
 
 
 @pytest.mark.parametrize("transport", ["streamable", "sse"])
-async def test_python_client_ts_server(processes: Processes, transport: str) -> None:
+async def test_python_client_ts_server(processes: Processes, transport: Transport) -> None:
     """The Python SDK client, through the proxy, works with the TS SDK's server: tools
     listed, progress seen while the tool runs, a large result whole."""
     server = await start_ts_server(processes, TOKEN)
@@ -126,7 +126,7 @@ async def test_python_client_ts_server(processes: Processes, transport: str) -> 
     updates: list[tuple[float, float | None, str | None]] = []
     releases: set[asyncio.Task[Any]] = set()
 
-    async with connect(proxy.url, transport=transport) as client:  # type: ignore[arg-type]
+    async with connect(proxy.url, transport=transport) as client:
 
         async def on_progress(progress: float, total: float | None, message: str | None) -> None:
             updates.append((progress, total, message))

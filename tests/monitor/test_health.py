@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -38,6 +38,7 @@ TOKEN = "s3cr3t-probe-token"
 
 def _conn_error(exc_type: type[aiohttp.ClientConnectorError]) -> BaseException:
     key = SimpleNamespace(host="127.0.0.1", port=1, ssl=False)
+    # a stand-in for the ConnectionKey aiohttp builds (it does not export the class)
     return exc_type(key, ConnectionRefusedError(111, "refused"))  # type: ignore[arg-type]
 
 
@@ -196,8 +197,11 @@ class Credentials:
 class Upstream:
     """A real loopback MCP-ish server that can be stopped and started on the same port."""
 
-    def __init__(self, status: int = 200, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int = 200, headers: dict[str, str] | None = None,
+                 answer: Callable[[web.Request], Awaitable[web.Response]] | None = None) -> None:
+        """`answer`: a handler to serve instead of the recording MCP-ish one."""
         self.status = status
+        self._answer = answer
         self.headers = headers or {}
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.port = 0
@@ -211,7 +215,7 @@ class Upstream:
 
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self._answer or self.handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -401,8 +405,7 @@ async def test_probes_never_overlap(make_rig: Callable[..., Rig]) -> None:
         active -= 1
         return web.Response(status=204)
 
-    up = Upstream()
-    up.handle = slow  # type: ignore[method-assign]
+    up = Upstream(answer=slow)
     await up.start()
     try:
         rig = make_rig(_config(up.port, health_timeout=WAIT))
@@ -426,8 +429,7 @@ async def test_timeout_is_a_failure_and_stop_is_clean(make_rig: Callable[..., Ri
         await release.wait()
         return web.Response()
 
-    up = Upstream()
-    up.handle = hang  # type: ignore[method-assign]
+    up = Upstream(answer=hang)
     await up.start()
     try:
         rig = make_rig(_config(up.port, health_timeout=0.1, health_failures=1))
@@ -460,7 +462,7 @@ async def test_observer_failure_does_not_stop_probing(
 
     with structlog.testing.capture_logs() as logs:
         rig = make_rig(_config(upstream.port), Credentials())
-        rig.observer.on_response = broken  # type: ignore[method-assign]
+        rig.observer.on_response = broken  # type: ignore[method-assign]  # the failing observer
         await rig.prober.start()
         await rig.recorder.wait_for(3)
     assert rig.sink.reachable_calls() == [True]

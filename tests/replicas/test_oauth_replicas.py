@@ -267,10 +267,14 @@ async def test_the_refresh_lock_is_one_at_a_time_and_its_lease_ends_a_dead_holde
     lock, gives up after its wait, and gets it once the dead holder's lease ran out."""
     client = redis_server.client()
     key = fernet_key().encode()
-    common = {"workload": "w", "origin": "https://mcp.example", "key": key,
-              "issuer": "https://as.example/token", "display": "redis://test"}
-    first = RedisTokenStore(client, lease=0.6, **common)  # type: ignore[arg-type]
-    second = RedisTokenStore(client, lease=0.6, **common)  # type: ignore[arg-type]
+
+    def store() -> RedisTokenStore:
+        return RedisTokenStore(client, workload="w", origin="https://mcp.example", key=key,
+                               issuer="https://as.example/token", lease=0.6,
+                               display="redis://test")
+
+    first = store()
+    second = store()
     loop = asyncio.get_running_loop()
     try:
         holder = first.lock(1.0)

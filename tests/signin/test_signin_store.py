@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,14 +24,14 @@ from proxy.credentials.signin_store import (
 NOW = datetime.now(UTC).replace(microsecond=0)  # the file keeps whole seconds
 
 
-def signin(**changes: object) -> StoredSignIn:
-    fields: dict[str, object] = dict(
+def signin(**changes: Any) -> StoredSignIn:
+    """A sign-in as `login` stores it, with `changes` (StoredSignIn fields) made."""
+    base = StoredSignIn(
         target_url="https://mcp.example/mcp", resource="https://mcp.example/mcp",
         issuer="https://as.example", token_endpoint="https://as.example/token",
         client_id="client", access_token="access-1", refresh_token="refresh-1",
         expires_at=NOW + timedelta(hours=1), signed_in_at=NOW, scope=("mcp:read",))
-    fields.update(changes)
-    return StoredSignIn(**fields)  # type: ignore[arg-type]
+    return dataclasses.replace(base, **changes)
 
 
 def test_saved_private_and_read_back(tmp_path: Path) -> None:

@@ -177,4 +177,4 @@ def test_status_only_file_maps_back_to_a_lifecycle() -> None:
 def test_foreign_shapes_are_refused(data: object) -> None:
     """Something that is not a status record is refused with an error a store can catch."""
     with pytest.raises((ValueError, KeyError, TypeError)):
-        st.WorkloadRecord.from_dict(data)  # type: ignore[arg-type]
+        st.WorkloadRecord.from_dict(data)  # type: ignore[arg-type]  # foreign on purpose

@@ -164,7 +164,7 @@ async def test_queued_writes_land_in_order(tmp_path: Path) -> None:
         assert future is not None
         futures.append(future)
     records = await asyncio.wait_for(asyncio.gather(*futures), 10)
-    assert [r.condition(C.REACHABLE).reason for r in records] == [  # type: ignore[union-attr]
+    assert [r.condition_map[C.REACHABLE].reason for r in records] == [
         f"Step{i}" for i in range(20)]
     assert (await store.read()) == workload.record == records[-1]
 
