@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
+
+from proxy.forwarding.listener import ForwardingServer
 
 from helpers import ProxyFactory, RawConn, RawServe, RawUpstreamFactory
 
 Behaviour = Callable[[RawConn], Awaitable[None]]
+
+
+class ProxyTo(Protocol):
+    """`proxy_to`: a started proxy in front of a `misbehaving(behaviour)` target."""
+
+    def __call__(self, behaviour: Behaviour, **config: Any) -> Awaitable[ForwardingServer]: ...
 
 
 def misbehaving(behaviour: Behaviour) -> RawServe:
@@ -36,20 +44,23 @@ def misbehaving(behaviour: Behaviour) -> RawServe:
 
 @pytest.fixture
 async def proxy_to(raw_upstream: RawUpstreamFactory,
-                   make_proxy: ProxyFactory) -> Callable[..., Awaitable[Any]]:
+                   make_proxy: ProxyFactory) -> ProxyTo:
     """Start a proxy (`make_proxy` settings) in front of a `misbehaving(behaviour)` target."""
 
-    async def start(behaviour: Behaviour, **config: Any) -> Any:
+    async def start(behaviour: Behaviour, **config: Any) -> ForwardingServer:
         upstream = await raw_upstream(misbehaving(behaviour))
         return await make_proxy(upstream.url(), **config)
 
     return start
 
 
-def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Socket-level fault tests run on the stock loop and on uvloop (the CLI's loop when
     installed): transports differ between the two. Process-level ones choose their own."""
-    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop}
     if item.path.name not in ("test_upstream_faults.py", "test_backpressure.py"):
         return factories
     try:

@@ -10,20 +10,24 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.forwarding.listener import ForwardingServer
+
+from .conftest import Behaviour, ProxyTo
 from helpers import WAIT, RawConn, chunk
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n")
 
 
-async def still_serving(client: aiohttp.ClientSession, proxy: Any) -> None:
+async def still_serving(client: aiohttp.ClientSession, proxy: ForwardingServer) -> None:
     async with asyncio.timeout(WAIT):
         async with client.get(f"http://127.0.0.1:{proxy.port}/ok") as resp:
             assert resp.status == 200
             assert await resp.read() == b"ok"
 
 
-async def proxy_error(client: aiohttp.ClientSession, proxy: Any, status: int) -> dict[str, Any]:
+async def proxy_error(client: aiohttp.ClientSession, proxy: ForwardingServer,
+                      status: int) -> dict[str, Any]:
     async with asyncio.timeout(WAIT):
         async with client.get(proxy.url) as resp:
             assert resp.status == status
@@ -57,7 +61,7 @@ async def too_many_headers(conn: RawConn) -> None:
 @pytest.mark.parametrize("behaviour", [garbage, close_at_once, reset_at_once, endless_header,
                                        too_many_headers])
 async def test_a_target_answering_nonsense_gets_the_client_a_502(
-    proxy_to: Any, client: aiohttp.ClientSession, behaviour: Any
+    proxy_to: ProxyTo, client: aiohttp.ClientSession, behaviour: Behaviour
 ) -> None:
     """Garbage, an empty close, a reset or an endless header become a prompt JSON 502."""
     proxy = await proxy_to(behaviour)
@@ -67,7 +71,7 @@ async def test_a_target_answering_nonsense_gets_the_client_a_502(
 
 
 async def test_a_target_that_never_answers_gets_a_504_after_response_timeout(
-    proxy_to: Any, client: aiohttp.ClientSession
+    proxy_to: ProxyTo, client: aiohttp.ClientSession
 ) -> None:
     """A hung target costs the client response_timeout, then a clear 504."""
     release = asyncio.Event()
@@ -112,7 +116,7 @@ async def bad_chunk_size(conn: RawConn) -> None:
 @pytest.mark.parametrize("behaviour", [truncated_chunked, truncated_length, reset_mid_stream,
                                        bad_chunk_size])
 async def test_a_body_cut_short_by_the_target_ends_the_clients_response_as_an_error(
-    proxy_to: Any, client: aiohttp.ClientSession, behaviour: Any
+    proxy_to: ProxyTo, client: aiohttp.ClientSession, behaviour: Behaviour
 ) -> None:
     """A truncated or reset body is never passed off as a complete one: the client sees an error.
     """
@@ -129,7 +133,7 @@ async def test_a_body_cut_short_by_the_target_ends_the_clients_response_as_an_er
 
 
 async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
-    proxy_to: Any, client: aiohttp.ClientSession
+    proxy_to: ProxyTo, client: aiohttp.ClientSession
 ) -> None:
     """A quiet stream is not cut off (streams have no time limit), and others are still served;
     when the client gives up, the target's connection is released."""
@@ -154,7 +158,7 @@ async def test_a_stream_hanging_mid_way_stays_open_and_does_not_block_others(
 
 
 async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
-    proxy_to: Any, client: aiohttp.ClientSession
+    proxy_to: ProxyTo, client: aiohttp.ClientSession
 ) -> None:
     """A client that drops half-way through a POST body does not leave the target waiting."""
     receiving = asyncio.Event()
@@ -176,12 +180,14 @@ async def test_a_client_vanishing_mid_upload_releases_the_upstream_connection(
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
     await asyncio.wait_for(released.wait(), WAIT)
-    assert await proxy._forwarder.wait_idle(WAIT)
+    forwarder = proxy._forwarder
+    assert forwarder is not None  # started
+    assert await forwarder.wait_idle(WAIT)
     await still_serving(client, proxy)
 
 
 async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
-    proxy_to: Any
+    proxy_to: ProxyTo
 ) -> None:
     """Closing an SSE stream on the client side closes it on the target's side too."""
     released = asyncio.Event()
@@ -197,4 +203,6 @@ async def test_a_client_vanishing_mid_stream_releases_the_upstream_connection(
     await asyncio.wait_for(reader.readuntil(b"data: hello\n\n"), WAIT)
     writer.close()
     await asyncio.wait_for(released.wait(), WAIT)
-    assert await proxy._forwarder.wait_idle(WAIT)
+    forwarder = proxy._forwarder
+    assert forwarder is not None  # started
+    assert await forwarder.wait_idle(WAIT)

@@ -113,6 +113,9 @@ class Harness:
         await asyncio.wait_for(self.monitor.flush(), 10)
 
 
+UpstreamAt = tuple[Upstream, str]  # `upstream`: the target and its base URL
+
+
 @pytest.fixture
 async def upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[tuple[Upstream, str]]:
     target = Upstream()
@@ -127,7 +130,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def harness(tmp_path: Path, upstream: tuple[Upstream, str],
+async def harness(tmp_path: Path, upstream: UpstreamAt,
                   session: aiohttp.ClientSession) -> Harness:
     h = Harness(tmp_path, upstream[1], session)
     await h.start()
@@ -135,7 +138,7 @@ async def harness(tmp_path: Path, upstream: tuple[Upstream, str],
 
 
 async def test_fifty_concurrent_401s_open_one_episode(
-    harness: Harness, upstream: tuple[Upstream, str]
+    harness: Harness, upstream: UpstreamAt
 ) -> None:
     """A burst of 401s marks the workload unauthenticated once and calls back exactly once."""
     upstream[0].accepted = "rotated"
@@ -161,7 +164,7 @@ async def test_fifty_concurrent_401s_open_one_episode(
 
 
 async def test_callback_runs_only_after_the_file_says_unauthenticated(harness: Harness,
-                                                                      upstream: Any) -> None:
+                                                                      upstream: UpstreamAt) -> None:
     """Whoever the callback alerts finds the status file already saying unauthenticated."""
     upstream[0].accepted = "rotated"
     await harness.call()
@@ -170,7 +173,9 @@ async def test_callback_runs_only_after_the_file_says_unauthenticated(harness: H
     assert harness.file_status_at_callback == ["unauthenticated"]
 
 
-async def test_episode_lifecycle_proof_and_public_paths(harness: Harness, upstream: Any) -> None:
+async def test_episode_lifecycle_proof_and_public_paths(
+    harness: Harness, upstream: UpstreamAt
+) -> None:
     """Only a good answer on the MCP path ends an episode; a new 401 then opens a second one."""
     target: Upstream = upstream[0]
     target.accepted = "rotated"
@@ -203,7 +208,7 @@ async def test_episode_lifecycle_proof_and_public_paths(harness: Harness, upstre
     assert harness.file()["status"] == "unauthenticated"
 
 
-async def test_only_the_current_credential_proves(harness: Harness, upstream: Any) -> None:
+async def test_only_the_current_credential_proves(harness: Harness, upstream: UpstreamAt) -> None:
     """An answer to a replaced credential neither ends nor opens an episode."""
     upstream[0].accepted = "rotated"
     await harness.call()
@@ -224,7 +229,7 @@ async def test_only_the_current_credential_proves(harness: Harness, upstream: An
 
 
 async def test_raising_and_slow_callbacks_do_not_hold_up_forwarding(
-    tmp_path: Path, upstream: Any, session: aiohttp.ClientSession
+    tmp_path: Path, upstream: UpstreamAt, session: aiohttp.ClientSession
 ) -> None:
     """A callback that hangs or raises leaves requests flowing and status moving."""
     release = asyncio.Event()
@@ -257,7 +262,7 @@ async def test_raising_and_slow_callbacks_do_not_hold_up_forwarding(
 
 
 async def test_reauthorized_never_overtakes_unauthorized(
-    tmp_path: Path, upstream: Any, session: aiohttp.ClientSession
+    tmp_path: Path, upstream: UpstreamAt, session: aiohttp.ClientSession
 ) -> None:
     """Even when the proof follows at once, the runner hears "unauthorized" before "back"."""
     order: list[str] = []
@@ -277,7 +282,7 @@ async def test_reauthorized_never_overtakes_unauthorized(
     assert order == ["unauthorized", "reauthorized"]
 
 
-async def test_sync_raising_callback_is_logged(tmp_path: Path, upstream: Any,
+async def test_sync_raising_callback_is_logged(tmp_path: Path, upstream: UpstreamAt,
                                                session: aiohttp.ClientSession) -> None:
     """A plain callback that raises is logged and the next episode still calls back."""
     seen: list[UnauthorizedEvent] = []
@@ -298,7 +303,7 @@ async def test_sync_raising_callback_is_logged(tmp_path: Path, upstream: Any,
 
 
 async def test_probes_with_and_without_a_credential_source(
-    tmp_path: Path, upstream: Any, session: aiohttp.ClientSession
+    tmp_path: Path, upstream: UpstreamAt, session: aiohttp.ClientSession
 ) -> None:
     """A probe's 401 opens an episode only when the proxy injects a credential."""
     upstream[0].accepted = "rotated"
@@ -316,7 +321,7 @@ async def test_probes_with_and_without_a_credential_source(
 
 
 async def test_without_a_source_any_good_mcp_answer_proves(
-    tmp_path: Path, upstream: Any, session: aiohttp.ClientSession
+    tmp_path: Path, upstream: UpstreamAt, session: aiohttp.ClientSession
 ) -> None:
     """When clients bring their own token, their 401 opens and their next 200 closes."""
     h = Harness(tmp_path, upstream[1], session, credentials=False)
@@ -344,7 +349,7 @@ async def test_insufficient_scope(harness: Harness) -> None:
     assert authorized["status"] == "True"
 
 
-async def test_credential_source_failures(harness: Harness, upstream: Any) -> None:
+async def test_credential_source_failures(harness: Harness, upstream: UpstreamAt) -> None:
     """An invalid source opens an episode; a transient one only retries; healing waits for proof."""
     monitor = harness.monitor
     monitor.credential_state(False, "TokenRefreshRetrying", "refreshing keeps failing", False)
@@ -366,7 +371,7 @@ async def test_credential_source_failures(harness: Harness, upstream: Any) -> No
     assert harness.file()["status"] == "running" and len(harness.reauthorized) == 1
 
 
-async def test_no_io_per_request(upstream: Any, session: aiohttp.ClientSession) -> None:
+async def test_no_io_per_request(upstream: UpstreamAt, session: aiohttp.ClientSession) -> None:
     """Steady traffic writes nothing: the status file changes only with a condition."""
     store = MemoryStore("w")
     workload = Workload(store)
@@ -460,7 +465,7 @@ async def test_settled_monitor_still_sees_every_change(harness: Harness) -> None
     assert harness.file()["status"] == "running" and not harness.monitor.episode_open
 
 
-async def test_no_credential_in_file_or_logs(harness: Harness, upstream: Any) -> None:
+async def test_no_credential_in_file_or_logs(harness: Harness, upstream: UpstreamAt) -> None:
     """The injected token never appears in the status file or in any log event."""
     with capture_logs() as logs:
         upstream[0].accepted = "rotated"

@@ -94,8 +94,11 @@ async def make_authproxy(tmp_path: Path, token_file: Path) -> AsyncIterator[Auth
         yield factory
 
 
+ServeMcp = Callable[[Handler], Awaitable[str]]  # `serve_mcp`
+
+
 @pytest.fixture
-async def serve_mcp(make_upstream: UpstreamFactory) -> Callable[[Handler], Awaitable[str]]:
+async def serve_mcp(make_upstream: UpstreamFactory) -> ServeMcp:
     """Start a loopback upstream answering every request with `handler`: its /mcp URL."""
 
     async def serve(handler: Handler) -> str:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
+from .conftest import AuthProxyFactory, Recorder
 from .raw import get_ok, request
 
 FOREIGN_ORIGINS = [
@@ -28,7 +27,7 @@ FOREIGN_ORIGINS = [
     "127.0.0.1.attacker.example", "attacker.example:127.0.0.1", "",
 ])
 async def test_a_rebinding_host_is_refused_with_421(
-    make_authproxy: Any, recorder: Any, host: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, host: str
 ) -> None:
     """A page that rebinds its own domain to 127.0.0.1 cannot reach the proxy."""
     proxy = await make_authproxy(recorder.url)
@@ -43,7 +42,7 @@ async def test_a_rebinding_host_is_refused_with_421(
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost:1234", "[::1]:80", "LOCALHOST",
                                   "mcp.example:99"])
 async def test_loopback_and_allowed_hosts_pass(
-    make_authproxy: Any, recorder: Any, host: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, host: str
 ) -> None:
     """Local clients, whatever loopback name they use, and allowed hosts are served."""
     proxy = await make_authproxy(recorder.url, allowed_hosts=("mcp.example",))
@@ -53,7 +52,7 @@ async def test_loopback_and_allowed_hosts_pass(
 
 @pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
 async def test_a_foreign_origin_is_refused_with_403(
-    make_authproxy: Any, recorder: Any, origin: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, origin: str
 ) -> None:
     """A web page on another site (or a sandboxed one, Origin: null) gets a JSON 403."""
     proxy = await make_authproxy(recorder.url, allowed_origins=("https://app.example",))
@@ -71,7 +70,7 @@ async def test_a_foreign_origin_is_refused_with_403(
                                     "https://[::1]:8443", "https://app.example",
                                     "HTTPS://APP.EXAMPLE"])
 async def test_loopback_and_allowed_origins_pass(
-    make_authproxy: Any, recorder: Any, origin: str
+    make_authproxy: AuthProxyFactory, recorder: Recorder, origin: str
 ) -> None:
     """Local web apps and origins the user allowed reach the target."""
     proxy = await make_authproxy(recorder.url, allowed_origins=("https://app.example",))
@@ -83,7 +82,7 @@ async def test_loopback_and_allowed_origins_pass(
 @pytest.mark.parametrize("pair", [("http://localhost", "http://localhost"),
                                   ("http://localhost", "https://evil.example")])
 async def test_more_than_one_origin_is_refused(
-    make_authproxy: Any, recorder: Any, pair: tuple[str, str]
+    make_authproxy: AuthProxyFactory, recorder: Recorder, pair: tuple[str, str]
 ) -> None:
     """Two Origin headers are ambiguous, so the proxy refuses rather than guess."""
     proxy = await make_authproxy(recorder.url)
@@ -95,7 +94,7 @@ async def test_more_than_one_origin_is_refused(
 
 
 async def test_many_distinct_hostile_origins_do_not_grow_memory_or_break_answers(
-    make_authproxy: Any, recorder: Any
+    make_authproxy: AuthProxyFactory, recorder: Recorder
 ) -> None:
     """An attacker cycling Origin values keeps getting 403, and the verdict cache stays small."""
     proxy = await make_authproxy(recorder.url)

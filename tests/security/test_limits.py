@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from proxy import AuthProxy
 
+from .conftest import AuthProxyFactory, LeakWatch, Recorder, ServeMcp
 from .raw import RawAnswer, exchange, get_ok, parse, read_until_closed, request
 from helpers import WAIT, eventually
 
@@ -35,13 +36,13 @@ class CountingUpstream:
 
 
 @pytest.fixture
-async def counting(serve_mcp: Any) -> tuple[CountingUpstream, str]:
+async def counting(serve_mcp: ServeMcp) -> tuple[CountingUpstream, str]:
     upstream = CountingUpstream()
     return upstream, await serve_mcp(upstream.handler)
 
 
 @pytest.fixture
-async def limited(make_authproxy: Any, counting: tuple[CountingUpstream, str]
+async def limited(make_authproxy: AuthProxyFactory, counting: tuple[CountingUpstream, str]
                   ) -> tuple[CountingUpstream, AuthProxy]:
     """A proxy that takes request bodies up to LIMIT, in front of a `CountingUpstream`."""
     upstream, url = counting
@@ -117,7 +118,7 @@ async def test_an_oversized_chunked_body_is_cut_off_and_never_reaches_the_target
     pytest.param(["X-Nul: a\x00b"], id="nul-in-value"),
 ])
 async def test_header_bombs_get_400_or_431_and_the_proxy_keeps_serving(
-    proxy: AuthProxy, recorder: Any, bomb: list[str]
+    proxy: AuthProxy, recorder: Recorder, bomb: list[str]
 ) -> None:
     """Absurd request headers get a clear client error, never a crash or a forwarded request."""
     answer = await request(proxy.port, ["Host: 127.0.0.1", *bomb])
@@ -131,7 +132,7 @@ async def test_header_bombs_get_400_or_431_and_the_proxy_keeps_serving(
     "/mcp?" + "q=1&" * 50_000,
 ])
 async def test_an_oversized_request_line_gets_a_client_error(
-    proxy: AuthProxy, recorder: Any, target: str
+    proxy: AuthProxy, recorder: Recorder, target: str
 ) -> None:
     """A request line too long to be real is refused with 400/414/431, and nothing is forwarded."""
     answer = await request(proxy.port, ["Host: 127.0.0.1"], target=target)
@@ -151,7 +152,7 @@ async def test_an_oversized_request_line_gets_a_client_error(
     b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 ])
 async def test_malformed_requests_get_a_client_error(
-    proxy: AuthProxy, recorder: Any, line: bytes
+    proxy: AuthProxy, recorder: Recorder, line: bytes
 ) -> None:
     """Bytes that are not one clear HTTP/1.1 request are refused, not guessed at."""
     answer = parse(await exchange(proxy.port, line))
@@ -167,7 +168,7 @@ async def answered(port: int, status: int) -> RawAnswer | None:
 
 
 async def test_connections_above_the_cap_get_503_with_a_json_body(
-    make_authproxy: Any, recorder: Any
+    make_authproxy: AuthProxyFactory, recorder: Recorder
 ) -> None:
     """Past the connection cap a client gets a plain 503, and room comes back when others leave."""
     proxy = await make_authproxy(recorder.url, max_connections=3)
@@ -200,7 +201,7 @@ def _low_fd_limit() -> None:
 
 
 async def test_under_a_low_fd_limit_excess_clients_get_503_not_a_hang(
-    recorder: Any, tmp_path: Any, leak_watch: Any
+    recorder: Recorder, tmp_path: Path, leak_watch: LeakWatch
 ) -> None:
     """With `ulimit -n 128` the proxy still answers clients above its (lowered) cap with 503."""
     import sys
@@ -256,7 +257,7 @@ async def test_expect_100_continue_with_an_oversized_body_gets_413_not_continue(
 
 
 async def test_many_small_chunks_add_up_to_the_limit(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str]
+    make_authproxy: AuthProxyFactory, counting: tuple[CountingUpstream, str]
 ) -> None:
     """The limit counts body bytes, however finely the client chunks them."""
     upstream, url = counting
@@ -278,7 +279,7 @@ async def test_many_small_chunks_add_up_to_the_limit(
     ],
 )
 async def test_malformed_requests_get_a_json_answer_that_quotes_nothing_back(
-    make_authproxy: Any, counting: tuple[CountingUpstream, str], extra: list[bytes],
+    make_authproxy: AuthProxyFactory, counting: tuple[CountingUpstream, str], extra: list[bytes],
     status: int,
 ) -> None:
     """Oversized or malformed headers get a short JSON 431/400 that never echoes the

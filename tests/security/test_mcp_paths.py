@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import AuthProxy
 from proxy.forwarding.rules import is_mcp_path
 from proxy.status.model import WorkloadStatus
 
-from .conftest import CLIENT_SECRET, SECRET, AuthProxyFactory, Recorder
+from .conftest import CLIENT_SECRET, SECRET, AuthProxyFactory, Recorder, ServeMcp
 from .raw import request
 from helpers import WAIT
 
@@ -53,15 +54,14 @@ class Target:
         return [auth for _, p, auth in self.seen if p == path]
 
 
-async def settled_status(proxy: Any) -> WorkloadStatus:
+async def settled_status(proxy: AuthProxy) -> WorkloadStatus:
     """The status once every queued write and callback is done."""
     await asyncio.wait_for(proxy.monitor.flush(), WAIT)
-    status: WorkloadStatus = proxy.status.status
-    return status
+    return proxy.status.status
 
 
 @pytest.fixture
-async def target(serve_mcp: Any) -> tuple[Target, str]:
+async def target(serve_mcp: ServeMcp) -> tuple[Target, str]:
     target = Target()
     return target, await serve_mcp(target.handle)
 
