@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def _config(upstream_url: str, state_dir: Path, name: str, **kwargs: Any) -> Pro
     )
 
 
-async def _expect_mcp_error(call: Any) -> MCPError:
+async def _expect_mcp_error(call: Awaitable[object]) -> MCPError:
     """Awaits `call`, expecting the SDK to raise an `MCPError` (maybe inside a group)."""
     try:
         await asyncio.wait_for(call, LONG_WAIT)

@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,14 +262,14 @@ async def shared_record(redis: RedisServer, name: str = "shared") -> dict[str, A
     return records[0].to_dict() if records else {}
 
 
-async def wait_record(redis: RedisServer, predicate: Any) -> dict[str, Any]:
+async def wait_record(redis: RedisServer,
+                      predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """The shared record once `predicate(record)` holds (other processes write it)."""
     async def holds() -> dict[str, Any] | None:
         record = await shared_record(redis)
         return record if predicate(record) else None
 
-    found: dict[str, Any] = await eventually(holds, WAIT, what="the shared record")
-    return found
+    return await eventually(holds, WAIT, what="the shared record")
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

@@ -15,14 +15,15 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from proxy import AuthProxy, log
+from proxy import AuthProxy, ProxyConfig, ReauthorizedEvent, UnauthorizedEvent, log
 from proxy.cli.main import build_parser, config_from_args
 
 
-def _writer(path: str, kind: str) -> Any:
-    def write(event: Any) -> None:
+def _writer(path: str, kind: str) -> Callable[[UnauthorizedEvent | ReauthorizedEvent], None]:
+    def write(event: UnauthorizedEvent | ReauthorizedEvent) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({"kind": kind, "pid": os.getpid(), **event.to_dict()}) + "\n")
 
@@ -63,16 +64,16 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-async def _serve(config: Any, events: str | None) -> int:
+async def _serve(config: ProxyConfig, events: str | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
-    callbacks = ({} if events is None else {
-        "on_unauthorized": _writer(events, "unauthorized"),
-        "on_reauthorized": _writer(events, "reauthorized")})
-    async with AuthProxy(config, **callbacks) as running:
+    on_unauthorized = None if events is None else _writer(events, "unauthorized")
+    on_reauthorized = None if events is None else _writer(events, "reauthorized")
+    async with AuthProxy(config, on_unauthorized=on_unauthorized,
+                         on_reauthorized=on_reauthorized) as running:
         sys.stdout.write(running.url + "\n")
         sys.stdout.flush()
         await stop.wait()

@@ -526,7 +526,7 @@ CONTENT_TYPES = [b"application/json", b"text/event-stream", b"application/octet-
 
 
 @hs.composite
-def answers(draw: Any, framing: str) -> tuple[bytes, list[bytes]]:
+def answers(draw: hs.DrawFn, framing: str) -> tuple[bytes, list[bytes]]:
     """(the target's head, the body in the pieces it writes them in)."""
     size = draw(hs.one_of(hs.integers(0, 300), hs.integers(301, 400_000)))
     seed = draw(hs.binary(min_size=1, max_size=64))

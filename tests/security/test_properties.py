@@ -9,7 +9,6 @@ Bounded (`max_examples`, no deadline) so the suite stays fast in CI.
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
@@ -49,7 +48,7 @@ header_value = hs.text(hs.characters(min_codepoint=0x20, max_codepoint=0x7E), ma
 
 
 @hs.composite
-def header_sets(draw: Any) -> CIMultiDict[str]:
+def header_sets(draw: hs.DrawFn) -> CIMultiDict[str]:
     pairs = draw(hs.lists(hs.tuples(header_name, header_value), max_size=15))
     headers: CIMultiDict[str] = CIMultiDict(pairs)
     named = draw(hs.lists(header_name, max_size=4))
@@ -161,7 +160,7 @@ url_rest = hs.lists(hs.one_of(hs.sampled_from(PCHAR + "/?"), pct), max_size=20).
 
 
 @hs.composite
-def streams(draw: Any) -> tuple[bytes, bytes, list[int]]:
+def streams(draw: hs.DrawFn) -> tuple[bytes, bytes, list[int]]:
     """(original, expected after rewriting, chunk cut points)."""
     nl = draw(hs.sampled_from(["\n", "\r\n", "\r"]))
     before = draw(hs.integers(0, 3))

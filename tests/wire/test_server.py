@@ -8,7 +8,6 @@ which headers it adds (a Date, nothing else).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -213,6 +212,8 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
     """A bug in the handler: the client gets a short JSON 500 (no traceback, nothing of
     the request), the connection closes, and the proxy keeps serving others."""
     from proxy.forwarding.handler import Forwarder
+    from proxy.wire.reply import Reply
+    from proxy.wire.server import InboundRequest
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=b"ok")
@@ -222,7 +223,7 @@ async def test_a_failing_handler_gets_a_json_500_and_the_connection_closes(
     real = Forwarder.__call__
     calls = 0
 
-    async def broken_once(self: Forwarder, request: Any) -> Any:
+    async def broken_once(self: Forwarder, request: InboundRequest) -> Reply:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -265,7 +266,7 @@ async def test_a_connection_that_cannot_be_set_up_is_logged_once_per_cause(
     proxy = await make_proxy(str(upstream.make_url("/mcp")))
     real = ClientConnection._setup
 
-    def broken(self: ClientConnection, transport: Any) -> None:
+    def broken(self: ClientConnection, transport: asyncio.BaseTransport) -> None:
         raise RuntimeError("no buffer space for this connection")
 
     monkeypatch.setattr(ClientConnection, "_setup", broken)
