@@ -253,7 +253,7 @@ def run_foreground(config: ProxyConfig) -> int:
 async def _serve(config: ProxyConfig) -> int:
     from ..app import AuthProxy
     from ..forwarding.listener import tune_gc_for_serving, tune_malloc_for_serving
-    from ..monitor.auth import exec_callback
+    from ..monitor.hooks import exec_callback
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,2 +1,3 @@
-"""Watching the target: auth episodes and callbacks (`auth`), health probes (`health`),
-Prometheus metrics (`metrics`) and the admin port that serves them (`admin`)."""
+"""Watching the target: auth episodes and callbacks (`auth`), the `--on-unauthorized-exec`
+hook (`hooks`), health probes (`health`), Prometheus metrics (`metrics`) and the admin
+port that serves them (`admin`)."""

@@ -15,13 +15,9 @@ into forwarding. Nothing here logs or passes on a credential.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
-import json
 import os
-import shlex
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,11 +34,9 @@ from ..status.workload import Workload
 UNAUTHORIZED_REASON = "UpstreamUnauthorized"
 INSUFFICIENT_SCOPE_REASON = "InsufficientScope"
 RETRYING_REASON = "TokenRefreshRetrying"
-EVENT_ENV = "MCP_AUTHPROXY_EVENT"
 CALLBACK_GRACE = 10.0  # seconds `flush` waits for callbacks before leaving them running
-# An `--on-unauthorized-exec` child still running when the proxy stops gets SIGTERM,
-# then SIGKILL after this many seconds: no hook outlives the proxy that started it.
-CHILD_GRACE = 2.0
+# How long a cancelled callback may take to clean up (an exec hook: SIGTERM, SIGKILL 2 s on).
+STOP_GRACE = 3.0
 _MAX_ERROR_TEXT = 200  # the target's error text is untrusted: bound what we store
 # (reason, message) of the conditions a good answer on the MCP path sets.
 _AUTHORIZED = ("Authorized", "The target accepts requests on the MCP path.")
@@ -235,12 +229,12 @@ class AuthMonitor:
 
     async def close(self) -> None:
         """Stopping: cancel callbacks still running (an exec hook's child is stopped) and
-        wait for them to end, within CHILD_GRACE and a margin."""
+        wait for them to end, within STOP_GRACE."""
         pending = [t for t in self._tasks if not t.done()]
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.wait(pending, timeout=CHILD_GRACE + 1.0)
+            await asyncio.wait(pending, timeout=STOP_GRACE)
 
     # --- decisions (synchronous, in memory) ---------------------------------------
 
@@ -421,55 +415,3 @@ class AuthMonitor:
                 await result
         except Exception:
             self._logger.exception("callback_failed", callback=name)
-
-
-def exec_callback(command: str) -> UnauthorizedCallback:
-    """`--on-unauthorized-exec`: run `command` (no shell) with the event as JSON in env.
-
-    The command's output goes to stderr: stdout carries only the proxy's URL line.
-    A command that cannot start or exits non-zero is logged; it never stops the proxy.
-    """
-    argv = shlex.split(command)
-    if not argv:
-        raise ValueError("on_unauthorized_exec: must name a command")
-    logger = get_logger()
-
-    async def run(event: UnauthorizedEvent) -> None:
-        env = dict(os.environ)
-        env[EVENT_ENV] = json.dumps(event.to_dict())
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=subprocess.DEVNULL, stdout=2, stderr=2)
-        except OSError as exc:
-            logger.warning("on_unauthorized_exec_failed", workload=event.workload,
-                           command=argv[0], error=exc.strerror or str(exc))
-            return
-        try:
-            code = await proc.wait()
-        except asyncio.CancelledError:
-            # The proxy is stopping: the hook does not outlive it.
-            await _stop_child(proc)
-            logger.warning("on_unauthorized_exec_stopped", workload=event.workload,
-                           command=argv[0], exit_code=proc.returncode)
-            raise
-        if code != 0:
-            logger.warning("on_unauthorized_exec_failed", workload=event.workload,
-                           command=argv[0], exit_code=code)
-        else:
-            logger.info("on_unauthorized_exec_done", workload=event.workload, command=argv[0])
-
-    return run
-
-
-async def _stop_child(proc: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL after CHILD_GRACE; reaped either way."""
-    if proc.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), CHILD_GRACE)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()

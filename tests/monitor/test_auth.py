@@ -22,7 +22,8 @@ from structlog.testing import capture_logs
 from proxy.credentials.base import Credential
 from proxy.forwarding.observe import Exchange
 from proxy.forwarding.rules import is_mcp_path
-from proxy.monitor.auth import AuthMonitor, ReauthorizedEvent, UnauthorizedEvent, exec_callback
+from proxy.monitor.auth import AuthMonitor, ReauthorizedEvent, UnauthorizedEvent
+from proxy.monitor.hooks import exec_callback
 from proxy.status import model as st
 from proxy.status.model import ConditionType as C
 from proxy.status.model import WorkloadStatus as S

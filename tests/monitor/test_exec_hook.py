@@ -11,7 +11,7 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from proxy import AuthProxy, ProxyConfig
-from proxy.monitor.auth import CHILD_GRACE, exec_callback
+from proxy.monitor.hooks import CHILD_GRACE, exec_callback
 
 from helpers import WAIT, UpstreamFactory, eventually, write_secret
 
