@@ -29,6 +29,7 @@ from ..log import get_logger, redact_url
 from ..tls import client_context
 from .base import (
     INVALID_RETRY_AFTER,
+    TOKEN_LOADED,
     Credential,
     CredentialReporter,
     RefreshListener,
@@ -158,10 +159,14 @@ class OAuthSource:
         self._state.attach(report)
         self._session = self._session_factory()
         self._load_files(initial=True)
+        await self._before_drive()
         self._tasks = [
             asyncio.create_task(self._drive(), name="oauth-refresh"),
             asyncio.create_task(self._watch_files(), name="oauth-file-watch"),
         ]
+
+    async def _before_drive(self) -> None:
+        """What a subclass must know before the refresh driver first looks (no-op here)."""
 
     async def close(self) -> None:
         for task in (*self._tasks, self._inflight):
@@ -373,11 +378,11 @@ class OAuthSource:
         if stored.access_token == held:
             return None  # ours: expiring, or the target refused it; refresh it
         if stored.expires_at is None:
-            return TokenResponse(stored.access_token, None, None)
+            return TokenResponse(stored.access_token, None, None, adopted=True)
         remaining = stored.expires_at - time.time()
         if remaining <= 0:
             return None
-        return TokenResponse(stored.access_token, remaining, None)
+        return TokenResponse(stored.access_token, remaining, None, adopted=True)
 
     async def _grant(self, refresh_token: str | None, timeout: float
                      ) -> TokenResponse | TokenFailure:
@@ -432,7 +437,7 @@ class OAuthSource:
             self._expires_at = self._refresh_at = None  # refreshed on a 401 only
         self._reset_failures()
         self._last_ok = True
-        self._tell("success", answer.expires_in)
+        self._tell(TOKEN_LOADED if answer.adopted else "success", answer.expires_in)
         self._state(True, "TokenObtained", f"access token obtained from {self.description}",
                     False)
 
@@ -459,9 +464,7 @@ class OAuthSource:
         self._last_failure = failure
         self._tell("refused" if failure.permanent else "transient_error", None)
         if failure.code == "StoreKeyMismatch":
-            self._give_up("StoreKeyMismatch", failure.description or failure.code)
-            get_logger().error("store_key_mismatch", endpoint=self.description,
-                               problem=failure.description)
+            self._key_mismatch(failure.description or failure.code)
             return
         if self._slow and not failure.permanent:
             # Still down after giving up: stay given up, try again in a while.
@@ -521,6 +524,14 @@ class OAuthSource:
         self._slow = False
         self._next_attempt_at = None
         self._state(False, reason, message, True)
+
+    def _key_mismatch(self, problem: str) -> None:
+        """Not this replica's store key (or not its workload's tokens): give up, and say
+        so once at ERROR (a watch that finds it again each second logs nothing more)."""
+        if self._permanent is None or self._permanent[0] != "StoreKeyMismatch":
+            get_logger().error("store_key_mismatch", endpoint=self.description,
+                               problem=problem)
+        self._give_up("StoreKeyMismatch", problem)
 
     def _reset_failures(self) -> None:
         self._permanent = None

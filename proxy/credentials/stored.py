@@ -80,9 +80,15 @@ class StoredSignInSource(OAuthSource):
     async def start(self, report: CredentialReporter) -> None:
         await super().start(report)
         if self._store is not None:
-            await self._check_store(initial=True)
             self._tasks.append(asyncio.create_task(self._watch_store(),
                                                    name="signin-store-watch"))
+
+    async def _before_drive(self) -> None:
+        # The stored sign-in is read before the driver first looks: otherwise the driver,
+        # seeing no token yet, could start a refresh that then finds the same sign-in
+        # adopted meanwhile and refreshes a token that was still fresh.
+        if self._store is not None:
+            await self._check_store(initial=True)
 
     async def get(self) -> Credential:
         if self._permanent is not None:
@@ -263,11 +269,11 @@ class StoredSignInSource(OAuthSource):
         if held == f"Bearer {signin.access_token}":
             return None
         if signin.expires_at is None:
-            return TokenResponse(signin.access_token, None, None)
+            return TokenResponse(signin.access_token, None, None, adopted=True)
         remaining = (signin.expires_at - datetime.now(UTC)).total_seconds()
         if remaining <= refresh_skew(remaining) + 1.0:
             return None
-        return TokenResponse(signin.access_token, remaining, None)
+        return TokenResponse(signin.access_token, remaining, None, adopted=True)
 
     async def _check_store(self, *, initial: bool) -> None:
         """Adopt a new sign-in `login --store` put in the store (heals LoginRequired)."""
@@ -278,7 +284,7 @@ class StoredSignInSource(OAuthSource):
             signin = None if doc is None else self._from_store(doc, store)
         except StoreKeyMismatch as exc:
             self._last_failure = None
-            super()._give_up("StoreKeyMismatch", str(exc))
+            self._key_mismatch(str(exc))
             return
         except CredentialsFileRefused as exc:
             self._last_failure = None

@@ -79,6 +79,9 @@ class TokenResponse:
     access_token: str = field(repr=False)
     expires_in: float | None
     refresh_token: str | None = field(repr=False)
+    # Taken from the shared store (another replica's refresh, a sign-in put there), not
+    # granted to this process: reported as a token loaded, never counted as a refresh.
+    adopted: bool = False
 
 
 # --- Pure helpers ----------------------------------------------------------------------
